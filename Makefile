@@ -1,0 +1,35 @@
+# Quickstart: `make demo` then `make test`. Both create .venv on first use and install everything
+# the project needs from its own files (pyproject.toml + the steps below).
+PY ?= python3.11
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?= ../shared/data
+DEMO_OUT ?= demo_out
+
+.PHONY: venv demo test test-all bench proto clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 first (local CPU wheel here); mediapipe 0.10.21 with --no-deps (its metadata pulls
+# jax and opencv-contrib we do not want; its runtime needs are in pyproject).
+$(STAMP): pyproject.toml Makefile
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q --no-deps mediapipe==0.10.21
+	$(VPY) -c "import torch, mediapipe, nerfacc, av, librosa, grpc; print('environment ok: torch', torch.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/avatar demo --data $(DATA) --out $(DEMO_OUT)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VPY) -m pytest -q -m "not slow and not cuda" tests
+
+test-all: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VPY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
