@@ -31,5 +31,15 @@ test: $(STAMP)
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VPY) -m pytest -q tests
 
+# Regenerate the committed gRPC stubs (service/avatar_pb2*.py) from proto/avatar/v1/avatar.proto.
+# The generated grpc module imports `avatar.v1.avatar_pb2`, which would clash with our `avatar`
+# package: rewrite it to `service.avatar_pb2`.
+proto: $(STAMP)
+	rm -rf .proto_gen && mkdir -p .proto_gen
+	$(VPY) -m grpc_tools.protoc -Iproto --python_out=.proto_gen --pyi_out=.proto_gen --grpc_python_out=.proto_gen proto/avatar/v1/avatar.proto
+	mv .proto_gen/avatar/v1/avatar_pb2.py .proto_gen/avatar/v1/avatar_pb2.pyi .proto_gen/avatar/v1/avatar_pb2_grpc.py service/
+	sed -i 's/^from avatar\.v1 import avatar_pb2/from service import avatar_pb2/' service/avatar_pb2_grpc.py
+	rm -rf .proto_gen
+
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
