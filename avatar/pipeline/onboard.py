@@ -1,0 +1,241 @@
+"""Onboard a speaker: video -> preprocess -> postnet -> head NeRF -> torso NeRF -> avatar bundle.
+
+Each stage writes into the store's work directory ``work/<name>/`` and is resumable: a stage whose
+output is complete is skipped; the NeRF trainer resumes from its last checkpoint. The bundle is
+assembled in a temp dir and renamed into ``avatars/<name>`` at the end (atomic), then the work
+directory is removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from avatar.atomic import atomic_dir
+from avatar.config import to_dict
+from avatar.errors import AvatarError, AvatarNotFound, InvalidInput, InvalidMedia, OutputExists
+from avatar.store import AvatarStore, validate_name
+from avatar.store.store import BUNDLE_SCHEMA
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float, str], None]
+
+
+class Cancelled(AvatarError):
+    """Onboarding was cancelled; rerun the same command to resume from the last finished step."""
+
+    grpc_code = "CANCELLED"
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class OnboardPreset:
+    """Per-preset sizes and the stage presets they select.
+
+    Attributes:
+        size: dataset frame side (pixels). nerf: NeRF trainer preset name. postnet: postnet preset.
+        lle_ref: number of training frames kept as the LLE reference set.
+    """
+
+    size: int
+    nerf: str
+    postnet: str
+    lle_ref: int = 2000
+
+
+PRESETS: dict[str, OnboardPreset] = {
+    "cpu-smoke": OnboardPreset(size=64, nerf="cpu-smoke", postnet="smoke", lle_ref=200),
+    "cpu-small": OnboardPreset(size=128, nerf="cpu-small", postnet="cpu"),
+    "gpu-full": OnboardPreset(size=512, nerf="gpu-full", postnet="gpu"),
+}
+
+STAGES = ["preprocess", "postnet", "head", "torso", "bundle"]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stage_progress(progress: Progress | None, stage: str):
+    def cb(fraction: float, message: str = "") -> None:
+        if progress is not None:
+            progress(stage, float(fraction), message)
+    return cb
+
+
+def onboard(video: str | Path, name: str, store: AvatarStore | None = None, preset: str = "cpu-small",
+            generator: str | Path | None = None, overwrite: bool = False, progress: Progress | None = None,
+            cancel=None, audio: str | Path | None = None, keep_work: bool = False) -> Path:
+    """Onboard the speaker in ``video`` as avatar ``name``.
+
+    Args:
+        video: talking video of one person (3-5 min ideal; any container/rate).
+        name: avatar name (validated: no path traversal).
+        store: the avatar store (default ``$AVATAR_HOME``).
+        preset: ``cpu-smoke`` (tests), ``cpu-small`` (CPU demo), ``gpu-full`` (the product).
+        generator: shared generator bundle; default ``store/shared/generator``.
+        overwrite: replace an existing avatar of that name.
+        progress: ``callback(stage, fraction 0..1, message)``.
+        cancel: an Event; when set, onboarding stops at the next step (resumable).
+        audio: separate audio track for a silent video.
+        keep_work: keep ``work/<name>`` (dataset, checkpoints) after success.
+    Returns:
+        the bundle directory.
+    Raises:
+        InvalidInput (bad name/preset), OutputExists (exists, no overwrite), AvatarNotFound (no
+        generator), InvalidMedia & co. (bad video), Cancelled, TrainingDiverged.
+    """
+    from avatar.motion import load_generator
+    from avatar.pipeline.preprocess import PreprocessConfig, preprocess
+
+    validate_name(name)
+    if preset not in PRESETS:
+        raise InvalidInput(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    store = store or AvatarStore()
+    video = Path(video)
+    if not video.is_file():
+        raise InvalidMedia(f"video {video} not found; give the path of the speaker's talking video")
+    if store.exists(name) and not overwrite:
+        raise OutputExists(f"avatar {name!r} already exists in {store.root}; pass --overwrite to replace it or pick another name")
+    gen_dir = Path(generator) if generator else store.generator_dir
+    if not (gen_dir / "config.json").is_file():
+        raise AvatarNotFound(
+            f"no shared generator at {gen_dir}; train one with "
+            f"`avatar train-generator CORPUS_DIR --out {store.generator_dir}` (e.g. on ../shared/data/corpus) "
+            "or pass --generator DIR"
+        )
+    gen = load_generator(gen_dir, device="cpu")
+
+    work = store.work_dir(name)
+    sha = sha256_file(video)
+    state_path = work / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state and (state.get("sha256") != sha or state.get("preset") != preset or state.get("generator") != str(gen_dir)):
+        log.info("work dir %s is for another input/preset; starting over", work)
+        shutil.rmtree(work)
+        state = {}
+    work.mkdir(parents=True, exist_ok=True)
+    state.update({"sha256": sha, "preset": preset, "generator": str(gen_dir), "video": str(video)})
+    state.setdefault("times", {})
+
+    def save_state():
+        state_path.write_text(json.dumps(state, indent=2))
+
+    def check_cancel():
+        if cancel is not None and cancel.is_set():
+            save_state()
+            raise Cancelled(f"onboarding of {name!r} cancelled; rerun the same command to resume")
+
+    save_state()
+    dataset_dir = work / "dataset"
+    postnet_dir = work / "postnet"
+    nerf_dir = work / "nerf"
+
+    def run(stage: str, fn) -> None:
+        check_cancel()
+        if stage in state.get("done", []):
+            _stage_progress(progress, stage)(1.0, "done (resumed)")
+            return
+        t0 = time.perf_counter()
+        fn(_stage_progress(progress, stage))
+        state["times"][stage] = round(time.perf_counter() - t0, 1)
+        state.setdefault("done", []).append(stage)
+        save_state()
+
+    def do_preprocess(cb):
+        cfg = PreprocessConfig(size=p.size, audio_features=gen.feature_kind, hubert_path=gen.hubert_path)
+        preprocess(video, dataset_dir, cfg, audio=audio, overwrite=True, progress=progress is None)
+        cb(1.0, "dataset ready")
+
+    def do_postnet(cb):
+        from avatar.motion.postnet import train_postnet
+
+        train_postnet(dataset_dir, gen_dir, postnet_dir, preset=p.postnet, overwrite=True,
+                      progress=progress is None, callback=cb, cancel=cancel)
+
+    def do_nerf(part):
+        def fn(cb):
+            from avatar.nerf.trainer import train_nerf
+
+            train_nerf(dataset_dir, nerf_dir, part=part, preset=p.nerf, progress=progress is None,
+                       callback=cb, cancel=cancel)
+        return fn
+
+    run("preprocess", do_preprocess)
+    run("postnet", do_postnet)
+    run("head", do_nerf("head"))
+    run("torso", do_nerf("torso"))
+    check_cancel()
+    t0 = time.perf_counter()
+    out = _assemble(store, name, dataset_dir, gen_dir, postnet_dir, nerf_dir, p, preset, video, sha, state, overwrite)
+    state["times"]["bundle"] = round(time.perf_counter() - t0, 1)
+    _stage_progress(progress, "bundle")(1.0, str(out))
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _assemble(store: AvatarStore, name: str, dataset_dir: Path, gen_dir: Path, postnet_dir: Path, nerf_dir: Path,
+              p: OnboardPreset, preset: str, video: Path, sha: str, state: dict, overwrite: bool) -> Path:
+    from avatar.data import Dataset
+    from avatar.face.landmarks import eye_aspect_ratio
+    from avatar.pipeline.controls import BlinkModel
+
+    ds = Dataset(dataset_dir)
+    train = ds.train_range
+    lm3d_train = np.asarray(ds.lm3d[train.start:train.stop])
+    step = max(1, len(lm3d_train) // p.lle_ref)
+    blink = BlinkModel.fit(lm3d_train, eye_aspect_ratio(lm3d_train))
+    metrics = {}
+    for sub in (postnet_dir / "metrics.json", nerf_dir / "head" / "metrics.json", nerf_dir / "torso" / "metrics.json"):
+        if sub.is_file():
+            prefix = sub.parent.name
+            for k, v in json.loads(sub.read_text()).items():
+                if isinstance(v, (int, float)):
+                    metrics[f"{prefix}.{k}"] = float(v)
+    target = store.avatar_dir(name)
+    with atomic_dir(target, overwrite=overwrite) as tmp:
+        shutil.copytree(gen_dir, tmp / "generator", ignore=shutil.ignore_patterns("cache", "runs", "*.tmp*"))
+        shutil.copytree(postnet_dir, tmp / "postnet", ignore=shutil.ignore_patterns("runs", "checkpoints"))
+        (tmp / "nerf").mkdir()
+        for part in ("head", "torso"):
+            shutil.copytree(nerf_dir / part, tmp / "nerf" / part, ignore=shutil.ignore_patterns("runs", "checkpoints", "ckpt*"))
+        save_file({
+            "pose_track": np.ascontiguousarray(ds.pose[train.start:train.stop], dtype=np.float32),
+            "lm3d_mean": np.ascontiguousarray(ds.lm3d_mean, dtype=np.float32),
+            "lm3d_ref": np.ascontiguousarray(lm3d_train[::step], dtype=np.float32),
+            "background": np.ascontiguousarray(ds.background, dtype=np.uint8),
+        }, str(tmp / "track.safetensors"))
+        (tmp / "blink.json").write_text(json.dumps(blink.to_dict()))
+        manifest = {
+            "schema": BUNDLE_SCHEMA,
+            "name": name,
+            "size": ds.size,
+            "fps": ds.fps,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "preset": preset,
+            "preset_config": to_dict(p),
+            "source": {"path": str(video), "sha256": sha, **{k: v for k, v in ds.manifest["source"].items() if k not in ("path", "sha256")}},
+            "dataset": {k: ds.manifest[k] for k in ("n_frames", "crop_box", "intrinsics", "head_scale", "split", "features") if k in ds.manifest},
+            "tools": ds.manifest.get("tools", {}),
+            "metrics": metrics,
+            "stage_seconds": state.get("times", {}),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return target

@@ -1,0 +1,353 @@
+"""Render: driving audio -> features -> generator -> postnet -> landmarks -> NeRFs -> frames.
+
+The same engine serves batch rendering (:meth:`Avatar.render`), real-time streaming
+(:class:`StreamSession`, used by the gRPC ``StreamRender``) and notebooks.
+
+Block scheme (why a stream equals a batch render bit for bit)
+-------------------------------------------------------------
+Motion is computed in fixed blocks of ``BLOCK`` video frames aligned to absolute frame 0. Block
+``b`` (frames ``[b*BLOCK, (b+1)*BLOCK)``) is computed from the audio window of frames
+``[b*BLOCK - CTX_LEFT, (b+1)*BLOCK + CTX_RIGHT)`` (zeros outside the audio), through the feature
+extractor, the generator (latent noise indexed by absolute position, so neighbouring windows
+share it) and the postnet; only the block's own frames are kept. The computation of a block
+depends only on its audio window, never on how the audio arrived, so streaming and batch give
+identical landmarks. Frame ``t`` is then rendered once the landmarks of ``t + W//2`` are final
+(``W`` = the head NeRF's attention window), one frame per NeRF call.
+
+Latency: a frame can be emitted once the audio up to the end of its block plus ``CTX_RIGHT``
+frames (and W//2 frames for the attention window) has arrived: at most
+``(BLOCK + CTX_RIGHT + W//2) / 25`` s of lookahead (0.92 s with the defaults), see
+:attr:`StreamSession.lookahead_s`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from avatar.data.dataset import AUDIO_RATE, FPS, SAMPLES_PER_FRAME
+from avatar.errors import InvalidInput, NoAudio
+from avatar.face.landmarks import eye_aspect_ratio
+from avatar.pipeline.controls import BlinkSchedule, PoseReplay, apply_eyes
+
+log = logging.getLogger(__name__)
+
+BLOCK = 8        # frames per motion block (0.32 s)
+CTX_LEFT = 24    # frames of audio context before a block (0.96 s)
+CTX_RIGHT = 12   # frames of audio context after a block (0.48 s)
+MAX_STRENGTH = 1.5
+#: the 8 MEAD emotion labels (EAT / EAMM)
+EMOTIONS = ("neutral", "happy", "angry", "sad", "surprised", "disgusted", "fear", "contempt")
+
+
+@dataclass
+class RenderOptions:
+    """User controls of one render (CLI flags, Python API and gRPC options map 1:1 onto these).
+
+    Attributes:
+        emotion: one of the 8 MEAD labels (``neutral`` = none).
+        emotion_strength: 0 (none) .. 1 (typical) .. 1.5.
+        emotion_video: optional reference video for an EAMM-style emotion (overrides ``emotion``).
+        still: hold the mean head pose.
+        blink: natural blinks on/off.
+        blink_rate: blinks per minute (None = the person's own rate).
+        temperature: audio2motion sampling temperature (0 = the mean motion).
+        seed: RNG seed for motion sampling and blinks.
+        size: output side in pixels (None = the avatar's trained size).
+        head_speed: head-motion replay speed (EMO-style), > 0.
+        head_amplitude: head-motion amplitude (SadTalker pose style), 0..2.
+        lle_blend: GeneFace++ LLE projection blend onto the person's landmarks (0 = off).
+    """
+
+    emotion: str = "neutral"
+    emotion_strength: float = 1.0
+    emotion_video: str | None = None
+    still: bool = False
+    blink: bool = True
+    blink_rate: float | None = None
+    temperature: float = 1.0
+    seed: int = 0
+    size: int | None = None
+    head_speed: float = 1.0
+    head_amplitude: float = 1.0
+    lle_blend: float = 0.0
+
+    def validate(self) -> None:
+        """Raises :class:`InvalidInput` with an actionable message for any bad value."""
+        if self.emotion not in EMOTIONS:
+            raise InvalidInput(f"unknown emotion {self.emotion!r}; choose one of {', '.join(EMOTIONS)}")
+        if not (0.0 <= self.emotion_strength <= MAX_STRENGTH):
+            raise InvalidInput(f"emotion strength must be in [0, {MAX_STRENGTH}], got {self.emotion_strength}")
+        if self.blink_rate is not None and not (0.0 <= self.blink_rate <= 60.0):
+            raise InvalidInput(f"blink rate must be in [0, 60] per minute, got {self.blink_rate}")
+        if not (0.0 <= self.temperature <= 2.0):
+            raise InvalidInput(f"temperature must be in [0, 2], got {self.temperature}")
+        if self.size is not None and not (32 <= self.size <= 1024):
+            raise InvalidInput(f"output size must be in [32, 1024] pixels, got {self.size}")
+        if not (0.05 <= self.head_speed <= 4.0):
+            raise InvalidInput(f"head speed must be in [0.05, 4], got {self.head_speed}")
+        if not (0.0 <= self.head_amplitude <= 2.0):
+            raise InvalidInput(f"head amplitude must be in [0, 2], got {self.head_amplitude}")
+        if not (0.0 <= self.lle_blend <= 1.0):
+            raise InvalidInput(f"lle blend must be in [0, 1], got {self.lle_blend}")
+
+    def updated(self, **changes) -> "RenderOptions":
+        """A validated copy with ``changes`` applied; unknown names raise :class:`InvalidInput`."""
+        names = {f.name for f in fields(self)}
+        bad = set(changes) - names
+        if bad:
+            raise InvalidInput(f"unknown render option(s) {sorted(bad)}; valid: {sorted(names)}")
+        new = replace(self, **changes)
+        new.validate()
+        return new
+
+
+def n_frames_for(n_samples: int) -> int:
+    """Video frames for ``n_samples`` of 16 kHz audio: round(n_samples / 640)."""
+    return int(round(n_samples / SAMPLES_PER_FRAME))
+
+
+def as_waveform(audio) -> np.ndarray:
+    """Audio path or float32 16 kHz mono array -> validated float32 [T].
+
+    Raises:
+        NoAudio: empty audio. InvalidMedia: unreadable file. InvalidInput: wrong array shape/dtype.
+    """
+    from avatar.media import load_audio
+
+    if isinstance(audio, (str, Path)):
+        wav = load_audio(audio, sr=AUDIO_RATE)
+    else:
+        wav = np.asarray(audio)
+        if wav.ndim != 1 or not np.issubdtype(wav.dtype, np.floating):
+            raise InvalidInput(f"audio array must be float mono [T] at 16 kHz, got {wav.dtype} {wav.shape}")
+        wav = wav.astype(np.float32)
+    if wav.size == 0:
+        raise NoAudio("the driving audio is empty; give a file with speech")
+    if not np.isfinite(wav).all():
+        raise InvalidInput("the driving audio contains NaN or Inf samples")
+    return wav
+
+
+class MotionEngine:
+    """Block-wise audio -> canonical landmarks (lm3d) for one avatar and one set of options.
+
+    Args:
+        models: the loaded avatar (:class:`avatar.pipeline.bundle.AvatarModels`).
+        options: validated :class:`RenderOptions`.
+    """
+
+    def __init__(self, models, options: RenderOptions):
+        self.m = models
+        self.options = options
+        self._emotion = models.emotion_delta(options)
+        self.blink_schedule = BlinkSchedule(
+            (options.blink_rate if options.blink_rate is not None else models.blink.rate_per_min) if options.blink else 0.0,
+            seed=options.seed,
+        )
+
+    def set_options(self, options: RenderOptions) -> None:
+        """Change emotion controls for blocks not yet computed."""
+        self.options = options
+        self._emotion = self.m.emotion_delta(options)
+
+    def block(self, b: int, audio: np.ndarray, total_frames: int | None) -> np.ndarray:
+        """Landmarks of block ``b``.
+
+        Args:
+            b: block index.
+            audio: float32 [T] the audio received so far (must cover the block's right context,
+                unless ``total_frames`` is known, i.e. the audio is complete).
+            total_frames: number of frames of the complete audio, or None while streaming.
+        Returns:
+            float32 [k, 68, 3] canonical landmarks for frames [b*BLOCK, b*BLOCK + k), k <= BLOCK.
+        """
+        f0 = b * BLOCK
+        f1 = f0 + BLOCK if total_frames is None else min(f0 + BLOCK, total_frames)
+        w0, w1 = f0 - CTX_LEFT, f0 + BLOCK + CTX_RIGHT
+        window = np.zeros((w1 - w0) * SAMPLES_PER_FRAME, dtype=np.float32)
+        s0, s1 = w0 * SAMPLES_PER_FRAME, w1 * SAMPLES_PER_FRAME
+        a0, a1 = max(s0, 0), min(s1, len(audio))
+        if a1 > a0:
+            window[a0 - s0 : a1 - s0] = audio[a0:a1]
+        feats = self.m.features(window, n_frames=w1 - w0)
+        expr = self.m.generator.predict(
+            feats, temperature=self.options.temperature, seed=self.options.seed, start_frame=w0
+        )
+        expr = self.m.postnet.apply(expr)
+        lm3d = self.m.lm3d_mean[None] + expr
+        lm3d = lm3d[CTX_LEFT : CTX_LEFT + (f1 - f0)]
+        if self.options.lle_blend > 0:
+            lm3d = self.m.lle(lm3d, blend=self.options.lle_blend)
+        frames = np.arange(f0, f1)
+        if self._emotion is not None:
+            lm3d = self._emotion(lm3d, frames)
+        lm3d = apply_eyes(lm3d, self.blink_schedule(frames), self.m.blink)
+        return lm3d.astype(np.float32)
+
+
+class FrameEngine:
+    """Landmarks + poses -> composited RGB frames through the head and torso NeRFs."""
+
+    def __init__(self, models, options: RenderOptions):
+        self.m = models
+        self.size = options.size or models.size
+        self.poses = PoseReplay(models.pose_track, speed=options.head_speed,
+                                amplitude=options.head_amplitude, still=options.still)
+        self.window = models.nerf.window
+
+    @torch.no_grad()
+    def frame(self, t: int, lm3d: np.ndarray, n_final: int) -> np.ndarray:
+        """Render frame ``t`` from the landmark track.
+
+        Args:
+            t: absolute frame index.
+            lm3d: float32 [n, 68, 3] landmarks known so far (n > t).
+            n_final: index bound used for edge clamping of the attention window (the track
+                length once complete; the window of ``t`` must lie below it while streaming).
+        Returns:
+            uint8 [S, S, 3] RGB.
+        """
+        half = self.window // 2
+        idx = np.clip(np.arange(t - half, t - half + self.window), 0, n_final - 1)
+        win = torch.from_numpy(np.ascontiguousarray(lm3d[idx]))[None]
+        pose = torch.from_numpy(self.poses(np.array([t])))
+        blink = torch.from_numpy(eye_aspect_ratio(lm3d[t : t + 1]))
+        img = self.m.nerf.render(win, pose, blink=blink, size=self.size)
+        return img[0].cpu().numpy()
+
+
+class StreamSession:
+    """Incremental renderer: push audio chunks, get frames as soon as they are final.
+
+    Frames equal those of a batch :meth:`Avatar.render` with the same audio and options, for
+    any chunking. ``push`` accepts float32 mono 16 kHz chunks of any size (including empty).
+
+    Attributes:
+        lookahead_s: worst-case audio (seconds) needed after a frame's own audio before it is
+            emitted: ``(BLOCK + CTX_RIGHT + W//2) / 25``.
+    """
+
+    def __init__(self, models, options: RenderOptions):
+        options.validate()
+        self.m = models
+        self.options = options
+        self.motion = MotionEngine(models, options)
+        self.frames = FrameEngine(models, options)
+        self._audio = np.zeros(0, dtype=np.float32)
+        self._lm3d = np.zeros((0, 68, 3), dtype=np.float32)
+        self._next_block = 0
+        self.frames_emitted = 0
+        self.finished = False
+        self.lookahead_s = (BLOCK + CTX_RIGHT + self.frames.window // 2) / FPS
+
+    def set_options(self, **changes) -> None:
+        """Change options mid-stream (emotion, emotion_strength, lle_blend); applies to frames whose
+        motion block is not yet computed.
+
+        Raises:
+            InvalidInput: unknown or bad values, or options that cannot change mid-stream.
+        """
+        allowed = {"emotion", "emotion_strength", "emotion_video", "lle_blend"}
+        fixed = set(changes) - allowed
+        if fixed:
+            raise InvalidInput(f"option(s) {sorted(fixed)} cannot change mid-stream; only {sorted(allowed)} can")
+        self.options = self.options.updated(**changes)
+        self.motion.set_options(self.options)
+
+    def push(self, pcm: np.ndarray) -> list[np.ndarray]:
+        """Append audio; return the frames (uint8 [S,S,3]) that became final, in order."""
+        if self.finished:
+            raise InvalidInput("stream already finished")
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if pcm.size and not np.isfinite(pcm).all():
+            raise InvalidInput("audio chunk contains NaN or Inf samples")
+        self._audio = np.concatenate([self._audio, pcm])
+        while (self._next_block + 1) * BLOCK + CTX_RIGHT <= len(self._audio) / SAMPLES_PER_FRAME:
+            self._compute_block(None)
+        return self._emit(final_len=None)
+
+    def finish(self) -> list[np.ndarray]:
+        """End of audio: compute the tail and return the remaining frames.
+
+        Raises:
+            NoAudio: no audio was pushed at all.
+        """
+        if self._audio.size == 0:
+            raise NoAudio("no audio was received; send audio chunks before ending the stream")
+        self.finished = True
+        total = n_frames_for(len(self._audio))
+        while self._next_block * BLOCK < total:
+            self._compute_block(total)
+        self._lm3d = self._lm3d[:total]
+        return self._emit(final_len=total)
+
+    def _compute_block(self, total: int | None) -> None:
+        lm = self.motion.block(self._next_block, self._audio, total)
+        self._lm3d = np.concatenate([self._lm3d, lm])
+        self._next_block += 1
+
+    def _emit(self, final_len: int | None) -> list[np.ndarray]:
+        half = self.frames.window // 2
+        n = len(self._lm3d)
+        limit = n if final_len is not None else n - half
+        out = []
+        while self.frames_emitted < limit:
+            bound = final_len if final_len is not None else n
+            out.append(self.frames.frame(self.frames_emitted, self._lm3d, bound))
+            self.frames_emitted += 1
+        return out
+
+    def landmarks(self) -> np.ndarray:
+        """float32 [n, 68, 3] canonical landmarks computed so far."""
+        return self._lm3d
+
+
+def render_frames(models, audio, options: RenderOptions | None = None) -> Iterator[np.ndarray]:
+    """Lazily render all frames for ``audio`` (path or float32 16 kHz array).
+
+    Yields uint8 [S, S, 3] RGB frames; their count is ``round(len(audio) / 640)``. Stopping the
+    iteration stops the work.
+    """
+    options = options or RenderOptions()
+    options.validate()
+    wav = as_waveform(audio)
+    session = StreamSession(models, options)
+    step = BLOCK * SAMPLES_PER_FRAME
+    for s in range(0, len(wav), step):
+        yield from session.push(wav[s : s + step])
+    yield from session.finish()
+
+
+def render_to_mp4(models, audio, out: str | Path, options: RenderOptions | None = None,
+                  progress: bool = True) -> dict:
+    """Render ``audio`` and write an H.264 MP4 with the driving audio muxed in.
+
+    Returns:
+        dict with ``path``, ``frames``, ``seconds`` (audio duration), ``render_fps``.
+    """
+    from tqdm import tqdm
+
+    from avatar.media import VideoWriter
+
+    options = options or RenderOptions()
+    options.validate()
+    wav = as_waveform(audio)
+    n = n_frames_for(len(wav))
+    size = options.size or models.size
+    t0 = time.perf_counter()
+    count = 0
+    with VideoWriter(out, fps=FPS, size=(size, size), audio=wav, audio_rate=AUDIO_RATE) as writer:
+        bar = tqdm(total=n, unit="frame", desc="render", disable=not progress)
+        for frame in render_frames(models, wav, options):
+            writer.write(frame)
+            count += 1
+            bar.update(1)
+        bar.close()
+    dt = time.perf_counter() - t0
+    return {"path": str(out), "frames": count, "seconds": len(wav) / AUDIO_RATE, "render_fps": count / max(dt, 1e-9)}
