@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "avatar.nerf.commands",
     "avatar.pipeline.commands",
     "service.commands",
+    "recipes.train_emotion",
     "bench.commands",
 ]
 
