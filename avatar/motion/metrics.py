@@ -1,0 +1,160 @@
+"""Audio-to-motion quality metrics (used by tests, training logs and ``avatar eval-motion``).
+
+Self-driven (the person's validation tail, driven with its own audio), for generator-only,
+generator+postnet and generator+LLE:
+    * LMD (landmark distance; Chen et al. 2019 "ATVGnet", Sec. 4): mean Euclidean distance between
+      predicted and tracked landmarks, over the 20 mouth points and over all 68, in canonical units
+      (outer-eye-corner distance = 1) and in pixels (both projected with the tracked pose +
+      intrinsics, so only the motion differs);
+    * mouth-opening correlation: Pearson r of the inner-lip opening (mean |upper - lower| of the
+      inner-lip pairs 61-67, 62-66, 63-65) between prediction and tracking;
+    * SyncNet confidence and offset (:func:`avatar.motion.syncnet.sync_confidence`).
+Any audio (e.g. other languages): SyncNet confidence and the Pearson r between mouth opening and
+the audio RMS energy per frame; silence: mean mouth opening and frame-to-frame motion.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avatar.data.dataset import MOUTH, Dataset
+from avatar.errors import InvalidInput
+from avatar.motion.generator import Audio2Motion, load_generator
+from avatar.motion.lle import lle_project
+from avatar.motion.syncnet import sync_confidence
+
+INNER_UPPER, INNER_LOWER = [61, 62, 63], [67, 66, 65]
+
+
+def mouth_opening(lm: np.ndarray) -> np.ndarray:
+    """Inner-lip opening per frame, float32 [N], in the landmarks' units. lm: [N, 68, 3] (or 2-D)."""
+    lm = np.asarray(lm, dtype=np.float32)
+    return np.linalg.norm(lm[:, INNER_UPPER] - lm[:, INNER_LOWER], axis=-1).mean(-1)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; NaN when either series is constant."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 1e-12 else float("nan")
+
+
+def lmd(pred: np.ndarray, gt: np.ndarray, idx=None) -> float:
+    """Mean Euclidean landmark distance over frames and points ``idx`` (all when None)."""
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if idx is not None:
+        pred, gt = pred[:, idx], gt[:, idx]
+    return float(np.linalg.norm(pred - gt, axis=-1).mean())
+
+
+def project(lm3d: np.ndarray, pose: np.ndarray, head_scale: float, K: np.ndarray) -> np.ndarray:
+    """Canonical landmarks [N, 68, 3] -> pixels [N, 68, 2] with head-to-camera poses [N, 4, 4]."""
+    cam = np.einsum("nij,nkj->nki", pose[:, :3, :3], head_scale * lm3d) + pose[:, None, :3, 3]
+    uv = cam[..., :2] / np.clip(cam[..., 2:3], 1e-6, None)
+    return uv * np.array([K[0, 0], K[1, 1]]) + np.array([K[0, 2], K[1, 2]])
+
+
+def _sync(gen: Audio2Motion, feats: np.ndarray, expr: np.ndarray) -> dict:
+    if gen.syncnet is None:
+        return {"confidence": float("nan"), "offset": float("nan")}
+    fn = gen.normalize_features(torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)).to(gen.device))
+    return sync_confidence(gen.syncnet, fn, torch.from_numpy(np.ascontiguousarray(expr, dtype=np.float32)))
+
+
+def evaluate_motion(generator: Audio2Motion | str | Path, dataset: str | Path, postnet=None, lle_blend: float = 0.25,
+                    temperature: float = 1.0, seed: int = 0, part: str = "val") -> dict:
+    """Self-driven metrics of the person's clip (see module docstring).
+
+    Args:
+        generator: a loaded :class:`Audio2Motion` or a bundle path. dataset: the person's dataset.
+        postnet: a loaded :class:`avatar.motion.postnet.Postnet`, a bundle path, or None.
+        lle_blend: blend of the LLE variant (reference = the person's training-range landmarks).
+        part: "val" (validation tail) or "all".
+    Returns:
+        {"frames": n, "tracked": {...sync of the tracked landmarks...}, "generator": {...},
+        "generator+postnet": {...}, "generator+lle": {...}}, each with mouth_lmd, lmd, mouth_lmd_px,
+        lmd_px, mouth_open_r, sync_conf, sync_offset.
+    Raises: FeatureMismatch (dataset features differ from the generator's), InvalidInput.
+    """
+    from avatar.motion.postnet import Postnet, load_postnet
+
+    gen = generator if isinstance(generator, Audio2Motion) else load_generator(generator)
+    ds = Dataset(dataset)
+    feats_all = np.asarray(ds.features, dtype=np.float32)
+    gen.stats.check_features(feats_all[:2], ds.feature_kind)
+    rng = {"val": ds.val_range, "all": range(0, ds.n_frames)}.get(part)
+    if rng is None or len(rng) < 8:
+        raise InvalidInput(f"{dataset}: the {part} part has too few frames for evaluation")
+    mean = np.asarray(ds.lm3d_mean, np.float32)
+    gt_expr = np.asarray(ds.lm3d, np.float32) - mean
+    pred_all = gen.predict(feats_all, temperature=temperature, seed=seed)  # whole clip: real context
+    sl = slice(rng.start, rng.stop)
+    feats = feats_all[2 * rng.start: 2 * rng.stop]
+    pose = np.asarray(ds.pose[sl], np.float64)
+    K = ds.intrinsics.matrix()
+    gt = gt_expr[sl]
+    gt_px = project(mean + gt, pose, ds.head_scale, K)
+    variants = {"generator": pred_all[sl]}
+    if postnet is not None:
+        pn = postnet if isinstance(postnet, Postnet) else load_postnet(postnet, device=gen.device)
+        variants["generator+postnet"] = pn.apply(pred_all)[sl]
+    if lle_blend > 0:
+        ref = gt_expr[ds.train_range.start: ds.train_range.stop]
+        variants["generator+lle"] = lle_project(pred_all[sl], ref, k=10, blend=lle_blend)
+    s_gt = _sync(gen, feats, gt)
+    result = {"frames": len(rng), "tracked": {"sync_conf": s_gt["confidence"], "sync_offset": s_gt["offset"]}}
+    open_gt = mouth_opening(gt + mean)
+    for name, p in variants.items():
+        px = project(mean + p, pose, ds.head_scale, K)
+        s = _sync(gen, feats, p)
+        result[name] = {"mouth_lmd": lmd(p, gt, MOUTH), "lmd": lmd(p, gt), "mouth_lmd_px": lmd(px, gt_px, MOUTH),
+                        "lmd_px": lmd(px, gt_px), "mouth_open_r": pearson(mouth_opening(p + mean), open_gt),
+                        "sync_conf": s["confidence"], "sync_offset": s["offset"]}
+    return result
+
+
+def evaluate_audio(generator: Audio2Motion | str | Path, wav: np.ndarray, postnet=None, temperature: float = 1.0,
+                   seed: int = 0, lm3d_mean: np.ndarray | None = None) -> dict:
+    """Metrics of motion driven by arbitrary 16 kHz audio (no ground truth).
+
+    Args:
+        wav: float32 [T] mono 16 kHz. lm3d_mean: [68, 3] the shape the expression is added to for
+            mouth opening (default: the generator's mean expression on a zero shape).
+    Returns:
+        {"seconds", "sync_conf", "sync_offset", "open_energy_r" (Pearson r of mouth opening vs RMS
+        energy per frame), "open_mean", "open_std", "motion" (mean per-frame mouth landmark speed,
+        canonical units / frame)}.
+    """
+    from avatar.audio import audio_energy, extract_features
+    from avatar.motion.postnet import Postnet, load_postnet
+
+    gen = generator if isinstance(generator, Audio2Motion) else load_generator(generator)
+    n = len(wav) // 640
+    if n < 1:
+        raise InvalidInput("audio shorter than one video frame (40 ms)")
+    feats = extract_features(wav, gen.feature_kind, hubert_path=gen.hubert_path, n_frames=n)
+    expr = gen.predict(feats, temperature=temperature, seed=seed)
+    if postnet is not None:
+        pn = postnet if isinstance(postnet, Postnet) else load_postnet(postnet, device=gen.device)
+        expr = pn.apply(expr)
+    base = np.zeros((68, 3), np.float32) if lm3d_mean is None else np.asarray(lm3d_mean, np.float32)
+    opening = mouth_opening(expr + base)
+    energy = audio_energy(wav, n)
+    s = _sync(gen, feats, expr)
+    speed = np.linalg.norm(np.diff(expr[:, MOUTH], axis=0), axis=-1).mean() if n > 1 else 0.0
+    return {"seconds": n / 25.0, "sync_conf": s["confidence"], "sync_offset": s["offset"],
+            "open_energy_r": pearson(opening, energy), "open_mean": float(opening.mean()),
+            "open_std": float(opening.std()), "motion": float(speed)}
+
+
+def format_table(rows: dict[str, dict], keys: list[str]) -> str:
+    """Plain-text table: one row per entry of ``rows``, one column per key."""
+    w = max(len(r) for r in rows) + 2
+    head = "".join(f"{'':{w}}") + "".join(f"{k:>14}" for k in keys)
+    lines = [head]
+    for name, r in rows.items():
+        lines.append(f"{name:{w}}" + "".join(f"{r.get(k, float('nan')):>14.4f}" for k in keys))
+    return "\n".join(lines)

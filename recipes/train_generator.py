@@ -1,0 +1,127 @@
+"""Recipe: train the shared audio2motion generator + landmark SyncNet on a corpus directory.
+
+``avatar train-generator CORPUS_DIR --out DIR [--preset cpu|gpu] [--features mel|hubert] [--hubert PATH]``
+
+1. Every clip of CORPUS_DIR (``*.mp4`` with audio, or ``NAME.mp4`` + ``NAME.wav``) is preprocessed
+   at a small frame size (only landmarks and audio features are used) into
+   ``DIR/cache/<name>-<sha256[:12]>``. Resumable: cached clips are skipped; clips that fail with a
+   user error (no face, no audio, ...) are skipped with a warning naming them.
+2. SyncNet, then generator training (:func:`avatar.motion.train.train_generator`), streaming windows
+   from the memory-mapped datasets (an LRS3-sized corpus never sits in RAM).
+3. The bundle (weights, configs, stats, metrics) is written atomically into DIR; ``DIR/cache`` is
+   kept for later runs and for postnet training (``--corpus-cache``).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from avatar.errors import AvatarError, InvalidInput, OutputExists
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+CACHE_SIZE = 128  # frame side of the cached datasets, pixels (frames are not used by these models)
+
+
+def _sha12(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def find_clips(corpus: Path) -> list[tuple[Path, Path | None]]:
+    """(video, separate audio or None) for every clip of ``corpus`` (recursive, sorted).
+
+    Raises: InvalidInput when the directory does not exist or holds no video.
+    """
+    if not corpus.is_dir():
+        raise InvalidInput(f"corpus directory {corpus} does not exist; give a directory of talking-head clips (mp4 [+ same-named wav])")
+    clips = []
+    for v in sorted(p for p in corpus.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file()):
+        wav = v.with_suffix(".wav")
+        clips.append((v, wav if wav.is_file() else None))
+    if not clips:
+        raise InvalidInput(f"no video clips ({', '.join(VIDEO_EXTS)}) in {corpus}")
+    return clips
+
+
+def prepare_corpus(corpus: Path, cache: Path, features: str = "mel", hubert: str | None = None,
+                   progress: bool = True) -> tuple[list[Path], list[str]]:
+    """Preprocess every clip into ``cache`` (skipping cached ones). Returns (dataset dirs, skipped names)."""
+    from avatar.pipeline.preprocess import PreprocessConfig, preprocess
+
+    cache.mkdir(parents=True, exist_ok=True)
+    cfg = PreprocessConfig(size=CACHE_SIZE, audio_features=features, hubert_path=hubert)
+    done, skipped = [], []
+    clips = find_clips(corpus)
+    for i, (video, audio) in enumerate(clips, 1):
+        key = f"{video.stem}-{_sha12(video)}"
+        if audio is not None:
+            key += f"-{_sha12(audio)}"
+        key += f"-{features}"
+        out = cache / key
+        if (out / "manifest.json").is_file():
+            log.info("[%d/%d] %s: cached", i, len(clips), video.name)
+            done.append(out)
+            continue
+        log.info("[%d/%d] preprocessing %s%s", i, len(clips), video.name, f" + {audio.name}" if audio else "")
+        try:
+            preprocess(video, out, cfg, audio=audio, overwrite=True, progress=progress)
+            done.append(out)
+        except AvatarError as e:
+            log.warning("skipping %s: %s", video, e)
+            skipped.append(video.name)
+    if not done:
+        raise InvalidInput(f"no clip of {corpus} could be preprocessed (skipped: {', '.join(skipped)})")
+    return done, skipped
+
+
+def train_generator(corpus: str | Path, out: str | Path, preset: str = "cpu", features: str = "mel",
+                    hubert: str | None = None, overwrite: bool = False, progress: bool = True,
+                    steps: int | None = None) -> Path:
+    """Corpus directory -> generator bundle in ``out`` (see module docstring).
+
+    Raises: OutputExists (a bundle is already there and not ``overwrite``), InvalidInput (bad
+    corpus / preset / features), FeatureMismatch, TrainingDiverged.
+    """
+    from avatar.motion.train import PRESETS
+    from avatar.motion.train import train_generator as train
+
+    corpus, out = Path(corpus), Path(out)
+    if preset not in PRESETS:
+        raise InvalidInput(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if features not in ("mel", "hubert"):
+        raise InvalidInput(f"--features must be mel or hubert, got {features!r}")
+    if features == "hubert" and not hubert:
+        raise InvalidInput("--features hubert needs --hubert PATH (a local HuBERT model directory)")
+    if (out / "config.json").exists() and not overwrite:
+        raise OutputExists(f"{out} already holds a generator; choose another --out or pass --overwrite")
+    cfg = PRESETS[preset]
+    if steps is not None:
+        cfg = replace(cfg, steps=int(steps))
+    cache = out / "cache"
+    # the cache lives beside the bundle files: keep it out of the atomic swap, then put it back
+    staging = out.parent / f".{out.name}.cache"
+    if staging.exists() and not cache.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, cache)
+    datasets, skipped = prepare_corpus(corpus, cache, features, hubert, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    os.replace(cache, staging)
+    datasets = [staging / d.name for d in datasets]
+    try:
+        train(datasets, out, cfg, overwrite=True, progress=progress, hubert_path=hubert,
+              extra_metrics={"corpus": str(corpus), "skipped_clips": skipped})
+    finally:
+        if (out / "cache").exists():
+            shutil.rmtree(out / "cache")
+        out.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out / "cache")
+    return out
