@@ -1,0 +1,688 @@
+"""The gRPC renderer service (``avatar.v1.AvatarService``) over the Python API :mod:`avatar.api`.
+
+Serving design (anchors: NVIDIA Audio2Face-3D's bidirectional audio->animation stream, LiveTalking):
+
+- **Render**: decode the uploaded audio file (PyAV, any rate -> 16 kHz), check the duration limit,
+  then stream ``Avatar.render`` frames as JPEG/PNG. Lazy: a cancelled or expired call stops the
+  render at the next frame and drops its buffers.
+- **StreamRender**: a reader thread queues client messages; the call's thread decodes PCM
+  (streaming resampler), feeds :class:`avatar.api.StreamSession` and emits frames as soon as they
+  are final. Latency = ``StreamSession.lookahead_s`` of audio after a frame (sent in the header)
+  plus render time. With ``realtime`` (default), frame ``i`` is not sent before
+  ``t0 + i / fps`` where ``t0`` is when frame 0 was sent; frames that are late go at once, so the
+  client's playout buffer only needs to cover render jitter. Frames are never dropped.
+- **Onboard**: the upload is spooled to disk, then :class:`service.jobs.JobManager` runs it in a
+  spawned worker process.
+- Errors: :class:`avatar.errors.AvatarError` subclasses map to their ``grpc_code``; anything else is
+  INTERNAL with a request id to find the traceback in the log. A bad request never stops the server.
+- Limits (:class:`ServerConfig`): message size, audio duration, concurrent render streams, idle
+  stream timeout, upload size, onboarding concurrency/queue, avatar LRU cache size.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import inspect
+import logging
+import queue
+import tempfile
+import threading
+import time
+import uuid
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from avatar.errors import AvatarError, InvalidInput, InvalidMedia, NoAudio, OutputExists, ResourceLimit
+from service import avatar_pb2 as pb
+from service import avatar_pb2_grpc as pb_grpc
+from service import jobs as jobs_mod
+from service.auth import AuthInterceptor, bearer_token, token_id
+from service.codec import SAMPLE_RATE, PcmDecoder, encode_frame
+from service.observability import ServiceMetrics, log_access
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AvatarService"].full_name
+SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
+_STATE = {
+    jobs_mod.QUEUED: pb.Job.STATE_QUEUED, jobs_mod.RUNNING: pb.Job.STATE_RUNNING,
+    jobs_mod.SUCCEEDED: pb.Job.STATE_SUCCEEDED, jobs_mod.FAILED: pb.Job.STATE_FAILED,
+    jobs_mod.CANCELLED: pb.Job.STATE_CANCELLED,
+}
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Settings of ``avatar serve`` (``--config FILE`` JSON holds any of these; flags override).
+
+    Attributes:
+        store: avatar store directory. host/port: gRPC bind address (port 0 = OS-chosen).
+        metrics_port: Prometheus ``/metrics`` HTTP port (None = off, 0 = OS-chosen).
+        device: torch device for rendering (None = CUDA if available, else CPU).
+        tls_cert / tls_key: PEM files; both or neither (plaintext).
+        max_message_mb: largest gRPC message accepted (a Render request carries the audio file).
+        max_audio_s: longest driving audio per Render / StreamRender, seconds.
+        max_streams: Render + StreamRender calls at once; more -> RESOURCE_EXHAUSTED.
+        idle_timeout_s: a StreamRender whose client sends nothing for this long is ended (DEADLINE_EXCEEDED).
+        cache_size: loaded avatars kept in memory (LRU).
+        max_jobs / max_queued_jobs: onboarding jobs running at once / waiting.
+        max_video_mb: largest onboarding upload.
+        job_cancel_grace_s: seconds a cancelled onboarding worker gets before it is terminated.
+    """
+
+    store: str = ""
+    host: str = "[::]"
+    port: int = 50051
+    metrics_port: int | None = 9464
+    device: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_message_mb: int = 64
+    max_audio_s: float = 600.0
+    max_streams: int = 8
+    idle_timeout_s: float = 30.0
+    cache_size: int = 4
+    max_jobs: int = 1
+    max_queued_jobs: int = 16
+    max_video_mb: int = 4096
+    job_cancel_grace_s: float = 10.0
+
+    def validate(self) -> None:
+        """Raises :class:`InvalidInput` on an unusable setting."""
+        if not self.store:
+            raise InvalidInput("no avatar store given: pass --store DIR (or set AVATAR_HOME)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidInput("TLS needs both --tls-cert and --tls-key (PEM files)")
+        for name in ("max_message_mb", "max_audio_s", "max_streams", "idle_timeout_s", "cache_size",
+                     "max_jobs", "max_video_mb"):
+            if getattr(self, name) <= 0:
+                raise InvalidInput(f"server setting {name} must be > 0, got {getattr(self, name)}")
+
+
+class RpcFailure(Exception):
+    """Ends the current RPC with ``code`` (a grpc.StatusCode) and ``message``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class AvatarCache:
+    """Bounded LRU of loaded :class:`avatar.api.Avatar` objects (thread-safe; one load per name at a time).
+
+    Args:
+        store_root: avatar store directory. size: avatars kept. device: torch device.
+    """
+
+    def __init__(self, store_root: str | Path, size: int, device: str | None):
+        from avatar.store import AvatarStore
+
+        self.store = AvatarStore(store_root)
+        self.size = size
+        self.device = device
+        self._items: collections.OrderedDict[str, object] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def get(self, name: str):
+        """The loaded avatar ``name``.
+
+        Raises:
+            InvalidInput (bad name), AvatarNotFound, BundleCorrupt.
+        """
+        from avatar import api
+        from avatar.store import validate_name
+
+        validate_name(name)
+        with self._lock:
+            if name in self._items:
+                self._items.move_to_end(name)
+                return self._items[name]
+            name_lock = self._loading.setdefault(name, threading.Lock())
+        with name_lock:
+            with self._lock:
+                if name in self._items:
+                    return self._items[name]
+            t0 = time.monotonic()
+            av = api.load(name, self.store, device=self.device)
+            log.info("loaded avatar %s in %.2f s", name, time.monotonic() - t0)
+            with self._lock:
+                self._items[name] = av
+                while len(self._items) > self.size:
+                    old, _ = self._items.popitem(last=False)
+                    log.info("evicted avatar %s from the cache", old)
+            return av
+
+    def evict(self, name: str) -> None:
+        """Drop ``name`` (after it was re-onboarded) so the next request loads the new bundle."""
+        with self._lock:
+            self._items.pop(name, None)
+
+    def names(self) -> list[str]:
+        """Names currently loaded, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
+
+def render_options(msg: pb.RenderOptions):
+    """proto RenderOptions -> validated :class:`avatar.api.RenderOptions` (unset optionals = defaults).
+
+    Raises:
+        InvalidInput: a value out of range.
+    """
+    from avatar.api import RenderOptions
+
+    kw = {"still": msg.still, "seed": int(msg.seed), "size": msg.size or None}
+    if msg.emotion:
+        kw["emotion"] = msg.emotion
+    for name in ("emotion_strength", "blink", "blink_rate", "temperature", "head_speed", "head_amplitude"):
+        if msg.HasField(name):
+            kw[name] = getattr(msg, name)
+    opts = RenderOptions(**kw)
+    opts.validate()
+    return opts
+
+
+def avatar_info_msg(info: dict) -> pb.AvatarInfo:
+    """Store/Avatar info dict -> proto AvatarInfo."""
+    return pb.AvatarInfo(name=info["name"], size=int(info["size"]), fps=float(info["fps"]),
+                         created=str(info.get("created", "")),
+                         metrics={k: float(v) for k, v in (info.get("metrics") or {}).items()})
+
+
+def job_msg(job: jobs_mod.JobRecord) -> pb.Job:
+    """JobRecord -> proto Job."""
+    return pb.Job(job_id=job.job_id, avatar=job.avatar, state=_STATE[job.state], stage=job.stage,
+                  progress=job.progress, message=job.message, error_code=job.error_code, error=job.error,
+                  created_unix=job.created_unix, started_unix=job.started_unix, finished_unix=job.finished_unix,
+                  queue_position=job.queue_position)
+
+
+@dataclasses.dataclass
+class _Call:
+    """Per-RPC bookkeeping for logs and metrics."""
+
+    method: str
+    request_id: str
+    fields: dict = dataclasses.field(default_factory=dict)
+    frames: int = 0
+
+
+def _rpc(fn):
+    """Wrap a servicer method: request id, error -> status mapping, access log, metrics.
+
+    The wrapped method gets an extra ``call`` argument (:class:`_Call`).
+    """
+    method = fn.__name__
+
+    def start(self, context):
+        call = _Call(method, uuid.uuid4().hex[:12])
+        try:
+            context.send_initial_metadata((("x-request-id", call.request_id),))
+        except ValueError:  # metadata already sent
+            pass
+        return call, time.monotonic()
+
+    def fail(context, call, e):
+        if isinstance(e, RpcFailure):
+            code, msg = e.code, str(e)
+        elif isinstance(e, AvatarError):
+            code, msg = grpc.StatusCode[e.grpc_code], str(e)
+        else:
+            log.exception("request %s (%s) failed", call.request_id, method)
+            code, msg = grpc.StatusCode.INTERNAL, f"internal error; quote request id {call.request_id} to the operator"
+        call.fields["code"] = code.name
+        context.abort(code, msg)
+
+    def finish(self, context, call, t0):
+        code = call.fields.get("code")
+        if code is None:
+            if context.is_active():
+                code = "OK"
+            else:
+                remaining = context.time_remaining()
+                code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        md = dict(context.invocation_metadata() or ())
+        tok = bearer_token(context.invocation_metadata())
+        fields = {"method": method, "request_id": call.request_id, "code": code, "peer": context.peer(),
+                  "token": token_id(tok) if tok else "", "duration_s": round(time.monotonic() - t0, 4),
+                  "user_agent": md.get("user-agent", "")}
+        if call.frames:
+            fields["frames"] = call.frames
+        fields.update(call.fields)
+        fields["code"] = code
+        log_access(fields)
+        self.metrics.requests.labels(method, code).inc()
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream_wrapper(self, request, context):
+            call, t0 = start(self, context)
+            try:
+                yield from fn(self, request, context, call)
+            except GeneratorExit:
+                raise
+            except Exception as e:
+                if call.fields.get("code"):  # context.abort already called
+                    raise
+                fail(context, call, e)
+            finally:
+                finish(self, context, call, t0)
+        return stream_wrapper
+
+    @functools.wraps(fn)
+    def unary_wrapper(self, request, context):
+        call, t0 = start(self, context)
+        try:
+            return fn(self, request, context, call)
+        except Exception as e:
+            if call.fields.get("code"):
+                raise
+            fail(context, call, e)
+        finally:
+            finish(self, context, call, t0)
+    return unary_wrapper
+
+
+_END, _BROKEN = object(), object()
+
+
+class AvatarServicer(pb_grpc.AvatarServiceServicer):
+    """Implements ``avatar.v1.AvatarService`` (see proto/avatar/v1/avatar.proto)."""
+
+    def __init__(self, cfg: ServerConfig, metrics: ServiceMetrics):
+        from avatar.store import AvatarStore
+
+        self.cfg = cfg
+        self.metrics = metrics
+        self.store = AvatarStore(cfg.store)
+        self.cache = AvatarCache(cfg.store, cfg.cache_size, cfg.device)
+        self._slots = threading.BoundedSemaphore(cfg.max_streams)
+        self.spool = Path(tempfile.mkdtemp(prefix="avatar-spool-"))
+        self.jobs = jobs_mod.JobManager(cfg.store, max_running=cfg.max_jobs, max_queued=cfg.max_queued_jobs,
+                                        cancel_grace_s=cfg.job_cancel_grace_s, on_change=self._job_changed,
+                                        on_success=self.cache.evict)
+
+    def close(self) -> None:
+        """Stop onboarding workers and remove spooled uploads."""
+        import shutil
+
+        self.jobs.close()
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _job_changed(self, _job) -> None:
+        counts = collections.Counter(j.state for j in list(self.jobs._jobs.values()))
+        for state in _STATE:
+            self.metrics.jobs.labels(state).set(counts.get(state, 0))
+
+    def _acquire_slot(self) -> None:
+        if not self._slots.acquire(blocking=False):
+            raise ResourceLimit(f"the server is already running {self.cfg.max_streams} renders; retry shortly")
+        self.metrics.active_streams.inc()
+
+    def _release_slot(self) -> None:
+        self.metrics.active_streams.dec()
+        self._slots.release()
+
+    def _check_duration(self, n_samples: int) -> None:
+        if n_samples > self.cfg.max_audio_s * SAMPLE_RATE:
+            raise ResourceLimit(f"audio longer than this server's limit of {self.cfg.max_audio_s:.0f} s; "
+                                "split it into shorter requests")
+
+    def _frame_msg(self, index: int, frame: np.ndarray, enc: pb.FrameEncoding, fps: float) -> pb.Frame:
+        return pb.Frame(index=index, timestamp_s=index / fps, format=enc.format,
+                        image=encode_frame(frame, enc.format, enc.jpeg_quality))
+
+    def _decode_audio_file(self, data: bytes) -> np.ndarray:
+        from avatar.media import load_audio
+
+        if not data:
+            raise NoAudio("the request has no audio; put the audio file's bytes in RenderRequest.audio")
+        with tempfile.NamedTemporaryFile(dir=self.spool, suffix=".audio") as f:
+            f.write(data)
+            f.flush()
+            return load_audio(f.name, sr=SAMPLE_RATE)
+
+    # ---- avatars ------------------------------------------------------------------------------
+    @_rpc
+    def ListAvatars(self, request, context, call):
+        return pb.ListAvatarsResponse(avatars=[avatar_info_msg(i) for i in self.store.list()])
+
+    @_rpc
+    def GetAvatar(self, request, context, call):
+        from avatar.store import validate_name
+
+        call.fields["avatar"] = request.name
+        return avatar_info_msg(self.store.info(validate_name(request.name)))
+
+    # ---- rendering ----------------------------------------------------------------------------
+    @_rpc
+    def Render(self, request, context, call):
+        t0 = time.monotonic()
+        call.fields["avatar"] = request.avatar
+        self._acquire_slot()
+        frames = None
+        try:
+            options = render_options(request.options)
+            encode_frame(np.zeros((2, 2, 3), np.uint8), request.encoding.format, request.encoding.jpeg_quality)
+            wav = self._decode_audio_file(request.audio)
+            self._check_duration(len(wav))
+            av = self.cache.get(request.avatar)
+            total = int(round(len(wav) / SAMPLES_PER_FRAME))
+            size = options.size or av.size
+            yield pb.RenderResponse(header=pb.RenderHeader(
+                request_id=call.request_id, avatar=avatar_info_msg(av.info()), size=size, fps=av.fps,
+                total_frames=total, audio_duration_s=len(wav) / SAMPLE_RATE))
+            first = None
+            frames = av.render(wav, options)
+            for i, frame in enumerate(frames):
+                if not context.is_active():
+                    return
+                msg = self._frame_msg(i, frame, request.encoding, av.fps)
+                if first is None:
+                    first = time.monotonic() - t0
+                    self.metrics.first_frame.labels("Render").observe(first)
+                yield pb.RenderResponse(frame=msg)
+                call.frames += 1
+                self.metrics.frames.labels("Render").inc()
+            elapsed = time.monotonic() - t0
+            if call.frames:
+                self.metrics.render_fps.labels("Render").observe(call.frames / max(elapsed, 1e-6))
+            yield pb.RenderResponse(summary=pb.RenderSummary(
+                frames=call.frames, audio_duration_s=len(wav) / SAMPLE_RATE, render_s=elapsed,
+                first_frame_latency_s=first or 0.0))
+        finally:
+            if frames is not None:
+                frames.close()
+            self._release_slot()
+
+    @_rpc
+    def StreamRender(self, request_iterator, context, call):
+        inbox: queue.Queue = queue.Queue(maxsize=256)
+        stop = threading.Event()
+
+        def offer(item) -> bool:
+            while not stop.is_set():
+                try:
+                    inbox.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def reader():
+            try:
+                for req in request_iterator:
+                    if not offer(req):
+                        return
+                offer(_END)
+            except Exception:  # the call was cancelled or broke
+                offer(_BROKEN)
+
+        threading.Thread(target=reader, name=f"stream-reader-{call.request_id}", daemon=True).start()
+        try:
+            yield from self._stream_session(inbox, context, call)
+        finally:
+            stop.set()
+
+    def _stream_session(self, inbox, context, call):
+        idle = self.cfg.idle_timeout_s
+
+        def next_message(timeout):
+            try:
+                return inbox.get(timeout=timeout)
+            except queue.Empty:
+                return None
+
+        deadline = time.monotonic() + idle
+        first = None
+        while first is None:
+            if not context.is_active():
+                return
+            first = next_message(0.1)
+            if first is None and time.monotonic() > deadline:
+                raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no StreamConfig received within {idle:.0f} s")
+        if first in (_END, _BROKEN):
+            if first is _END:
+                raise InvalidInput("the stream ended before a StreamConfig message; send the config first")
+            return
+        if first.WhichOneof("kind") != "config":
+            raise InvalidInput(f"the first StreamRender message must be 'config', got '{first.WhichOneof('kind')}'")
+        cfg = first.config
+        call.fields["avatar"] = cfg.avatar
+        options = render_options(cfg.options)
+        encode_frame(np.zeros((2, 2, 3), np.uint8), cfg.encoding.format, cfg.encoding.jpeg_quality)
+        decoder = PcmDecoder(cfg.audio_format.encoding, cfg.audio_format.sample_rate)
+        realtime = cfg.realtime if cfg.HasField("realtime") else True
+        self._acquire_slot()
+        session = None
+        try:
+            av = self.cache.get(cfg.avatar)
+            session = av.stream(options)
+            fps = float(av.fps)
+            yield pb.StreamRenderResponse(header=pb.StreamHeader(
+                request_id=call.request_id, avatar=avatar_info_msg(av.info()), size=options.size or av.size,
+                fps=fps, lookahead_s=session.lookahead_s, start_time_unix_ns=time.time_ns()))
+            pending: collections.deque = collections.deque()
+            n_samples = 0
+            t_audio = None      # first audio chunk arrival
+            t_anchor = None     # when frame 0 was sent (pacing origin)
+            first_latency = 0.0
+            ended = False
+            last_msg = time.monotonic()
+
+            def produce(frames):
+                for frame in frames:
+                    pending.append(self._frame_msg(call.frames + len(pending), frame, cfg.encoding, fps))
+
+            while True:
+                if not context.is_active():
+                    return
+                wait = 0.1
+                if pending:
+                    now = time.monotonic()
+                    due = now if (t_anchor is None or not realtime) else t_anchor + pending[0].index / fps
+                    if now >= due:
+                        msg = pending.popleft()
+                        if t_anchor is None:
+                            t_anchor = now
+                            first_latency = now - (t_audio or now)
+                            self.metrics.first_frame.labels("StreamRender").observe(first_latency)
+                        yield pb.StreamRenderResponse(frame=msg)
+                        call.frames += 1
+                        self.metrics.frames.labels("StreamRender").inc()
+                        continue
+                    wait = min(wait, due - now)
+                elif ended:
+                    break
+                if ended:
+                    time.sleep(max(wait, 0.0))
+                    continue
+                msg = next_message(wait)
+                if msg is None:
+                    if time.monotonic() - last_msg > idle:
+                        raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                         f"no audio or end_of_audio for {idle:.0f} s; the stream was closed")
+                    continue
+                last_msg = time.monotonic()
+                if msg is _BROKEN:
+                    return
+                kind = "end_of_audio" if msg is _END else msg.WhichOneof("kind")
+                if kind == "audio":
+                    pcm = decoder.push(msg.audio.data)
+                    if t_audio is None and pcm.size:
+                        t_audio = time.monotonic()
+                    n_samples += pcm.size
+                    self._check_duration(n_samples)
+                    produce(session.push(pcm))
+                elif kind == "options_update":
+                    upd = msg.options_update
+                    changes = {f: getattr(upd, f) for f in ("emotion", "emotion_strength") if upd.HasField(f)}
+                    if changes:
+                        session.set_options(**changes)
+                        call.fields.setdefault("option_updates", 0)
+                        call.fields["option_updates"] += 1
+                elif kind == "end_of_audio":
+                    tail = decoder.finish()
+                    n_samples += tail.size
+                    produce(session.push(tail) + session.finish())
+                    ended = True
+                else:
+                    raise InvalidInput(f"unexpected '{kind}' message after the config; send audio, "
+                                       "options_update or end_of_audio")
+            elapsed = time.monotonic() - (t_audio or time.monotonic())
+            if call.frames:
+                self.metrics.render_fps.labels("StreamRender").observe(call.frames / max(elapsed, 1e-6))
+            call.fields["audio_s"] = round(n_samples / SAMPLE_RATE, 3)
+            call.fields["first_frame_latency_s"] = round(first_latency, 4)
+            yield pb.StreamRenderResponse(summary=pb.StreamSummary(
+                frames=call.frames, audio_duration_s=n_samples / SAMPLE_RATE, first_frame_latency_s=first_latency))
+        finally:
+            del session
+            self._release_slot()
+
+    # ---- onboarding ---------------------------------------------------------------------------
+    @_rpc
+    def Onboard(self, request_iterator, context, call):
+        from avatar.pipeline.onboard import PRESETS
+        from avatar.store import validate_name
+
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "metadata":
+            raise InvalidInput("the first Onboard message must be 'metadata' (name, preset), then video chunks")
+        md = first.metadata
+        name = validate_name(md.name)
+        call.fields["avatar"] = name
+        preset = md.preset or "cpu-small"
+        if preset not in PRESETS:
+            raise InvalidInput(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.store.exists(name) and not md.overwrite:
+            raise OutputExists(f"avatar {name!r} already exists; set overwrite to replace it or pick another name")
+        suffix = Path(md.filename).suffix[:8] if md.filename else ".mp4"
+        limit = self.cfg.max_video_mb * (1 << 20)
+        fd, tmp = tempfile.mkstemp(dir=self.spool, suffix=suffix)
+        path, size = Path(tmp), 0
+        try:
+            with open(fd, "wb") as f:
+                for req in request_iterator:
+                    if req.WhichOneof("kind") != "video_chunk":
+                        raise InvalidInput("after the metadata, send only video_chunk messages")
+                    size += len(req.video_chunk)
+                    if size > limit:
+                        raise ResourceLimit(f"the video exceeds this server's upload limit of {self.cfg.max_video_mb} MB; "
+                                            "trim or re-encode it")
+                    f.write(req.video_chunk)
+            if size == 0:
+                raise InvalidMedia("no video data was uploaded; send the file as video_chunk messages")
+            call.fields["upload_bytes"] = size
+            job = self.jobs.submit(path, name, preset, md.overwrite)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        call.fields["job_id"] = job.job_id
+        return job_msg(job)
+
+    def _job(self, job_id: str) -> jobs_mod.JobRecord:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"no onboarding job {job_id!r} on this server "
+                             "(job records are kept in memory until the server restarts)")
+        return job
+
+    @_rpc
+    def GetJob(self, request, context, call):
+        return job_msg(self._job(request.job_id))
+
+    @_rpc
+    def WatchJob(self, request, context, call):
+        job = self._job(request.job_id)
+        yield job_msg(job)
+        while job.state not in jobs_mod.FINISHED:
+            if not context.is_active():
+                return
+            new = self.jobs.wait_change(job.job_id, job.version, timeout=0.5)
+            if new.version != job.version:
+                job = new
+                yield job_msg(job)
+
+    @_rpc
+    def CancelJob(self, request, context, call):
+        self._job(request.job_id)
+        return job_msg(self.jobs.cancel(request.job_id))
+
+
+class AvatarServer:
+    """A running gRPC server: AvatarService + health + reflection + auth + metrics.
+
+    Args:
+        cfg: :class:`ServerConfig`. tokens: {token: scopes} (see :mod:`service.auth`).
+
+    Attributes (after :meth:`start`): ``port`` (bound gRPC port), ``metrics_port`` (or None).
+
+    Raises:
+        InvalidInput: bad config, unreadable TLS files, or the port cannot be bound.
+    """
+
+    def __init__(self, cfg: ServerConfig, tokens: dict[str, frozenset[str]]):
+        cfg.validate()
+        self.cfg = cfg
+        self.metrics = ServiceMetrics()
+        self.servicer = AvatarServicer(cfg, self.metrics)
+        workers = cfg.max_streams + 16
+        max_bytes = cfg.max_message_mb * (1 << 20)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+            interceptors=[AuthInterceptor(tokens, on_denied=lambda m, c: self.metrics.requests.labels(
+                m.rsplit("/", 1)[-1], c).inc())],
+            options=[("grpc.max_receive_message_length", max_bytes),
+                     ("grpc.max_send_message_length", max_bytes)],
+            maximum_concurrent_rpcs=workers,
+        )
+        pb_grpc.add_AvatarServiceServicer_to_server(self.servicer, self._server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            try:
+                creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            except OSError as e:
+                raise InvalidInput(f"cannot read TLS key/cert: {e}; pass readable PEM files") from e
+            self.port = self._server.add_secure_port(address, creds)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise InvalidInput(f"cannot listen on {address}; pick a free port with --port")
+        self.metrics_port = None
+
+    def start(self) -> "AvatarServer":
+        """Start serving (and the metrics endpoint); returns self."""
+        self._server.start()
+        if self.cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics_port,
+                                                   host="127.0.0.1" if self.cfg.host == "127.0.0.1" else "0.0.0.0")
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s:%d (metrics port %s, store %s, tls %s)", self.cfg.host, self.port,
+                 self.metrics_port, self.cfg.store, bool(self.cfg.tls_cert))
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Mark NOT_SERVING, end calls (``grace`` seconds), stop workers and the metrics endpoint."""
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self.servicer.close()
+        self.metrics.close()
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        self._server.wait_for_termination()
