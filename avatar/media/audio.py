@@ -14,7 +14,7 @@ import soundfile
 import soxr
 
 from avatar.errors import InvalidInput, InvalidMedia, NoAudio
-from avatar.media.video import _open
+from avatar.media.video import _TRUNCATION_TOLERANCE_S, _open, _stream_duration_s
 
 AUDIO_RATE = 16_000
 
@@ -62,6 +62,7 @@ def load_audio(path: str | Path, sr: int = AUDIO_RATE) -> np.ndarray:
                 ".wav that goes with this silent video)"
             )
         stream = c.streams.audio[0]
+        declared = _stream_duration_s(stream)
         rate_in = None
         rs = None
         out: list[np.ndarray] = []
@@ -83,6 +84,11 @@ def load_audio(path: str | Path, sr: int = AUDIO_RATE) -> np.ndarray:
     wav = np.concatenate(out) if out else np.zeros(0, np.float32)
     if wav.size == 0:
         raise NoAudio(f"{path}: the audio stream decodes to zero samples; pass a file with speech audio")
+    if declared and wav.size / sr < declared - _TRUNCATION_TOLERANCE_S:
+        raise InvalidMedia(
+            f"{path}: audio ends at {wav.size / sr:.2f} s but declares {declared:.2f} s; the file is "
+            "truncated, copy or download it again"
+        )
     return np.clip(wav, -1.0, 1.0).astype(np.float32, copy=False)
 
 
