@@ -168,7 +168,9 @@ class BlinkSchedule:
     def _extend(self, until: int) -> None:
         mean_gap = 60.0 * FPS / self.rate
         while self._next <= until + BLINK_FRAMES:
-            gap = max(FPS * 1.0, self._rng.exponential(mean_gap))
+            # shifted exponential: a 1 s refractory period plus an exponential remainder, so the
+            # mean gap (hence the rate) is exactly the requested one (max() would bias it low)
+            gap = FPS * 1.0 + self._rng.exponential(max(mean_gap - FPS * 1.0, 0.0))
             self._next += gap
             self._onsets.append(int(round(self._next)))
 

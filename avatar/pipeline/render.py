@@ -79,8 +79,10 @@ class RenderOptions:
 
     def validate(self) -> None:
         """Raises :class:`InvalidInput` with an actionable message for any bad value."""
-        if self.emotion not in EMOTIONS:
-            raise InvalidInput(f"unknown emotion {self.emotion!r}; choose one of {', '.join(EMOTIONS)}")
+        # a label ("happy") or a schedule ("neutral,happy@2.0,sad@5.5"): labels switch at seconds
+        from avatar.motion.emotion import parse_emotion_schedule
+
+        parse_emotion_schedule(self.emotion)
         if not (0.0 <= self.emotion_strength <= MAX_STRENGTH):
             raise InvalidInput(f"emotion strength must be in [0, {MAX_STRENGTH}], got {self.emotion_strength}")
         if self.blink_rate is not None and not (0.0 <= self.blink_rate <= 60.0):

@@ -1,0 +1,52 @@
+"""``avatar train-emotion CLIPS_DIR --out DIR``: train the EAT-style category emotion model.
+
+Clips are labelled by file name (``<speaker>_front_<label>_level<k>_<n>.mp4`` as in MEAD, or
+``eamm_<label>.mp4``); audio is not needed. Each speaker with a ``neutral`` clip gives
+neutral-relative targets; speakers without one use the template neutral (see
+:func:`avatar.motion.emotion.build_training_set`). The default output location used by renders is
+the store's ``shared/emotion`` (:attr:`avatar.store.AvatarStore.emotion_dir`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    """Add the ``train-emotion`` subcommand."""
+    p = subparsers.add_parser(
+        "train-emotion",
+        help="train the emotion (EAT-style category) model on labelled emotional clips",
+        description="Track labelled emotional clips (e.g. MEAD: M030_front_happy_level3_001.mp4), and train "
+                    "emotion code -> mapping network -> deformation network predicting a landmark displacement. "
+                    "Writes model.safetensors, config.json and metrics.json.",
+    )
+    p.add_argument("clips_dir", metavar="CLIPS_DIR", help="folder of labelled clips (label in the file name)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: the store's shared/emotion, used by every avatar)")
+    p.add_argument("--holdout", default=None, metavar="SPEAKER",
+                   help="speaker id (e.g. W009) kept out of training; per-label cosine metrics are computed on it")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from avatar.errors import InvalidInput
+    from avatar.motion.emotion import EmotionConfig, train_emotion
+    from avatar.store import AvatarStore
+
+    cfg = EmotionConfig(holdout=args.holdout)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise InvalidInput(f"--steps must be >= 1, got {args.steps}")
+        cfg.steps = args.steps
+    out = args.out or AvatarStore().emotion_dir
+    metrics = train_emotion(args.clips_dir, out, cfg, overwrite=args.overwrite)
+    summary = {"out": str(out), "train_s": round(metrics["train_s"], 1), "final_loss": round(metrics["final_loss"], 4)}
+    if "holdout" in metrics:
+        summary["holdout_mean_cosine"] = round(metrics["holdout"]["mean_cosine"], 3)
+    print(json.dumps(summary))
+    return 0
