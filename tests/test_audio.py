@@ -216,3 +216,12 @@ def test_feature_stats(eng):
         FeatureStats.fit([])
     with pytest.raises(InvalidInput):
         FeatureStats.from_dict({"mean": [0.0]})
+
+
+@pytest.mark.cuda
+def test_hubert_on_cuda_matches_cpu(eng, hubert_dir):
+    wav = eng[:32_000]
+    cpu = FeatureExtractor("hubert", hubert_path=hubert_dir, device="cpu")(wav)
+    gpu = FeatureExtractor("hubert", hubert_path=hubert_dir, device="cuda")(wav)
+    assert gpu.dtype == np.float32 and gpu.shape == cpu.shape
+    assert np.abs(cpu - gpu).max() < 1e-2  # TF32 matmuls on Ampere/Hopper

@@ -217,3 +217,32 @@ def test_raw_audio_and_wav_helpers(tmp_path):
     write_wav(tmp_path / "a.wav", x, 16000)
     y = load_audio(tmp_path / "a.wav")
     assert len(y) == 16000 and np.abs(x - y).max() < 1e-3
+
+
+def test_variable_frame_rate_source(data_dir, tmp_path):
+    """A VFR mp4 (irregular timestamps, made here from real frames): output frame i is the source
+    frame whose display interval contains i / 25 s."""
+    src = list(itertools.islice(iter_video_frames(data_dir / "corpus" / "real3dportrait_May_5s.mp4", size=64), 40))
+    rng = np.random.default_rng(3)
+    pts_ms = np.concatenate([[0], np.cumsum(rng.integers(15, 70, len(src) - 1))])
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        s.options = {"crf": "10", "bf": "0"}
+        for img, t in zip(src, pts_ms):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = int(t), Fraction(1, 1000)
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    info = probe(path)
+    out = list(iter_video_frames(path))
+    assert len(out) == count_resampled_frames(info)
+    for i, frame in enumerate(out):
+        k = int(np.searchsorted(pts_ms, i * 40 + 1e-3, side="right") - 1)  # on screen at i / 25 s
+        errs = [np.abs(frame.astype(int) - s_).mean() for s_ in src]
+        assert np.argmin(errs) == k or errs[k] < 1.0, (i, k, int(np.argmin(errs)))
