@@ -161,7 +161,7 @@ def fit_poses(points: np.ndarray, shape: np.ndarray, rigid: np.ndarray, intrinsi
     return out
 
 
-def smooth_poses(poses: np.ndarray, fps: float = 25.0, window_s: float = 0.36, depth_window_s: float = 1.0) -> np.ndarray:
+def smooth_poses(poses: np.ndarray, fps: float = 25.0, window_s: float = 0.5, depth_window_s: float = 1.0) -> np.ndarray:
     """Zero-phase Savitzky-Golay smoothing (order 2) of a pose track.
 
     Rotation is smoothed as rotation vectors relative to the track's mean rotation (no wrap-around

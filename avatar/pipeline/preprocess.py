@@ -78,7 +78,7 @@ class PreprocessConfig:
     face_y: float = 0.45
     focal_per_pixel: float = 1200.0 / 512.0
     max_gap_s: float = 0.5
-    smooth_window_s: float = 0.36
+    smooth_window_s: float = 0.5
     depth_window_s: float = 1.0
     detect_samples: int = 60
     background_samples: int = 80
@@ -287,7 +287,8 @@ def preprocess(
             masks[j] = label_frame(masks[j].astype(bool), oval_points(points[j]))
         frames.flush()
         masks.flush()
-        bg_idx = np.unique(np.linspace(0, n - 1, min(n, cfg.background_samples)).round().astype(int))
+        detected = np.flatnonzero(valid)  # frames without a face (e.g. black frames) are not sampled
+        bg_idx = detected[np.unique(np.linspace(0, len(detected) - 1, min(len(detected), cfg.background_samples)).round().astype(int))]
         plate = background_plate(frames, masks, bg_idx)
         fractions = {k: float(np.mean([np.mean(masks[j] == v) for j in bg_idx])) for k, v in (("background", 0), ("torso", 1), ("head", 2))}
 
