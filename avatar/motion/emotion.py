@@ -415,8 +415,20 @@ def fit_emotion_net(x, labels, y, w, template, cfg: EmotionConfig, progress: boo
     """Train :class:`EmotionNet` by weighted MSE on the movable points (CPU or CUDA)."""
     from tqdm import tqdm
 
-    torch.manual_seed(cfg.seed)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = torch.get_num_threads()
+    if dev == "cpu":
+        torch.set_num_threads(1)  # a small MLP: extra threads only oversubscribe shared CPUs (measured 20x slower)
+    try:
+        return _fit(x, labels, y, w, template, cfg, dev, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(x, labels, y, w, template, cfg: EmotionConfig, dev: str, progress: bool) -> tuple[EmotionNet, dict]:
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
     net = EmotionNet(cfg)
     net.in_mean.copy_(torch.from_numpy(x.mean(0)))
     net.in_std.copy_(torch.from_numpy(x.std(0) + 1e-4))

@@ -1,0 +1,247 @@
+"""Emotion deltas (avatar.motion.emotion): schedule, EAT-style category model (tiny training on real
+MEAD clips), EAMM-style reference video, lip-sync preservation, clamping, errors."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from avatar.errors import AvatarNotFound, InvalidInput, InvalidMedia, NoFaceDetected
+from avatar.motion import emotion as E
+from avatar.pipeline.render import EMOTIONS, RenderOptions
+
+
+# ------------------------------------------------------------------ schedule (no media needed)
+def test_labels_match_render():
+    assert set(E.LABELS) == set(EMOTIONS) and E.LABELS[0] == "neutral"
+
+
+def test_parse_schedule():
+    assert E.parse_emotion_schedule("happy") == [("happy", 0.0)]
+    assert E.parse_emotion_schedule("neutral,happy@2.0,sad@5.5") == [("neutral", 0.0), ("happy", 2.0), ("sad", 5.5)]
+    assert E.parse_emotion_schedule("happy@1") == [("neutral", 0.0), ("happy", 1.0)]
+    for bad in ["joyful", "happy,sad", "happy@2,sad@1", "happy@x", "", "neutral,,sad@1"]:
+        with pytest.raises(InvalidInput):
+            E.parse_emotion_schedule(bad)
+
+
+def test_render_options_accept_schedule_and_reject_bad_values():
+    RenderOptions(emotion="neutral,happy@2.0,sad@5.5").validate()
+    with pytest.raises(InvalidInput, match="unknown emotion"):
+        RenderOptions(emotion="joyful").validate()
+    with pytest.raises(InvalidInput, match="strength"):
+        RenderOptions(emotion="happy", emotion_strength=-0.1).validate()
+    with pytest.raises(InvalidInput, match="strength"):
+        RenderOptions(emotion="happy", emotion_strength=1.6).validate()
+
+
+def test_schedule_weights_crossfade():
+    sched = E.parse_emotion_schedule("neutral,happy@2.0,sad@5.5")
+    f = np.arange(0, 200)
+    w = E.schedule_weights(sched, f)
+    total = sum(w.values())
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+    assert w["neutral"][:46].min() == 1.0 and w["happy"][60:130].min() == 1.0 and w["sad"][150:].min() == 1.0
+    # smooth: no weight jumps by more than a crossfade step (0.3 s = 7.5 frames, raised cosine)
+    for v in w.values():
+        assert np.abs(np.diff(v)).max() < 0.25
+    # block-wise evaluation equals whole-range evaluation (absolute frame indices)
+    blocks = [E.schedule_weights(sched, f[i : i + 8])["happy"] for i in range(0, 200, 8)]
+    np.testing.assert_array_equal(np.concatenate(blocks), w["happy"])
+
+
+# ------------------------------------------------------------------ real clips, tiny training
+CLIPS = ["M030_front_neutral_level1_001", "M030_front_happy_level3_001", "M030_front_surprised_level3_001",
+         "W009_front_neutral_level1_001", "W009_front_happy_level3_001", "W009_front_surprised_level3_001"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(data_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    for name in CLIPS:
+        (d / f"{name}.mp4").symlink_to(data_dir / "emotion" / f"{name}.mp4")
+    (d / "notes.txt").write_text("ignored")
+    (d / "M030_front_unlabelled.mp4").symlink_to(data_dir / "emotion" / f"{CLIPS[0]}.mp4")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tracks(clip_dir):
+    return E.track_speakers(clip_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tracks, tmp_path_factory):
+    """Tiny model trained on M030 only, held-out W009 -> (store root, metrics)."""
+    store = tmp_path_factory.mktemp("store")
+    cfg = E.EmotionConfig(hidden=64, code_dim=32, steps=300, batch=128, holdout="W009")
+    metrics = E.train_emotion(None, store / "shared" / "emotion", cfg, progress=False, tracks=tracks)
+    return store, metrics
+
+
+def _models(store, st):
+    """An avatar stand-in with the real W009 neutral track as its training landmarks."""
+    root = store / "avatars" / "w009"
+    root.mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(root=root, lm3d_mean=st.neutral_mean, lm3d_ref=st.clips["neutral"][0])
+
+
+def test_tracking_and_listing(tracks):
+    by = {st.speaker: st for st in tracks}
+    assert set(by) == {"M030", "W009"}
+    for st in tracks:
+        assert set(st.clips) == {"neutral", "happy", "surprised"}
+        assert st.neutral_mean.shape == (68, 3)
+        # the dataset convention: outer-eye-corner distance of the neutral mean is 1
+        assert np.linalg.norm(st.neutral_mean[36] - st.neutral_mean[45]) == pytest.approx(1.0, abs=1e-4)
+    # real expressions: surprise raises the brows (y down), happiness widens the mouth
+    for st in tracks:
+        d_sur = st.clips["surprised"][0].mean(0) - st.neutral_mean
+        d_hap = st.clips["happy"][0].mean(0) - st.neutral_mean
+        assert d_sur[17:27, 1].mean() < 0
+        assert d_hap[54, 0] - d_hap[48, 0] > 0
+
+
+def test_training_writes_artifacts_and_generalises(trained):
+    store, metrics = trained
+    out = store / "shared" / "emotion"
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "metrics.json"}
+    assert json.loads((out / "metrics.json").read_text())["holdout"]["speaker"] == "W009"
+    assert metrics["train_speakers"] == ["M030"]
+    rows = metrics["holdout"]["labels"]
+    assert set(rows) == {"happy", "surprised"}
+    # direction learned on M030 transfers to the held-out speaker W009
+    for label, r in rows.items():
+        assert r["cosine"] > 0.3, (label, r)
+    net = E.load_emotion_model(out)
+    assert net.cfg.hidden == 64
+
+
+def test_category_delta_properties(trained, tracks):
+    store, _ = trained
+    st = {s.speaker: s for s in tracks}["W009"]
+    models = _models(store, st)
+    lm = st.clips["neutral"][0][:40].copy()
+    frames = np.arange(100, 140)
+
+    # strength 0: bit-identical, nothing loaded
+    f0 = E.build_emotion_delta(models, RenderOptions(emotion="happy", emotion_strength=0.0))
+    assert np.array_equal(f0(lm, frames), lm)
+
+    f = E.build_emotion_delta(models, RenderOptions(emotion="happy", emotion_strength=1.0))
+    out = f(lm, frames)
+    assert out.dtype == np.float32 and out.shape == lm.shape
+    frozen = list(E.FROZEN)
+    np.testing.assert_array_equal(out[:, frozen], lm[:, frozen])  # lip closure + lower jaw untouched
+    moved = np.linalg.norm(out - lm, axis=-1)
+    assert moved[:, [48, 54]].mean() > 1e-3
+    # the smile widens the mouth corners on the held-out speaker
+    d = (out - lm).mean(0)
+    assert d[54, 0] - d[48, 0] > 0
+    # mouth LMD vs the neutral output is small (only corners and their neighbours move)
+    assert moved[:, 48:68].mean() < 0.05
+    # deterministic and block-wise == whole
+    g = E.build_emotion_delta(models, RenderOptions(emotion="happy"))
+    blocks = np.concatenate([g(lm[i : i + 8], frames[i : i + 8]) for i in range(0, 40, 8)])
+    np.testing.assert_allclose(blocks, out, atol=1e-6)
+    # strength scales the displacement (before clamping: compare small strengths)
+    a = E.build_emotion_delta(models, RenderOptions(emotion="happy", emotion_strength=0.2))(lm, frames) - lm
+    b = E.build_emotion_delta(models, RenderOptions(emotion="happy", emotion_strength=0.4))(lm, frames) - lm
+    assert np.linalg.norm(b) > 1.5 * np.linalg.norm(a)
+
+
+def test_schedule_switches_over_time(trained, tracks):
+    store, _ = trained
+    st = {s.speaker: s for s in tracks}["W009"]
+    models = _models(store, st)
+    lm = st.clips["neutral"][0][:75].copy()
+    frames = np.arange(75)
+    out = E.build_emotion_delta(models, RenderOptions(emotion="neutral,happy@1.0"))(lm, frames)
+    happy = E.build_emotion_delta(models, RenderOptions(emotion="happy"))(lm, frames)
+    np.testing.assert_array_equal(out[:21], lm[:21])          # before 0.85 s: neutral, exact
+    np.testing.assert_allclose(out[29:], happy[29:], atol=1e-6)  # after 1.15 s: happy
+    step = np.abs(np.diff(out - lm, axis=0)).max()
+    assert step < 0.5 * np.abs(happy - lm).max() + 1e-6        # crossfade, no jump
+
+
+def test_clamp_stays_near_person_range(trained, tracks):
+    store, _ = trained
+    st = {s.speaker: s for s in tracks}["W009"]
+    models = _models(store, st)
+    lm = st.clips["neutral"][0][:20].copy()
+    out = E.build_emotion_delta(models, RenderOptions(emotion="surprised", emotion_strength=1.5))(lm, np.arange(20))
+    ref = models.lm3d_ref
+    lo, hi = ref.min(0), ref.max(0)
+    pad = E.CLAMP_MARGIN * (hi - lo)
+    assert np.all(out >= np.minimum(lo - pad, lm) - 1e-6) and np.all(out <= np.maximum(hi + pad, lm) + 1e-6)
+
+
+def test_missing_model_is_actionable(tracks, tmp_path):
+    st = tracks[0]
+    models = _models(tmp_path, st)
+    with pytest.raises(AvatarNotFound, match="avatar train-emotion"):
+        E.build_emotion_delta(models, RenderOptions(emotion="sad"))
+    # all-neutral schedules need no model and change nothing
+    f = E.build_emotion_delta(models, RenderOptions(emotion="neutral"))
+    lm = st.clips["neutral"][0][:8]
+    assert np.array_equal(f(lm, np.arange(8)), lm)
+    with pytest.raises(InvalidInput):
+        E.build_emotion_delta(models, SimpleNamespace(emotion="joyful", emotion_strength=1.0, emotion_video=None))
+    with pytest.raises(InvalidInput):
+        E.build_emotion_delta(models, SimpleNamespace(emotion="happy", emotion_strength=-1.0, emotion_video=None))
+
+
+# ------------------------------------------------------------------ reference video (EAMM)
+def test_reference_video_delta(tracks, data_dir, tmp_path):
+    st = {s.speaker: s for s in tracks}["W009"]
+    models = _models(tmp_path, st)
+    ref = str(data_dir / "emotion" / "M030_front_surprised_level3_001.mp4")
+    f = E.build_emotion_delta(models, RenderOptions(emotion_video=ref, emotion_strength=1.0))
+    disp = models._emotion_ref_cache[next(iter(models._emotion_ref_cache))]
+    n = len(disp)
+    assert n == 94
+    np.testing.assert_array_equal(disp[:, list(E.FROZEN)], 0.0)  # mouth occluded: speech does not leak
+    assert np.abs(disp[:, 17:27]).max() > 1e-3                     # brows move
+    raw = E.reference_displacement(ref, models.lm3d_mean, smooth_s=0.0)
+    jitter = lambda x: np.abs(np.diff(x, 2, axis=0)).mean()  # noqa: E731
+    assert jitter(disp) < 0.7 * jitter(raw)                         # temporally smoothed
+    lm = np.repeat(st.neutral_mean[None], 3 * n, axis=0)
+    frames = np.arange(3 * n)
+    out = f(lm, frames)
+    d = out - lm
+    np.testing.assert_array_equal(d[:, list(E.FROZEN)], 0.0)
+    # ping-pong loop: frame n-1+j mirrors frame n-1-j, no jump at the loop point
+    np.testing.assert_allclose(d[n : 2 * n - 1], d[n - 2 :: -1][: n - 1], atol=1e-6)
+    step = np.abs(np.diff(d, axis=0)).max(axis=(1, 2))
+    assert step[n - 3 : n + 2].max() <= step[: n - 1].max() + 1e-6   # no jump at the loop point
+    assert np.array_equal(E.build_emotion_delta(models, RenderOptions(emotion_video=ref, emotion_strength=0.0))(lm, frames), lm)
+
+
+def test_reference_video_errors(tracks, tmp_path):
+    from avatar.media import VideoWriter
+
+    models = _models(tmp_path, tracks[0])
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(InvalidMedia):
+        E.build_emotion_delta(models, RenderOptions(emotion_video=str(bad)))
+    with pytest.raises(InvalidMedia, match="not found"):
+        E.build_emotion_delta(models, RenderOptions(emotion_video=str(tmp_path / "missing.mp4")))
+    blank = tmp_path / "blank.mp4"
+    with VideoWriter(blank, fps=25, size=(128, 128)) as w:
+        for _ in range(20):
+            w.write(np.full((128, 128, 3), 127, np.uint8))
+    with pytest.raises(NoFaceDetected, match="face"):
+        E.build_emotion_delta(models, RenderOptions(emotion_video=str(blank)))
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_errors(tmp_path):
+    from avatar.cli import main
+
+    assert main(["train-emotion", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == InvalidInput.exit_code
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train-emotion", str(empty), "--out", str(tmp_path / "o")]) == InvalidInput.exit_code
