@@ -1,0 +1,122 @@
+"""Head and torso NeRF modules as stored on disk (fields + the buffers needed to render them).
+
+On disk (one directory per part)::
+
+    head/  model.safetensors  config.json  metrics.json  [checkpoint.safetensors  runs/]
+    torso/ model.safetensors  config.json  metrics.json  [checkpoint.safetensors  runs/]
+
+``config.json`` holds the :class:`NerfConfig` and the dataset facts needed at inference
+(``size``, ``intrinsics``, ``head_scale``, ``n_frames``); weights are safetensors (never pickled).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from avatar.config import from_dict, to_dict
+from avatar.errors import BundleCorrupt
+from avatar.nerf.fields import HeadConfig, HeadField, TorsoConfig, TorsoField
+from avatar.nerf.presets import NerfConfig
+from avatar.nerf.render import OccupancyGrid
+
+
+def head_aabb(lm3d_mean: np.ndarray, margin: float) -> torch.Tensor:
+    """Head box float32 [6] in canonical units: landmark bounding box grown by ``margin``."""
+    lo = lm3d_mean.min(0) - margin
+    hi = lm3d_mean.max(0) + margin
+    return torch.tensor(np.concatenate([lo, hi]), dtype=torch.float32)
+
+
+class HeadNerf(nn.Module):
+    """Head field + occupancy grid. ``n_frames``: training frames (individual codes)."""
+
+    def __init__(self, cfg: HeadConfig, n_frames: int, aabb: torch.Tensor, occ_resolution: int):
+        super().__init__()
+        self.field = HeadField(cfg, n_frames, aabb)
+        self.occ = OccupancyGrid(occ_resolution)
+
+
+class TorsoNerf(nn.Module):
+    """Torso field + the background plate (uint8 [S, S, 3]) it was trained over."""
+
+    def __init__(self, cfg: TorsoConfig, n_frames: int, size: int):
+        super().__init__()
+        self.field = TorsoField(cfg, n_frames)
+        self.register_buffer("background", torch.zeros(size, size, 3, dtype=torch.uint8))
+
+
+def grid_parameters(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(hash tables, everything else) for Adam's two learning rates."""
+    grids, nets = [], []
+    for name, p in module.named_parameters():
+        (grids if name.endswith(".table") else nets).append(p)
+    return grids, nets
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written to ``path.tmp`` then renamed (never a torn file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def part_info(cfg: NerfConfig, ds) -> dict:
+    """config.json content for one part."""
+    k = ds.intrinsics
+    return {"config": to_dict(cfg), "size": ds.size, "n_train_frames": len(ds.train_range),
+            "intrinsics": {"fx": k.fx, "fy": k.fy, "cx": k.cx, "cy": k.cy}, "head_scale": ds.head_scale,
+            "window": cfg.head.window, "dataset": str(ds.root)}
+
+
+def read_part(part_dir: Path) -> tuple[dict, NerfConfig, dict[str, torch.Tensor]]:
+    """(config.json dict, NerfConfig, state dict) of a finished part.
+
+    Raises:
+        BundleCorrupt: missing or unreadable files.
+    """
+    cpath, mpath = part_dir / "config.json", part_dir / "model.safetensors"
+    if not cpath.is_file() or not mpath.is_file():
+        raise BundleCorrupt(f"{part_dir} has no trained model (config.json + model.safetensors); run `avatar train-nerf`")
+    try:
+        info = json.loads(cpath.read_text())
+        cfg = from_dict(NerfConfig, info["config"])
+        state = load_file(str(mpath))
+    except Exception as e:  # json / safetensors / config errors: all mean a corrupt artifact
+        raise BundleCorrupt(f"{part_dir}: unreadable model ({e}); retrain with `avatar train-nerf --overwrite`") from e
+    return info, cfg, state
+
+
+def build_head(cfg: NerfConfig, n_frames: int, aabb: torch.Tensor) -> HeadNerf:
+    return HeadNerf(cfg.head, n_frames, aabb, cfg.train.occ_resolution)
+
+
+def build_torso(cfg: NerfConfig, n_frames: int, size: int) -> TorsoNerf:
+    return TorsoNerf(cfg.torso, n_frames, size)
+
+
+def load_head(part_dir: Path, device: torch.device | str = "cpu") -> tuple[HeadNerf, dict]:
+    info, cfg, state = read_part(part_dir)
+    model = build_head(cfg, info["n_train_frames"], state["field.aabb"])
+    model.load_state_dict(state)
+    return model.to(device).eval(), info
+
+
+def load_torso(part_dir: Path, device: torch.device | str = "cpu") -> tuple[TorsoNerf, dict]:
+    info, cfg, state = read_part(part_dir)
+    model = build_torso(cfg, info["n_train_frames"], info["size"])
+    model.load_state_dict(state)
+    return model.to(device).eval(), info

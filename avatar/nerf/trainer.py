@@ -1,0 +1,501 @@
+"""``avatar train-nerf``: head NeRF, then torso NeRF on the frozen head (GeneFace / RAD-NeRF recipe).
+
+Per step, ``frames_per_step`` training frames are drawn and ``rays_per_frame`` pixels from each:
+head rays inside the projection of the head box with a share inside the mouth box (from lm2d);
+torso rays over the whole frame with half of them on torso/neck pixels. Losses (anchors.md B.1):
+per-pixel MSE with extra weight in the mouth box, opacity entropy (``weights_entropy``), and the
+ambient regulariser (|ambient coordinate| outside the face box). Adam with separate learning rates
+for hash tables and MLPs. Checkpoints (model + optimiser + step + RNG states, safetensors) are
+written atomically every ``ckpt_every`` steps; rerunning the same command resumes from the last
+one and reaches the same final step. Training is deterministic for a given seed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from avatar.data.dataset import MASK_HEAD, MASK_TORSO, MOUTH, Dataset
+from avatar.errors import InvalidInput
+from avatar.nerf.model import (HeadNerf, TorsoNerf, atomic_save, build_head, build_torso, grid_parameters,
+                               head_aabb, load_head, part_info, write_json_atomic)
+from avatar.nerf.presets import NerfConfig, get_preset
+from avatar.nerf.rays import box_pixel_bounds, camera_rays
+from avatar.nerf.render import composite, render_head_rays
+
+log = logging.getLogger(__name__)
+
+PARTS = ("head", "torso")
+
+
+def _device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def landmark_window(n_frames: int, idx: np.ndarray, window: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Frame indices [len(idx), window] centred on each index, clamped to ``[lo, hi)``."""
+    hi = n_frames if hi is None else hi
+    off = np.arange(window) - window // 2
+    return np.clip(idx[:, None] + off[None, :], lo, hi - 1)
+
+
+def box_of(points: np.ndarray, pad: float, size: int) -> tuple[int, int, int, int]:
+    """Integer pixel box (x0, y0, x1, y1), exclusive ends, around 2-D points grown by ``pad`` x its size."""
+    lo, hi = points.min(0), points.max(0)
+    ext = (hi - lo) * pad
+    lo, hi = lo - ext, hi + ext
+    x0, y0 = int(np.clip(np.floor(lo[0]), 0, size - 1)), int(np.clip(np.floor(lo[1]), 0, size - 1))
+    x1, y1 = int(np.clip(np.ceil(hi[0]) + 1, x0 + 1, size)), int(np.clip(np.ceil(hi[1]) + 1, y0 + 1, size))
+    return x0, y0, x1, y1
+
+
+def mouth_box(lm2d: np.ndarray, size: int) -> tuple[int, int, int, int]:
+    """Pixel box of the 20 mouth landmarks grown by 20 %."""
+    return box_of(lm2d[MOUTH], 0.2, size)
+
+
+def face_box(lm2d: np.ndarray, size: int) -> tuple[int, int, int, int]:
+    """Pixel box of all 68 landmarks grown by 10 %."""
+    return box_of(lm2d, 0.1, size)
+
+
+class _Scene:
+    """Frame-independent tensors derived from a dataset (normalisation stats, head box)."""
+
+    def __init__(self, ds: Dataset, cfg: NerfConfig, device: torch.device):
+        self.ds = ds
+        self.cfg = cfg
+        self.device = device
+        self.size = ds.size
+        self.K = ds.intrinsics
+        self.hs = ds.head_scale
+        self.train = np.arange(ds.train_range.start, ds.train_range.stop)
+        if len(self.train) < 2:
+            raise InvalidInput(f"{ds.root}: only {len(self.train)} training frames; NeRF training needs a longer clip")
+        self.val = np.arange(ds.val_range.start, ds.val_range.stop)
+        self.aabb = head_aabb(np.asarray(ds.lm3d_mean), cfg.head.box_margin)
+        self.lm3d = torch.from_numpy(np.asarray(ds.lm3d, dtype=np.float32))
+        self.blink = torch.from_numpy(np.asarray(ds.blink, dtype=np.float32))
+        self.pose = torch.from_numpy(np.asarray(ds.pose, dtype=np.float32))
+        self.lm2d = np.asarray(ds.lm2d, dtype=np.float32)
+        self.bg = torch.from_numpy(np.asarray(ds.background)).float().div(255)
+
+    def init_head_stats(self, head: HeadNerf) -> None:
+        tr = self.lm3d[self.train]
+        cn = head.field.cond_net
+        cn.lm3d_mean.copy_(torch.from_numpy(np.asarray(self.ds.lm3d_mean)))
+        cn.lm3d_std.copy_(tr.std(0).clamp(min=1e-3))
+        b = self.blink[self.train]
+        cn.blink_mean.fill_(float(b.mean()))
+        cn.blink_std.fill_(float(b.std().clamp(min=1e-3)))
+
+    def init_torso_stats(self, torso: TorsoNerf) -> None:
+        t = self.pose[self.train, :3, 3]
+        torso.field.t_mean.copy_(t.mean(0))
+        torso.field.t_scale.fill_(float(t.std(0).max().clamp(min=1e-4)))
+        torso.background.copy_(torch.from_numpy(np.asarray(self.ds.background)))
+
+    def cond_inputs(self, frames: np.ndarray, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        win = landmark_window(self.ds.n_frames, frames, self.cfg.head.window, lo, hi)
+        return self.lm3d[win].to(self.device), self.blink[win].to(self.device)
+
+
+def _entropy(acc: torch.Tensor) -> torch.Tensor:
+    a = acc.clamp(1e-5, 1 - 1e-5)
+    return (-a * torch.log2(a) - (1 - a) * torch.log2(1 - a)).mean()
+
+
+def _sample_pixels(rng: np.random.Generator, n: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return np.stack((rng.integers(x0, x1, n), rng.integers(y0, y1, n)), -1)
+
+
+class _Checkpoint:
+    """Model + optimiser + step + RNG state in one safetensors file (atomic writes)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def save(self, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator,
+             torch_gen: torch.Generator, extra: dict | None = None) -> None:
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        sd = opt.state_dict()
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.generator"] = torch_gen.get_state()
+        meta = {"step": str(step), "param_groups": json.dumps(sd["param_groups"]),
+                "numpy_rng": json.dumps(rng.bit_generator.state), "extra": json.dumps(extra or {})}
+        atomic_save(tensors, self.path, meta)
+
+    def load(self, model: torch.nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator,
+             torch_gen: torch.Generator) -> tuple[int, dict]:
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        torch.set_rng_state(tensors["rng.torch"])
+        torch_gen.set_state(tensors["rng.generator"])
+        rng.bit_generator.state = json.loads(meta["numpy_rng"])
+        return int(meta["step"]), json.loads(meta.get("extra", "{}"))
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: NerfConfig) -> torch.optim.Optimizer:
+    grids, nets = grid_parameters(model)
+    return torch.optim.Adam([{"params": grids, "lr": cfg.train.lr_grid}, {"params": nets, "lr": cfg.train.lr_net}],
+                            betas=(0.9, 0.99), eps=1e-15)
+
+
+def _lr_factor(step: int, total: int) -> float:
+    """Exponential decay to 0.1x over the run (RAD-NeRF's schedule shape)."""
+    return 0.1 ** (step / max(total, 1))
+
+
+class _HeadBatch:
+    """One head training batch: rays, targets, per-ray frame indices and loss weights."""
+
+    def __init__(self, scene: _Scene, rng: np.random.Generator):
+        cfg = scene.cfg.train
+        ds, S = scene.ds, scene.size
+        frames = rng.choice(scene.train, size=cfg.frames_per_step, replace=len(scene.train) < cfg.frames_per_step)
+        n_mouth = int(round(cfg.rays_per_frame * cfg.mouth_ray_fraction))
+        pix, fid, w, outside_face = [], [], [], []
+        origins, dirs, target = [], [], []
+        for f in frames:
+            pose = scene.pose[f]
+            hb = box_pixel_bounds(scene.aabb, pose, scene.K, scene.hs, S)
+            if hb[2] <= hb[0] or hb[3] <= hb[1]:
+                hb = (0, 0, S, S)
+            mb = mouth_box(scene.lm2d[f], S)
+            fb = face_box(scene.lm2d[f], S)
+            p = np.concatenate((_sample_pixels(rng, n_mouth, mb), _sample_pixels(rng, cfg.rays_per_frame - n_mouth, hb)))
+            img = np.asarray(ds.frames[f])[p[:, 1], p[:, 0]]
+            msk = np.asarray(ds.masks[f])[p[:, 1], p[:, 0]]
+            bg = np.asarray(ds.background)[p[:, 1], p[:, 0]]
+            tgt = np.where((msk == MASK_HEAD)[:, None], img, bg)
+            in_mouth = (p[:, 0] >= mb[0]) & (p[:, 0] < mb[2]) & (p[:, 1] >= mb[1]) & (p[:, 1] < mb[3])
+            in_face = (p[:, 0] >= fb[0]) & (p[:, 0] < fb[2]) & (p[:, 1] >= fb[1]) & (p[:, 1] < fb[3])
+            c2w = torch.linalg.inv(pose)
+            o, d = camera_rays(torch.from_numpy(p).float(), scene.K, c2w, scene.hs)
+            origins.append(o)
+            dirs.append(d)
+            target.append(torch.from_numpy(tgt).float() / 255)
+            pix.append(torch.from_numpy(p))
+            fid.append(torch.full((len(p),), int(f)))
+            w.append(torch.from_numpy(1.0 + cfg.mouth_weight * in_mouth).float())
+            outside_face.append(torch.from_numpy(~in_face).float())
+        dev = scene.device
+        self.frames = frames
+        self.origins, self.dirs = torch.cat(origins).to(dev), torch.cat(dirs).to(dev)
+        self.target, self.weight = torch.cat(target).to(dev), torch.cat(w).to(dev)
+        self.outside_face = torch.cat(outside_face).to(dev)
+        self.pix = torch.cat(pix)
+        self.frame_of_ray = torch.cat(fid)
+        self.ray_group = torch.repeat_interleave(torch.arange(len(frames)), cfg.rays_per_frame).to(dev)
+        self.bg = scene.bg[self.pix[:, 1], self.pix[:, 0]].to(dev)
+
+
+def _head_forward(head: HeadNerf, scene: _Scene, batch: _HeadBatch, train: bool, gen: torch.Generator):
+    lm, bl = scene.cond_inputs(batch.frames, scene.train[0], scene.train[-1] + 1)
+    cond = head.field.cond_net(lm, bl if head.field.cfg.use_blink else None)[batch.ray_group]
+    code = head.field.individual_code(_train_pos(scene, batch.frame_of_ray).to(scene.device), len(batch.frame_of_ray))
+    return render_head_rays(head.field, head.occ, batch.origins, batch.dirs, cond, code,
+                            scene.cfg.train.n_samples, jitter=train, generator=gen)
+
+
+def _autocast(device: torch.device, cfg: NerfConfig):
+    enabled = device.type == "cuda" and cfg.train.amp
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _update_occupancy(head: HeadNerf, scene: _Scene, rng: np.random.Generator, gen: torch.Generator) -> None:
+    """Occupancy from the density under the condition of a random training frame."""
+    f = rng.choice(scene.train, size=1)
+    lm, bl = scene.cond_inputs(f, scene.train[0], scene.train[-1] + 1)
+    with torch.no_grad():
+        cond = head.field.cond_net(lm, bl if head.field.cfg.use_blink else None)
+        aabb = head.field.aabb
+
+        def density(u):
+            x = aabb[:3] + u * (aabb[3:] - aabb[:3])
+            return head.field.density(x, cond.expand(len(u), -1))[0].float()
+
+        head.occ.update(density, generator=gen)
+
+
+def _set_lr(opt: torch.optim.Optimizer, cfg: NerfConfig, step: int, total: int) -> None:
+    f = _lr_factor(step, total)
+    opt.param_groups[0]["lr"] = cfg.train.lr_grid * f
+    opt.param_groups[1]["lr"] = cfg.train.lr_net * f
+
+
+def _psnr(mse: float) -> float:
+    return float(-10 * math.log10(max(mse, 1e-10)))
+
+
+def _train_part(part: str, scene: _Scene, out: Path, steps: int, seed: int, progress: bool, callback, cancel,
+                head_frozen: HeadNerf | None = None) -> dict:
+    cfg, dev = scene.cfg, scene.device
+    pdir = out / part
+    pdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n_train = len(scene.train)
+    if part == "head":
+        model: torch.nn.Module = build_head(cfg, n_train, scene.aabb)
+        scene.init_head_stats(model)
+    else:
+        model = build_torso(cfg, n_train, scene.size)
+        scene.init_torso_stats(model)
+    model.to(dev)
+    opt = _make_optimizer(model, cfg)
+    ckpt = _Checkpoint(pdir / "checkpoint.safetensors")
+    step, extra = 0, {}
+    if ckpt.path.is_file():
+        step, extra = ckpt.load(model, opt, rng, gen)
+        log.info("%s: resumed from %s at step %d", part, ckpt.path, step)
+    write_json_atomic(part_info(cfg, scene.ds), pdir / "config.json")
+    writer = None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(pdir / "runs"))
+    except Exception as e:  # tensorboard missing/broken: training still works
+        log.warning("TensorBoard disabled: %s", e)
+    t_start = time.perf_counter()
+    losses: list[float] = extra.get("losses", [])
+    bar = tqdm(total=steps, initial=step, desc=f"train {part}", disable=not progress, unit="step")
+    model.train()
+    while step < steps:
+        if cancel is not None and cancel.is_set():
+            ckpt.save(step, model, opt, rng, gen, {"losses": losses})
+            from avatar.pipeline.onboard import Cancelled
+            raise Cancelled(f"NeRF {part} training cancelled at step {step}; rerun to resume")
+        _set_lr(opt, cfg, step, steps)
+        if part == "head" and step >= cfg.train.occ_warmup and step % cfg.train.occ_every == 0:
+            _update_occupancy(model, scene, rng, gen)
+        with _autocast(dev, cfg):
+            if part == "head":
+                loss, stats = _head_step(model, scene, rng, gen, step, steps)
+            else:
+                loss, stats = _torso_step(model, head_frozen, scene, rng, gen)
+        if not torch.isfinite(loss):
+            from avatar.errors import TrainingDiverged
+            raise TrainingDiverged(f"NeRF {part} loss became {loss.item()} at step {step}; the last checkpoint "
+                                   f"({ckpt.path}) is kept; retry with another --seed or a lower learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(float(stats["mse"]))
+        losses = losses[-200:]
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == steps:
+            bar.set_postfix(psnr=f"{_psnr(np.mean(losses[-cfg.train.log_every:])):.2f}")
+            if writer:
+                for k, v in stats.items():
+                    writer.add_scalar(f"{part}/{k}", float(v), step)
+        if callback is not None:
+            callback(step / steps, f"{part} step {step}/{steps}")
+        if writer and cfg.train.preview_every and step % cfg.train.preview_every == 0 and len(scene.val):
+            _preview(writer, part, model, head_frozen, scene, step)
+        if step % cfg.train.ckpt_every == 0 and step < steps:
+            ckpt.save(step, model, opt, rng, gen, {"losses": losses})
+    bar.close()
+    model.eval()
+    metrics = {"part": part, "steps": step, "seed": seed, "train_psnr_last": _psnr(float(np.mean(losses[-20:]))) if losses else None,
+               "seconds_this_run": round(time.perf_counter() - t_start, 1), "preset": cfg.preset}
+    if len(scene.val):
+        metrics["val_psnr_preview"] = _val_psnr(part, model, head_frozen, scene)
+    atomic_save(model.state_dict(), pdir / "model.safetensors")
+    write_json_atomic(metrics, pdir / "metrics.json")
+    if writer:
+        writer.close()
+    ckpt.path.unlink(missing_ok=True)
+    log.info("%s: done, %s", part, metrics)
+    return metrics
+
+
+def _head_step(head: HeadNerf, scene: _Scene, rng, gen, step: int, steps: int):
+    cfg = scene.cfg.train
+    batch = _HeadBatch(scene, rng)
+    r = _head_forward(head, scene, batch, True, gen)
+    pred = composite(batch.bg, r["rgb"], r["acc"])
+    err = ((pred.float() - batch.target) ** 2).mean(-1)
+    mse = (err * batch.weight).sum() / batch.weight.sum()
+    ent = _entropy(r["acc"].float())
+    ramp = min(1.0, step / max(1, steps // 4))  # ambient regulariser ramped in (GeneFace)
+    amb = (r["ambient"].float() * batch.outside_face).mean()
+    loss = mse + cfg.lambda_entropy * ent + cfg.lambda_ambient * ramp * amb
+    return loss, {"loss": loss.item(), "mse": err.mean().item(), "entropy": ent.item(), "ambient": amb.item()}
+
+
+def _torso_step(torso: TorsoNerf, head: HeadNerf, scene: _Scene, rng, gen):
+    cfg = scene.cfg.train
+    ds, S = scene.ds, scene.size
+    frames = rng.choice(scene.train, size=cfg.frames_per_step, replace=len(scene.train) < cfg.frames_per_step)
+    pix, fid = [], []
+    for f in frames:
+        msk = np.asarray(ds.masks[f])
+        ys, xs = np.nonzero(msk == MASK_TORSO)
+        n_t = cfg.rays_per_frame // 2 if len(xs) else 0
+        sel = rng.integers(0, max(len(xs), 1), n_t)
+        p = np.concatenate((np.stack((xs[sel], ys[sel]), -1).reshape(-1, 2),
+                            _sample_pixels(rng, cfg.rays_per_frame - n_t, (0, 0, S, S))))
+        pix.append(p)
+        fid.append(np.full(len(p), f))
+    pix_np, fid_np = np.concatenate(pix), np.concatenate(fid)
+    target = torch.from_numpy(np.stack([np.asarray(ds.frames[f])[y, x] for f, (x, y) in zip(fid_np, pix_np)])).float().div(255)
+    mask = torch.from_numpy(np.array([ds.masks[f][y, x] for f, (x, y) in zip(fid_np, pix_np)]))
+    r = _torso_rays(torso, head, scene, torch.from_numpy(pix_np), torch.from_numpy(fid_np), frames, train=True)
+    target, mask = target.to(scene.device), mask.to(scene.device)
+    err = ((r["rgb"].float() - target) ** 2).mean(-1)
+    mse = err.mean()
+    bg_alpha = (r["torso_alpha"].float() * (mask == 0)).mean()
+    loss = mse + 0.01 * bg_alpha
+    return loss, {"loss": loss.item(), "mse": mse.item(), "bg_alpha": bg_alpha.item()}
+
+
+def _torso_rays(torso: TorsoNerf, head: HeadNerf, scene: _Scene, pix: torch.Tensor, fid: torch.Tensor,
+                frames: np.ndarray, train: bool) -> dict[str, torch.Tensor]:
+    """Composite (bg -> torso -> frozen head) at pixels ``pix`` [N, 2] of frames ``fid`` [N]."""
+    dev, S = scene.device, scene.size
+    head_rgb = torch.zeros(len(pix), 3, device=dev)
+    head_acc = torch.zeros(len(pix), device=dev)
+    with torch.no_grad():
+        lm, bl = scene.cond_inputs(np.asarray(frames), 0, scene.ds.n_frames)
+        conds = head.field.cond_net(lm, bl if head.field.cfg.use_blink else None)
+        for j, f in enumerate(frames):
+            sel = (fid == int(f)).nonzero().squeeze(1)
+            if not len(sel):
+                continue
+            c2w = torch.linalg.inv(scene.pose[f])
+            o, d = camera_rays(pix[sel].float(), scene.K, c2w, scene.hs)
+            code = head.field.individual_code(None, len(sel))
+            hr = render_head_rays(head.field, head.occ, o.to(dev), d.to(dev), conds[j].expand(len(sel), -1), code,
+                                  scene.cfg.train.n_samples)
+            head_rgb[sel.to(dev)] = hr["rgb"].float()
+            head_acc[sel.to(dev)] = hr["acc"].float()
+    uv = (pix.float() + 0.5).to(dev) / S
+    tcode = torso.field.individual_code(None if not train else _train_pos(scene, fid).to(dev), len(pix))
+    alpha, trgb = torso.field(uv, scene.pose[fid].to(dev), tcode, torch.cat((head_rgb, head_acc[:, None]), -1))
+    bg = torso.background[pix[:, 1], pix[:, 0]].float().div(255).to(dev)
+    return {"rgb": composite(bg, head_rgb, head_acc, trgb, alpha), "torso_alpha": alpha}
+
+
+def _train_pos(scene: _Scene, fid: torch.Tensor) -> torch.Tensor:
+    """Frame index -> position in the training range (individual-code row)."""
+    return fid - int(scene.train[0])
+
+
+@torch.no_grad()
+def _render_val_frame(part: str, model, head_frozen, scene: _Scene, f: int) -> np.ndarray:
+    from avatar.nerf.inference import AvatarNerf
+
+    head = model if part == "head" else head_frozen
+    torso = model if part == "torso" else None
+    nerf = AvatarNerf(head, torso, scene.size, scene.K, scene.hs, scene.cfg.head.window, device=scene.device)
+    nerf.set_background(np.asarray(scene.ds.background))
+    win = landmark_window(scene.ds.n_frames, np.array([f]), scene.cfg.head.window)
+    img = nerf.render(scene.lm3d[win], scene.pose[f][None], blink=scene.blink[win[:, scene.cfg.head.window // 2]])
+    return img[0].cpu().numpy()
+
+
+def _val_target(part: str, scene: _Scene, f: int) -> np.ndarray:
+    img = np.asarray(scene.ds.frames[f])
+    if part == "head":
+        m = np.asarray(scene.ds.masks[f]) == MASK_HEAD
+        return np.where(m[..., None], img, np.asarray(scene.ds.background))
+    return img
+
+
+def _val_psnr(part: str, model, head_frozen, scene: _Scene, n: int = 2) -> float:
+    frames = scene.val[np.linspace(0, len(scene.val) - 1, n).astype(int)]
+    mses = []
+    for f in frames:
+        pred = _render_val_frame(part, model, head_frozen, scene, int(f)).astype(np.float32) / 255
+        mses.append(float(((pred - _val_target(part, scene, int(f)).astype(np.float32) / 255) ** 2).mean()))
+    return round(_psnr(float(np.mean(mses))), 3)
+
+
+def _preview(writer, part: str, model, head_frozen, scene: _Scene, step: int) -> None:
+    f = int(scene.val[len(scene.val) // 2])
+    was = model.training
+    model.eval()
+    pred = _render_val_frame(part, model, head_frozen, scene, f)
+    model.train(was)
+    both = np.concatenate((_val_target(part, scene, f), pred), 1)
+    writer.add_image(f"{part}/val_gt_vs_render", both, step, dataformats="HWC")
+
+
+def train_nerf(dataset: str | Path, out: str | Path, part: str = "all", preset: str = "cpu-small",
+               steps: int | None = None, seed: int = 0, overwrite: bool = False, progress: bool = True,
+               callback=None, cancel=None, device: str | None = None) -> Path:
+    """Train the head NeRF and/or the torso NeRF (on the frozen head) of one dataset.
+
+    Args:
+        dataset: dataset directory (``avatar preprocess`` output).
+        out: output directory; gets ``head/`` and ``torso/`` (model.safetensors, config.json, metrics.json).
+        part: ``"head"``, ``"torso"`` (needs a trained head in ``out/head``) or ``"all"``.
+        preset: ``cpu-smoke``, ``cpu-small`` or ``gpu-full`` (:mod:`avatar.nerf.presets`).
+        steps: overrides the preset's step count of each trained part.
+        seed: RNG seed (training is deterministic for a seed on one device).
+        overwrite: retrain parts that are already finished (otherwise they are kept).
+        callback: ``callback(fraction, message)`` progress hook; cancel: ``threading.Event``.
+
+    Returns:
+        ``Path(out)``.
+
+    Raises:
+        InvalidInput: unknown part/preset, torso without a head, too few training frames.
+        BundleCorrupt: unreadable dataset or head model.
+        TrainingDiverged: NaN loss (the last checkpoint is kept).
+    """
+    if part not in ("head", "torso", "all"):
+        raise InvalidInput(f"--part must be head, torso or all, got {part!r}")
+    if steps is not None and steps < 1:
+        raise InvalidInput(f"--steps must be >= 1, got {steps}")
+    cfg = get_preset(preset)
+    dev = _device(device)
+    ds = Dataset(dataset)
+    scene = _Scene(ds, cfg, dev)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = PARTS if part == "all" else (part,)
+    for p in parts:
+        pdir = out / p
+        if (pdir / "metrics.json").is_file() and (pdir / "model.safetensors").is_file() and not (pdir / "checkpoint.safetensors").exists():
+            if not overwrite:
+                log.info("%s already trained in %s (pass --overwrite to retrain)", p, pdir)
+                continue
+            (pdir / "metrics.json").unlink()
+        n = steps or (cfg.train.head_steps if p == "head" else cfg.train.torso_steps)
+        head = None
+        if p == "torso":
+            if not (out / "head" / "model.safetensors").is_file():
+                raise InvalidInput(f"torso training needs a trained head in {out / 'head'}; run with --part head first")
+            head, _ = load_head(out / "head", dev)
+            for q in head.parameters():
+                q.requires_grad_(False)
+        cb = None
+        if callback is not None:
+            k = parts.index(p)
+            cb = lambda frac, msg, k=k: callback((k + frac) / len(parts), msg)  # noqa: E731
+        _train_part(p, scene, out, n, seed, progress, cb, cancel, head_frozen=head)
+    return out
