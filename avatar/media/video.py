@@ -39,7 +39,8 @@ class MediaInfo:
         duration_s: container duration in seconds (longest stream).
         has_video / has_audio: whether a video / audio stream exists.
         fps: average source frame rate in Hz (None without video).
-        width, height: source frame size in pixels (None without video), before any rotation.
+        width, height: displayed frame size in pixels (None without video), i.e. after the
+            display rotation of phone videos, as :func:`iter_video_frames` yields them.
         n_frames: estimated number of source video frames (None without video).
         audio_rate: audio sample rate in Hz (None without audio).
         audio_channels: number of audio channels (None without audio).
@@ -140,6 +141,8 @@ def _check_decodes(c, path: Path, info: MediaInfo) -> None:
             got_head = False
             for frame in c.decode(stream):
                 got_head = True
+                if kind == "video" and int(round(frame.rotation or 0)) % 180 == 90:
+                    info.width, info.height = info.height, info.width  # report the displayed size
                 break
             if not got_head:
                 raise InvalidMedia(f"{path}: the {kind} stream has no decodable frames; the file is corrupt, re-export it")
