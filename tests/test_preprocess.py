@@ -16,13 +16,15 @@ from avatar.pipeline.preprocess import PreprocessConfig, preprocess, split_val_s
 BLANK = range(40, 46)  # 6 frames (0.24 s) without a face in the main test clip
 
 
-def make_clip(src: Path, dst: Path, seconds: float, blank=(), audio: bool = True, solid: bool = False) -> Path:
+def make_clip(src: Path, dst: Path, seconds: float, blank=(), audio: bool = True, solid: bool = False, canvas=None) -> Path:
     """Re-encode the first ``seconds`` of ``src`` (H.264 + AAC) at its own frame rate; frames with
-    an index in ``blank`` are replaced by black; ``solid`` replaces every frame by a flat colour."""
+    an index in ``blank`` are replaced by black; ``solid`` replaces every frame by a flat colour;
+    ``canvas=(W, H, x, y)`` pastes each frame at (x, y) on a grey W x H canvas."""
     with av.open(str(src)) as ic, av.open(str(dst), "w") as oc:
         vs = ic.streams.video[0]
         ov = oc.add_stream("libx264", rate=vs.average_rate)
-        ov.width, ov.height, ov.pix_fmt = vs.width, vs.height, "yuv420p"
+        ov.width, ov.height = (canvas[0], canvas[1]) if canvas else (vs.width, vs.height)
+        ov.pix_fmt = "yuv420p"
         ov.time_base = vs.time_base
         streams = [vs]
         if audio and ic.streams.audio:
@@ -39,6 +41,12 @@ def make_clip(src: Path, dst: Path, seconds: float, blank=(), audio: bool = True
                         img = np.zeros((fr.height, fr.width, 3), np.uint8)
                         if solid:
                             img[:] = (40, 90, 160)
+                        new = av.VideoFrame.from_ndarray(img, format="rgb24")
+                        new.pts, new.time_base = fr.pts, fr.time_base
+                        fr = new
+                    if canvas:
+                        img = np.full((canvas[1], canvas[0], 3), 128, np.uint8)
+                        img[canvas[3]:canvas[3] + fr.height, canvas[2]:canvas[2] + fr.width] = fr.to_ndarray(format="rgb24")
                         new = av.VideoFrame.from_ndarray(img, format="rgb24")
                         new.pts, new.time_base = fr.pts, fr.time_base
                         fr = new
@@ -66,6 +74,7 @@ def clips(data_dir, tmp_path_factory):
         "silent": make_clip(acosta, d / "acosta_silent.mp4", 2.2, audio=False),
         "noface": make_clip(acosta, d / "noface.mkv", 2.5, solid=True),
         "gap": make_clip(acosta, d / "gap.mp4", 3.0, blank=range(20, 50)),
+        "wide": make_clip(acosta, d / "wide.mov", 2.2, canvas=(1280, 720, 700, 150)),
         "noem": make_clip(data_dir / "corpus" / "KristiNoem.mp4", d / "noem_3s.mp4", 3.0, audio=False),
     }
 
@@ -169,6 +178,18 @@ def test_30fps_silent_video_with_separate_wav(clips, data_dir, tmp_path):
     assert np.abs(ds.audio).max() > 0.01  # the wav's speech, not silence
     assert ds.manifest["source"]["audio_path"].endswith("KristiNoem.wav")
     assert np.asarray(ds.face_valid).mean() > 0.9
+
+
+def test_wide_frame_is_cropped_around_the_face(clips, tmp_path):
+    """A 1280x720 .mov with the speaker off-centre: one square window around the face."""
+    ds = Dataset(preprocess(clips["wide"], tmp_path / "wide", PreprocessConfig(size=64), progress=False))
+    box = ds.manifest["crop_box"]
+    assert ds.manifest["source"]["width"] == 1280 and ds.manifest["source"]["height"] == 720
+    assert 400 <= box["side"] <= 720 and box["x0"] >= 500 and box["x0"] + box["side"] <= 1280
+    lm = np.asarray(ds.lm2d)
+    nose = lm[:, 30]
+    assert (np.abs(nose[:, 0] - 32) < 10).all() and (nose[:, 1] > 18).all() and (nose[:, 1] < 40).all()
+    assert (np.asarray(ds.masks) == 0).mean() > 0.1
 
 
 def test_hubert_features(clips, tmp_path):

@@ -5,9 +5,10 @@ files; see ``../shared/reference/anchors.md`` B.1 step 6):
 
 1. :func:`mean_shape` - the person's rigid 3-D face shape by generalised Procrustes analysis
    (Gower 1975) of every frame's 478 FaceMesh points, aligned on expression-free vertices
-   (:data:`avatar.face.landmarks.RIGID_VERTICES`) with Umeyama's similarity (Umeyama 1991, eq. 40-42).
+   (:data:`avatar.face.landmarks.RIGID_VERTICES`) with Umeyama's similarity (Umeyama 1991, eq. 40-42),
+   then re-aligned on the mesh vertices that moved least in this clip (a per-person rigid set).
    The shape is put in an upright *head frame*: OpenCV-like axes (x towards the image-right eye
-   corner, y down the face, z into the head), origin at the rigid vertices' centroid, units of
+   corner, y down the face, z into the head along the face-oval plane's normal), origin at the rigid vertices' centroid, units of
    metres assuming an adult outer-eye-corner distance of :data:`EYE_CORNER_DISTANCE_M`.
 2. :func:`fit_poses` - per-frame head-to-camera rotation/translation by perspective-n-point
    (``cv2.solvePnP`` iterative Levenberg-Marquardt, each frame initialised from the previous one)
