@@ -53,12 +53,12 @@ def find_clips(corpus: Path) -> list[tuple[Path, Path | None]]:
 
 
 def prepare_corpus(corpus: Path, cache: Path, features: str = "mel", hubert: str | None = None,
-                   progress: bool = True) -> tuple[list[Path], list[str]]:
+                   progress: bool = True, size: int = CACHE_SIZE) -> tuple[list[Path], list[str]]:
     """Preprocess every clip into ``cache`` (skipping cached ones). Returns (dataset dirs, skipped names)."""
     from avatar.pipeline.preprocess import PreprocessConfig, preprocess
 
     cache.mkdir(parents=True, exist_ok=True)
-    cfg = PreprocessConfig(size=CACHE_SIZE, audio_features=features, hubert_path=hubert)
+    cfg = PreprocessConfig(size=size, audio_features=features, hubert_path=hubert)
     done, skipped = [], []
     clips = find_clips(corpus)
     for i, (video, audio) in enumerate(clips, 1):
@@ -85,8 +85,10 @@ def prepare_corpus(corpus: Path, cache: Path, features: str = "mel", hubert: str
 
 def train_generator(corpus: str | Path, out: str | Path, preset: str = "cpu", features: str = "mel",
                     hubert: str | None = None, overwrite: bool = False, progress: bool = True,
-                    steps: int | None = None) -> Path:
+                    steps: int | None = None, size: int = CACHE_SIZE) -> Path:
     """Corpus directory -> generator bundle in ``out`` (see module docstring).
+
+    ``steps`` overrides the preset's generator steps; ``size`` is the cached datasets' frame side.
 
     Raises: OutputExists (a bundle is already there and not ``overwrite``), InvalidInput (bad
     corpus / preset / features), FeatureMismatch, TrainingDiverged.
@@ -112,7 +114,7 @@ def train_generator(corpus: str | Path, out: str | Path, preset: str = "cpu", fe
     if staging.exists() and not cache.exists():
         out.mkdir(parents=True, exist_ok=True)
         os.replace(staging, cache)
-    datasets, skipped = prepare_corpus(corpus, cache, features, hubert, progress)
+    datasets, skipped = prepare_corpus(corpus, cache, features, hubert, progress, size)
     out.mkdir(parents=True, exist_ok=True)
     os.replace(cache, staging)
     datasets = [staging / d.name for d in datasets]

@@ -60,7 +60,7 @@ def project(lm3d: np.ndarray, pose: np.ndarray, head_scale: float, K: np.ndarray
 def _sync(gen: Audio2Motion, feats: np.ndarray, expr: np.ndarray) -> dict:
     if gen.syncnet is None:
         return {"confidence": float("nan"), "offset": float("nan")}
-    fn = gen.normalize_features(torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)).to(gen.device))
+    fn = gen.normalize_features(torch.from_numpy(np.array(feats, dtype=np.float32)).to(gen.device))
     return sync_confidence(gen.syncnet, fn, torch.from_numpy(np.ascontiguousarray(expr, dtype=np.float32)))
 
 

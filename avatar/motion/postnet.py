@@ -73,6 +73,7 @@ class TrainPostnetConfig:
     seeds: tuple[int, ...] = (0, 1)
     seed: int = 0
     device: str = "auto"
+    cpu_threads: int = 1        # see TrainGeneratorConfig.cpu_threads
 
 
 PRESETS: dict[str, TrainPostnetConfig] = {
@@ -205,11 +206,16 @@ def train_postnet(dataset: str | Path, generator: str | Path, out: str | Path, p
     cfg = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
     if not isinstance(cfg, TrainPostnetConfig):
         raise InvalidInput(f"unknown postnet preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    out = check_output_dir(out, overwrite)
-    t0 = time.perf_counter()
-    from avatar.motion.train import resolve_device
+    from avatar.motion.train import cpu_threads, resolve_device
 
     device = resolve_device(cfg.device)
+    with cpu_threads(cfg.cpu_threads if device.type == "cpu" else 0):
+        return _train(dataset, generator, out, cfg, device, corpus_cache, overwrite, progress, callback, cancel)
+
+
+def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cache, overwrite, progress, callback, cancel) -> Path:
+    out = check_output_dir(out, overwrite)
+    t0 = time.perf_counter()
     gen = load_generator(generator, device=device)
     ds = Dataset(dataset)
     gen.stats.check_features(np.asarray(ds.features[:2]), ds.feature_kind)
@@ -217,7 +223,7 @@ def train_postnet(dataset: str | Path, generator: str | Path, out: str | Path, p
     if len(tr) < cfg.window or len(va) < 16:
         raise InvalidInput(f"{dataset}: needs >= {cfg.window} training and 16 validation frames "
                            f"(has {len(tr)} / {len(va)}); give a longer clip")
-    feats = np.asarray(ds.features, dtype=np.float32)
+    feats = np.array(ds.features, dtype=np.float32)
     gt = np.asarray(ds.lm3d, dtype=np.float32) - np.asarray(ds.lm3d_mean, dtype=np.float32)
     preds = np.stack([gen.predict(feats, cfg.temperature, seed=s) for s in cfg.seeds])  # [S, N, 68, 3]
     corpus_preds = _corpus_predictions(gen, generator, corpus_cache, cfg)
@@ -341,7 +347,7 @@ def _corpus_predictions(gen: Audio2Motion, generator: str | Path, corpus_cache, 
         except Exception as e:  # a broken cache entry must not stop postnet training
             log.warning("corpus clip %s left out: %s", d, e)
             continue
-        f = np.asarray(ds.features, dtype=np.float32)
+        f = np.array(ds.features, dtype=np.float32)
         if f.shape[0] < 2 * cfg.window:
             continue
         outs.append((gen.predict(f, cfg.temperature, seed=cfg.seed), f))
