@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 diff = np.abs(feats - single)
                 err = f"{diff.mean():.3g} / {diff.max():.3g}"
             rows.append({
-                "kind": name, "dim": ext.dim, "audio_s": f"{dur:.1f}", "x_realtime": f"{dur / t:.1f}",
+                "kind": name, "dim": str(ext.dim), "audio_s": f"{dur:.1f}", "x_realtime": f"{dur / t:.1f}",
                 "stream_x_rt": f"{dur / ts:.1f}", "lookahead_ms": f"{stream.lookahead_samples / 16:.0f}",
                 "chunk_err": err, "peak_rss_mb": f"{_peak_rss_mb():.0f}",
             })

@@ -14,7 +14,7 @@ import soundfile
 import soxr
 
 from avatar.errors import InvalidInput, InvalidMedia, NoAudio
-from avatar.media.video import _TRUNCATION_TOLERANCE_S, _open, _stream_duration_s
+from avatar.media.video import _TRUNCATION_TOLERANCE_S, _indexed, _open, _stream_duration_s
 
 AUDIO_RATE = 16_000
 
@@ -62,7 +62,7 @@ def load_audio(path: str | Path, sr: int = AUDIO_RATE) -> np.ndarray:
                 ".wav that goes with this silent video)"
             )
         stream = c.streams.audio[0]
-        declared = _stream_duration_s(stream)
+        declared = _stream_duration_s(stream) if _indexed(c) else None
         rate_in = None
         rs = None
         out: list[np.ndarray] = []

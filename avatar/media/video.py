@@ -132,6 +132,14 @@ def probe(path: str | Path) -> MediaInfo:
     return info
 
 
+def _indexed(c) -> bool:
+    """Whether the container declares stream durations from an index/header (MP4/MOV, Matroska/
+    WebM, WAV), so a stream ending early means truncation. Raw MP3/AAC/OGG durations are estimated
+    from the bitrate and may be off by seconds, so they are not checked."""
+    names = set(c.format.name.split(","))
+    return bool(names & {"mov", "mp4", "matroska", "webm", "wav", "avi"})
+
+
 def _check_decodes(c, path: Path, info: MediaInfo) -> None:
     """Decode the head and the tail of each stream; raise InvalidMedia on errors or a missing tail."""
     for stream in (c.streams.video[:1] + c.streams.audio[:1]):
@@ -146,7 +154,7 @@ def _check_decodes(c, path: Path, info: MediaInfo) -> None:
                 break
             if not got_head:
                 raise InvalidMedia(f"{path}: the {kind} stream has no decodable frames; the file is corrupt, re-export it")
-            if end > 2.0 and stream.time_base:
+            if end > 2.0 and stream.time_base and _indexed(c):
                 target = int((end - 1.0) / stream.time_base) + (stream.start_time or 0)
                 c.seek(target, stream=stream, backward=True, any_frame=False)
                 last_t = None
