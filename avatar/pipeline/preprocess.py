@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import platform
 import sys
 import time
@@ -342,6 +343,7 @@ def preprocess(
                 "rotation_noise_deg": to_dict(noise),
                 "mask_fractions": fractions,
                 "mean_depth_m": float(poses[:, 2, 3].mean()),
+                "depth_std_m": float(poses[:, 2, 3].std()),
             },
             "tools": _tool_versions(hubert_extra),
             "config": to_dict(cfg),
@@ -354,6 +356,7 @@ def preprocess(
         del frames, masks
         manifest["elapsed_s"] = round(time.perf_counter() - t_start, 2)
         save_json(manifest, tmp / "manifest.json")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a dataset is meant to be shared
     log.info(
         "dataset %s: %d frames (%.1f s) at %d px, rotation noise on a static stretch %.3f deg raw -> %.3f deg smoothed, %.1f s",
         out, n, n / FPS, size, noise.raw_deg, noise.smoothed_deg, manifest["elapsed_s"],

@@ -19,7 +19,7 @@ def _draw_frame(frame, labels, lm2d, pose, intr: Intrinsics, axis_len_m: float) 
         overlay[labels == label] = colour
     img = cv2.addWeighted(img, 0.65, overlay, 0.35, 0)
     s = img.shape[0]
-    r = max(1, s // 200)
+    r = max(1, s // 128)
     for k, (x, y) in enumerate(lm2d):
         colour = (0, 255, 0) if k in JAW else (255, 255, 0) if k in LEFT_EYE + RIGHT_EYE else (255, 0, 255) if k in MOUTH else (255, 255, 255)
         cv2.circle(img, (int(round(x)), int(round(y))), r, colour, -1, cv2.LINE_AA)
@@ -58,7 +58,7 @@ def contact_sheet(frames, masks, lm2d, poses, intr: Intrinsics, head_scale: floa
 
 
 def signals_plot(raw_poses, poses, blink, face_valid, path: str | Path, fps: float = 25.0) -> None:
-    """Write a PNG plot of head angles (raw and smoothed, degrees), translation (metres) and blink
+    """Write a PNG plot of head angles (raw and smoothed, degrees), translation (cm about the mean) and blink
     (eye aspect ratio) over time (seconds); frames with an interpolated face are shaded."""
     import matplotlib
 
@@ -76,9 +76,10 @@ def signals_plot(raw_poses, poses, blink, face_valid, path: str | Path, fps: flo
     ax[0].set_ylabel("rotation (deg)\nthin: raw, thick: smoothed")
     ax[0].legend(loc="upper right", ncol=3)
     for k, name in enumerate(("tx", "ty", "tz")):
-        ax[1].plot(t, raw_poses[:, k, 3], lw=0.5, alpha=0.5, color=f"C{k}")
-        ax[1].plot(t, poses[:, k, 3], lw=1.2, color=f"C{k}", label=name)
-    ax[1].set_ylabel("translation (m)")
+        mean = poses[:, k, 3].mean()
+        ax[1].plot(t, 100 * (raw_poses[:, k, 3] - mean), lw=0.5, alpha=0.5, color=f"C{k}")
+        ax[1].plot(t, 100 * (poses[:, k, 3] - mean), lw=1.2, color=f"C{k}", label=f"{name} (mean {mean:.3f} m)")
+    ax[1].set_ylabel("translation - mean (cm)")
     ax[1].legend(loc="upper right", ncol=3)
     ax[2].plot(t, blink, lw=0.8, color="k")
     ax[2].set_ylabel("blink (EAR)")
