@@ -139,18 +139,20 @@ def _fmt_ranges(ranges: list[tuple[int, int]]) -> str:
     return ", ".join(f"{a / FPS:.1f}-{b / FPS:.1f} s" for a, b in ranges)
 
 
-def _detect_crop(video: Path, info, n_frames: int, cfg: PreprocessConfig):
+def _detect_crop(video: Path, info, n_frames: int, cfg: PreprocessConfig, progress: bool):
     """Pass 1: face boxes on sampled frames -> CropBox (source pixels)."""
     from avatar.face.crop import choose_crop, select_track
     from avatar.face.landmarks import FaceDetector
-    from avatar.media import iter_video_frames
+    from avatar.media import count_resampled_frames, iter_video_frames
 
     duration = n_frames / FPS
     sample_fps = min(float(FPS), max(cfg.detect_samples / duration, 0.2))
     detections = []
-    with FaceDetector() as det:
+    total = count_resampled_frames(info, sample_fps)
+    with FaceDetector() as det, tqdm(total=total, desc="preprocess: find face", unit="frame", disable=not progress, file=sys.stderr) as bar:
         for img in iter_video_frames(video, fps=sample_fps):
             detections.append(det(img))
+            bar.update(1)
     boxes, several = select_track(detections)
     if len(boxes) == 0:
         raise NoFaceDetected(f"{video}: no face found in {len(detections)} sampled frames; pass a video where one face is clearly visible (frontal, well lit)")
@@ -233,7 +235,7 @@ def preprocess(
     extractor = FeatureExtractor(cfg.audio_features, hubert_path=cfg.hubert_path)
 
     # -- 2. pass 1: crop window -------------------------------------------------------------------
-    crop, n_face_samples, n_samples_det = _detect_crop(video, info, n, cfg)
+    crop, n_face_samples, n_samples_det = _detect_crop(video, info, n, cfg, progress)
     size = int(cfg.size)
     intr = default_intrinsics(size, cfg.focal_per_pixel)
 
