@@ -6,7 +6,7 @@ features. Backends, chosen by ``backend="auto"``:
 * ``tcnn``: tiny-cuda-nn's ``tinycudann.Encoding`` (CUDA only; used when importable and the
   module lives on a CUDA device);
 * ``torch``: our PyTorch implementation below (any device), a custom autograd Function whose
-  backward scatters into the table with ``index_add_``;
+  backward scatters into the table (``bincount`` on CPU, ``index_add_`` on CUDA);
 * a Triton kernel can be plugged in behind the same interface (``avatar/nerf/triton_hashgrid.py``).
 
 Exact semantics (identical to tiny-cuda-nn's ``HashGrid`` with ``Linear`` interpolation, so that a
@@ -152,8 +152,15 @@ class _HashGridFunction(torch.autograd.Function):
         grad_table = grad_x = None
         if ctx.needs_input_grad[1]:
             src = (w.unsqueeze(-1) * grad_out.unsqueeze(2)).reshape(-1, F)
-            grad_table = torch.zeros(ctx.table_rows, F, dtype=grad_out.dtype, device=grad_out.device)
-            grad_table.index_add_(0, idx.reshape(-1), src)
+            flat = idx.reshape(-1)
+            if flat.is_cuda:
+                grad_table = torch.zeros(ctx.table_rows, F, dtype=grad_out.dtype, device=grad_out.device)
+                grad_table.index_add_(0, flat, src)
+            else:
+                # CPU: one bincount per feature is ~15x faster than index_add_ with int32 indices
+                flat = flat.long()
+                grad_table = torch.stack([torch.bincount(flat, weights=src[:, f], minlength=ctx.table_rows)
+                                          for f in range(F)], -1).to(grad_out.dtype)
         if ctx.needs_input_grad[0]:
             d = frac.shape[-1]
             # dot[B, L, C] = <grad_out, feature of corner c>
