@@ -32,11 +32,11 @@ class Clip:
 
     def expr(self, a: int, b: int) -> np.ndarray:
         """float32 [b - a, 68, 3], absolute frame indices."""
-        return np.asarray(self.lm3d[a:b], dtype=np.float32) - self.mean
+        return np.array(self.lm3d[a:b], dtype=np.float32) - self.mean
 
     def feats(self, a: int, b: int) -> np.ndarray:
         """float32 [2 (b - a), D] for frames [a, b)."""
-        return np.asarray(self.features[2 * a: 2 * b], dtype=np.float32)
+        return np.array(self.features[2 * a: 2 * b], dtype=np.float32)  # a writable copy
 
 
 class Corpus:
@@ -81,14 +81,38 @@ class Corpus:
         c = self.clips[i]
         return i, c.start + int(rng.integers(0, len(c) - window + 1))
 
-    def windows(self, rng: np.random.Generator, batch: int, window: int) -> tuple[np.ndarray, np.ndarray]:
-        """Random windows: features float32 [B, 2W, D], expression float32 [B, W, 68, 3]."""
+    def windows(self, rng: np.random.Generator, batch: int, window: int, silence: np.ndarray | None = None,
+                silence_prob: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Random windows: features float32 [B, 2W, D], expression float32 [B, W, 68, 3].
+
+        Silence augmentation: with probability ``silence_prob`` a random span (1/4 to all of the
+        window) gets the features of digital silence (``silence`` [D]) and, as target, the clip's
+        rest expression (:meth:`rest_expr`), teaching "no speech -> closed, still mouth".
+        """
         f, e = [], []
         for _ in range(batch):
             i, a = self._pick(rng, window)
-            f.append(self.clips[i].feats(a, a + window))
-            e.append(self.clips[i].expr(a, a + window))
+            fi, ei = self.clips[i].feats(a, a + window), self.clips[i].expr(a, a + window)
+            if silence is not None and rng.random() < silence_prob:
+                n = int(rng.integers(max(1, window // 4), window + 1))
+                s = int(rng.integers(0, window - n + 1))
+                fi[2 * s: 2 * (s + n)] = silence
+                ei[s: s + n] = self.rest_expr(i)
+            f.append(fi)
+            e.append(ei)
         return np.stack(f), np.stack(e)
+
+    def rest_expr(self, i: int) -> np.ndarray:
+        """The clip's rest (closed-mouth) expression, float32 [68, 3]: mean of its frames whose
+        inner-lip opening is in the lowest decile (cached)."""
+        cache = self.__dict__.setdefault("_rest", {})
+        if i not in cache:
+            c = self.clips[i]
+            lm = np.asarray(c.lm3d[c.start: c.stop], dtype=np.float32)
+            opening = np.linalg.norm(lm[:, [61, 62, 63]] - lm[:, [67, 66, 65]], axis=-1).mean(-1)
+            sel = opening <= np.percentile(opening, 10)
+            cache[i] = lm[sel].mean(0) - c.mean
+        return cache[i]
 
     def sync_pairs(self, rng: np.random.Generator, batch: int, min_shift: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Half in-sync, half off-sync (mouth shifted >= ``min_shift`` frames, or another clip).

@@ -52,6 +52,7 @@ class TrainGeneratorConfig:
     lambda_kl: float = 0.4
     lambda_sync: float = 0.01
     sync_threshold: float = 0.7  # held-out SyncNet accuracy that switches the sync loss on
+    silence_prob: float = 0.1    # windows with a span of digital silence -> rest expression (Corpus.windows)
     eval_every: int = 250
     seed: int = 0
     device: str = "auto"
@@ -164,6 +165,13 @@ def train_syncnet(train: Corpus, val: Corpus, cfg: TrainGeneratorConfig, stats: 
     return net, {"syncnet_val_acc": best["acc"], "syncnet_val_bce": best["bce"], "syncnet_steps": cfg.syncnet_steps}
 
 
+def silence_features(kind: str, hubert_path: str | None = None) -> np.ndarray:
+    """Features of digital silence, float32 [D] (the middle frame of 2 s of zeros)."""
+    from avatar.audio import extract_features
+
+    return extract_features(np.zeros(32000, np.float32), kind, hubert_path=hubert_path, n_frames=50)[50]
+
+
 def generator_loss(net: VAEFlowGenerator, feats: torch.Tensor, expr: torch.Tensor, cfg: TrainGeneratorConfig,
                    syncnet: LandmarkSyncNet | None, es: torch.Tensor, em: torch.Tensor) -> dict[str, torch.Tensor]:
     """Loss terms for normalised ``feats [B, 2W, D]`` and ``expr [B, W, 204]`` (see module docstring)."""
@@ -250,10 +258,11 @@ def train_generator(datasets: list[str | Path], out: str | Path, cfg: TrainGener
             log.warning("SyncNet held-out accuracy %.3f <= %.2f: generator trained without the sync loss",
                         metrics["syncnet_val_acc"], cfg.sync_threshold)
         best, best_state, first = math.inf, None, None
+        silence = silence_features(train.feature_kind, hubert_path) if cfg.silence_prob > 0 else None
         bar = tqdm(range(1, cfg.steps + 1), desc="generator", disable=not progress, dynamic_ncols=True)
         for step in bar:
             _decay(opt, cfg.lr, cfg.lr_final_ratio, step, cfg.steps)
-            f, e = train.windows(rng, cfg.batch, cfg.window)
+            f, e = train.windows(rng, cfg.batch, cfg.window, silence, cfg.silence_prob)
             ft = (torch.from_numpy(f).to(device) - fm) / fs
             et = (torch.from_numpy(e).to(device).flatten(2) - em) / es
             terms = generator_loss(net, ft, et, cfg, syncnet if sync_on else None, es, em)
