@@ -287,3 +287,31 @@ def test_cli_help_lists_motion_commands():
         with pytest.raises(SystemExit) as e:
             p.parse_args([cmd, "--help"])
         assert e.value.code == 0
+
+
+def test_feature_kind_mismatch_between_dataset_and_generator(trained, may, tmp_path):
+    """A generator trained on one kind refuses datasets/features of another, naming both kinds."""
+    from avatar.motion.metrics import evaluate_motion
+
+    copy = tmp_path / "hub"
+    shutil.copytree(trained[0], copy, ignore=shutil.ignore_patterns("cache", "runs"))
+    stats = json.loads((copy / "stats.json").read_text())
+    stats["feature_kind"] = "hubert"
+    (copy / "stats.json").write_text(json.dumps(stats))
+    with pytest.raises(FeatureMismatch, match="hubert"):
+        train_postnet(may, copy, tmp_path / "pn", preset="smoke", progress=False)
+    with pytest.raises(FeatureMismatch, match="mel"):
+        evaluate_motion(load_generator(copy), may)
+
+
+def test_recipe_rejects_bad_arguments(tmp_path, data_dir):
+    from recipes.train_generator import find_clips, train_generator
+
+    with pytest.raises(InvalidInput, match="--hubert"):
+        train_generator(data_dir / "corpus", tmp_path / "g", features="hubert")
+    with pytest.raises(InvalidInput, match="preset"):
+        train_generator(data_dir / "corpus", tmp_path / "g", preset="huge")
+    with pytest.raises(InvalidInput, match="does not exist"):
+        find_clips(tmp_path / "missing")
+    pairs = dict((v.name, a) for v, a in find_clips(data_dir / "corpus"))
+    assert pairs["KristiNoem.mp4"].name == "KristiNoem.wav" and pairs["retalking_face1.mp4"] is None
