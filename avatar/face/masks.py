@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import cv2
 import numpy as np
 
@@ -100,32 +102,31 @@ def background_plate(frames: np.ndarray, masks: np.ndarray, indices: np.ndarray,
     """Background plate from sampled frames (bounded memory).
 
     Args:
-        frames: uint8 [N, S, S, 3] (memory-mapped) frames.
+        frames: uint8 [N, S, S, 3] frames (anything indexable by frame, e.g. a memory map).
         masks: uint8 [N, S, S] labels (0 = background).
-        indices: int [K] frame indices to use (e.g. 60-100 evenly spaced).
-        band: rows processed at once; memory ~ K * band * S * 3 * 4 bytes.
+        indices: int [K] frame indices to use (e.g. 60-100 evenly spaced); the K frames are held in
+            memory (K * S * S * 3 bytes), independent of the clip length N.
+        band: rows processed at once; working memory ~ K * band * S * 3 * 4 bytes.
         halo_px: person mask dilation before taking background pixels (default ~1% of S).
 
     Returns:
         uint8 [S, S, 3] RGB plate; pixels never seen as background are inpainted.
     """
     indices = np.asarray(indices)
-    s = frames.shape[1]
+    s = np.asarray(masks[indices[0]]).shape[0]
     halo = halo_px if halo_px is not None else max(2, s // 100)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1, 2 * halo + 1))
-    bg = np.stack([cv2.erode((masks[i] == MASK_BACKGROUND).astype(np.uint8), kernel) for i in indices]).astype(bool)
+    bg = np.stack([cv2.erode((np.asarray(masks[i]) == MASK_BACKGROUND).astype(np.uint8), kernel) for i in indices]).astype(bool)
+    sampled = np.stack([np.asarray(frames[i]) for i in indices])
     plate = np.zeros((s, s, 3), np.uint8)
     seen = bg.any(0)
     for y0 in range(0, s, band):
         y1 = min(s, y0 + band)
-        px = np.stack([frames[i, y0:y1] for i in indices]).astype(np.float32)
+        px = sampled[:, y0:y1].astype(np.float32)
         px[~bg[:, y0:y1]] = np.nan
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                med = np.nanmedian(px, axis=0)
+        with warnings.catch_warnings():  # all-NaN columns (never background) warn; they are inpainted below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(px, axis=0)
         plate[y0:y1] = np.nan_to_num(med, nan=0.0).round().clip(0, 255).astype(np.uint8)
     hole = (~seen).astype(np.uint8)
     if hole.any() and seen.any():
