@@ -75,7 +75,7 @@ PRESETS: dict[str, NerfConfig] = {
         head=HeadConfig(grid=_grid(12, 256, 8), ambient_grid=_grid(10, 128, 6), hidden=32, geo_dim=16, cond_dim=32),
         torso=TorsoConfig(grid=_grid(10, 128, 6), hidden=16, deform_hidden=32),
         train=TrainConfig(head_steps=40, torso_steps=20, frames_per_step=2, rays_per_frame=128, n_samples=12,
-                          lr_grid=2e-2, lr_net=2e-3, occ_resolution=16, occ_every=16, occ_warmup=32,
+                          lr_grid=5e-2, lr_net=5e-3, occ_resolution=16, occ_every=16, occ_warmup=32,
                           ckpt_every=10, log_every=10, preview_every=0),
     ),
     "cpu-small": NerfConfig(

@@ -83,11 +83,11 @@ class _Scene:
             raise InvalidInput(f"{ds.root}: only {len(self.train)} training frames; NeRF training needs a longer clip")
         self.val = np.arange(ds.val_range.start, ds.val_range.stop)
         self.aabb = head_aabb(np.asarray(ds.lm3d_mean), cfg.head.box_margin)
-        self.lm3d = torch.from_numpy(np.asarray(ds.lm3d, dtype=np.float32))
-        self.blink = torch.from_numpy(np.asarray(ds.blink, dtype=np.float32))
-        self.pose = torch.from_numpy(np.asarray(ds.pose, dtype=np.float32))
-        self.lm2d = np.asarray(ds.lm2d, dtype=np.float32)
-        self.bg = torch.from_numpy(np.asarray(ds.background)).float().div(255)
+        self.lm3d = torch.from_numpy(np.array(ds.lm3d, dtype=np.float32))
+        self.blink = torch.from_numpy(np.array(ds.blink, dtype=np.float32))
+        self.pose = torch.from_numpy(np.array(ds.pose, dtype=np.float32))
+        self.lm2d = np.array(ds.lm2d, dtype=np.float32)
+        self.bg = torch.from_numpy(np.array(ds.background)).float().div(255)
 
     def init_head_stats(self, head: HeadNerf) -> None:
         tr = self.lm3d[self.train]
