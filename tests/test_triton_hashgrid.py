@@ -162,11 +162,12 @@ def test_cuda_matches_torch_backend(dim):
     gx_t, gt_t = torch.autograd.grad(out_t, (x, enc.table), g)
     out_r = enc(x)
     gx_r, gt_r = torch.autograd.grad(out_r, (x, enc.table), g)
-    # FMA vs unfused `x * scale + 0.5` may move a handful of boundary points to the next cell
-    close = (out_t - out_r).abs().amax(1) < 1e-4
-    assert close.float().mean() > 0.9999
+    # FMA vs unfused `x * scale + 0.5` may move a point within 1 ulp of a cell boundary to the next
+    # cell: values and table gradients are continuous there, the input gradient is not
+    torch.testing.assert_close(out_t, out_r, atol=1e-4, rtol=0)
     torch.testing.assert_close(gt_t, gt_r, atol=1e-2, rtol=1e-3)
-    torch.testing.assert_close(gx_t[close], gx_r[close], atol=1e-2, rtol=1e-3)
+    bad = ((gx_t - gx_r).abs() > 1e-2 + 1e-3 * gx_r.abs()).any(1)
+    assert bad.float().mean() < 1e-4, f"{int(bad.sum())} points with a different input gradient"
 
 
 @pytest.mark.cuda
@@ -178,5 +179,4 @@ def test_cuda_matches_tinycudann():
     x = torch.rand(1 << 16, 3, device="cuda")
     out_tcnn = enc(x)
     out = hashgrid_triton(x, enc.table, enc.cfg)
-    close = (out - out_tcnn).abs().amax(1) < 1e-3  # tcnn computes in fp16 by default
-    assert close.float().mean() > 0.999
+    torch.testing.assert_close(out, out_tcnn, atol=1e-3, rtol=1e-3)  # tcnn may blend in fp16
