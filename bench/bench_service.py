@@ -116,7 +116,9 @@ def main(argv=None) -> int:
            "--metrics-port", "-1"]
     if args.device:
         cmd += ["--device", args.device]
-    cfg = ROOT / ".bench_server.json"
+    import tempfile
+
+    cfg = Path(tempfile.mkstemp(prefix="bench_server_", suffix=".json")[1])
     cfg.write_text(json.dumps({"max_streams": max(levels) + 1, "max_audio_s": args.seconds + 5}))
     cmd += ["--config", str(cfg)]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AvatarService"].full_name
 SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
+PUSH_SAMPLES = 8 * SAMPLES_PER_FRAME  # audio fed to a StreamSession per step (one motion block)
 _STATE = {
     jobs_mod.QUEUED: pb.Job.STATE_QUEUED, jobs_mod.RUNNING: pb.Job.STATE_RUNNING,
     jobs_mod.SUCCEEDED: pb.Job.STATE_SUCCEEDED, jobs_mod.FAILED: pb.Job.STATE_FAILED,
@@ -521,7 +522,10 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
                         t_audio = time.monotonic()
                     n_samples += pcm.size
                     self._check_duration(n_samples)
-                    produce(session.push(pcm))
+                    for s in range(0, pcm.size, PUSH_SAMPLES):  # bounded work between cancellation checks
+                        if not context.is_active():
+                            return
+                        produce(session.push(pcm[s:s + PUSH_SAMPLES]))
                 elif kind == "options_update":
                     upd = msg.options_update
                     changes = {f: getattr(upd, f) for f in ("emotion", "emotion_strength") if upd.HasField(f)}
