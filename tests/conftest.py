@@ -30,3 +30,65 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny real avatar, built once per test session and shared by the pipeline and service tests:
+# a 3 s slice of speakers/acosta_cnn_71s.mp4 -> a "smoke" shared generator trained on it -> a tiny
+# emotion model (2 MEAD clips) -> "cpu-smoke" onboarding. ``$AVATAR_TEST_STORE`` reuses a store.
+SLICE_S = 3.0
+
+
+def make_clip(data_dir: Path, clip: Path, seconds: float = SLICE_S) -> Path:
+    """Write the first ``seconds`` of speakers/acosta_cnn_71s.mp4 (video + audio) to ``clip``."""
+    from avatar.media import VideoWriter, iter_video_frames, load_audio
+
+    src = data_dir / "speakers" / "acosta_cnn_71s.mp4"
+    n = int(seconds * 25)
+    frames = []
+    for i, f in enumerate(iter_video_frames(src)):
+        if i >= n:
+            break
+        frames.append(f)
+    audio = load_audio(src)[: n * 640]
+    with VideoWriter(clip, fps=25, size=frames[0].shape[1::-1], audio=audio, audio_rate=16000, crf=12) as w:
+        for f in frames:
+            w.write(f)
+    return clip
+
+
+def build_tiny_store(root: Path, data_dir: Path) -> tuple[Path, str]:
+    """Onboard a tiny real avatar into a new store at ``root``; returns (store root, avatar name)."""
+    from avatar.motion.emotion import EmotionConfig, train_emotion
+    from avatar.motion.train import PRESETS as GEN_PRESETS
+    from avatar.motion.train import train_generator
+    from avatar.pipeline.onboard import onboard
+    from avatar.pipeline.preprocess import PreprocessConfig, preprocess
+    from avatar.store import AvatarStore
+
+    clip = make_clip(data_dir, root / "clip.mp4")
+    store = AvatarStore(root / "store")
+    ds = root / "gen_dataset"
+    preprocess(clip, ds, PreprocessConfig(size=64, audio_features="mel"), progress=False)
+    train_generator([ds], store.generator_dir, GEN_PRESETS["smoke"], progress=False)
+    clips = root / "emotion_clips"
+    clips.mkdir()
+    for label in ("neutral_level1", "happy_level3"):
+        (clips / f"M030_front_{label}_001.mp4").symlink_to(data_dir / "emotion" / f"M030_front_{label}_001.mp4")
+    train_emotion(clips, store.emotion_dir, EmotionConfig(hidden=32, steps=50), progress=False)
+    onboard(clip, "tiny", store=store, preset="cpu-smoke", keep_work=True)
+    return store.root, "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_avatar(data_dir, tmp_path_factory) -> tuple[Path, str]:
+    """(store root, avatar name) of a tiny onboarded real avatar (see :func:`build_tiny_store`)."""
+    env = os.environ.get("AVATAR_TEST_STORE")
+    if env:
+        from avatar.store import AvatarStore
+
+        names = AvatarStore(env).names()
+        if not names:
+            pytest.skip(f"AVATAR_TEST_STORE={env} holds no avatar")
+        return Path(env), names[0]
+    return build_tiny_store(tmp_path_factory.mktemp("tiny_avatar"), data_dir)

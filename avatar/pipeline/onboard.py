@@ -154,6 +154,7 @@ def onboard(video: str | Path, name: str, store: AvatarStore | None = None, pres
             return
         t0 = time.perf_counter()
         fn(_stage_progress(progress, stage))
+        _stage_progress(progress, stage)(1.0, "done")
         state["times"][stage] = round(time.perf_counter() - t0, 1)
         state.setdefault("done", []).append(stage)
         save_state()
@@ -161,7 +162,6 @@ def onboard(video: str | Path, name: str, store: AvatarStore | None = None, pres
     def do_preprocess(cb):
         cfg = PreprocessConfig(size=p.size, audio_features=gen.feature_kind, hubert_path=gen.hubert_path)
         preprocess(video, dataset_dir, cfg, audio=audio, overwrite=True, progress=progress is None)
-        cb(1.0, "dataset ready")
 
     def do_postnet(cb):
         from avatar.motion.postnet import train_postnet

@@ -187,9 +187,11 @@ class MotionEngine:
         if self.options.lle_blend > 0:
             lm3d = self.m.lle(lm3d, blend=self.options.lle_blend)
         frames = np.arange(f0, f1)
+        # eyes first (the person's open eyes + blinks), then the emotion delta on top of them, so an
+        # emotion's eye motion (widened eyes, squint) reaches the NeRF
+        lm3d = apply_eyes(lm3d, self.blink_schedule(frames), self.m.blink)
         if self._emotion is not None:
             lm3d = self._emotion(lm3d, frames)
-        lm3d = apply_eyes(lm3d, self.blink_schedule(frames), self.m.blink)
         return lm3d.astype(np.float32)
 
 
