@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if not clip.is_file():
         raise SystemExit(f"{clip} not found; pass --data DIR")
     rows = []
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
         tmp = Path(tmp)
         short = head_slice(clip, tmp / "acosta_20s.mp4", 20.0)
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         block = (
             f"\n## preprocess (bench/bench_preprocess.py)\n\nmachine: {_machine()}; commit {_commit()}; {stamp}; "
-            f"median of {args.runs} run(s); end-to-end CLI wall time incl. imports, mel features, previews.\n\n{table}\n"
+            f"median of {args.runs} run(s); load average before/after {load0:.1f}/{os.getloadavg()[0]:.1f} (shared machine); "
+            "end-to-end CLI wall time incl. imports, mel features, previews.\n\n{table}\n"
         )
         with open(REPO / "bench" / "RESULTS.md", "a") as f:
             f.write(block)
