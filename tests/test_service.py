@@ -319,3 +319,20 @@ def test_serve_command_starts_and_stops(tmp_path):
         assert proc.wait(20) == 0
     logs = [json.loads(x) for x in proc.stderr.read().splitlines() if x.startswith("{")]
     assert any(r.get("method") == "ListAvatars" and r.get("code") == "OK" for r in logs)
+
+
+def test_client_cli_onboard_and_job(server, tmp_path, capsys):
+    from avatar.cli import main
+
+    video = tmp_path / "talk.mp4"
+    video.write_bytes(b"not really a video" * 50)
+    base = ["client", "--target", f"127.0.0.1:{server.port}", "--token", ONBOARD]
+    assert main(base + ["onboard", str(video), "--name", "cli-job", "--preset", "cpu-smoke"]) == 0
+    job = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert job["avatar"] == "cli-job" and job["state"] in ("QUEUED", "RUNNING")
+    assert main(base + ["job", job["job_id"], "--cancel"]) == 0
+    assert main(base + ["job", job["job_id"], "--watch"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["state"] in ("CANCELLED", "FAILED")
+    assert main(base + ["job", "no-such-job"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err

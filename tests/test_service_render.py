@@ -137,6 +137,16 @@ def test_list_and_get(client, avatar_store):
     assert info["name"] == name and info["fps"] == 25 and info["size"] > 0 and info["created"]
 
 
+def test_avatar_cache_is_a_bounded_lru(server, avatar_store):
+    cache = server.servicer.cache  # cache_size=1 in this module
+    a = cache.get(avatar_store[1])
+    assert cache.get(avatar_store[1]) is a and cache.names() == [avatar_store[1]]
+    cache.evict(avatar_store[1])
+    assert cache.names() == []
+    b = cache.get(avatar_store[1])
+    assert b is not a and len(cache.names()) == 1
+
+
 def test_render_frames(rendered, speech):
     call, frames = rendered
     n = round(len(speech) / 640)
