@@ -80,3 +80,16 @@ def test_matches_tinycudann():
     (y0 * g).sum().backward()
     (y1 * g).sum().backward()
     torch.testing.assert_close(ours.table.grad, theirs.table.grad, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.cuda
+def test_torch_backend_cuda_matches_cpu():
+    torch.manual_seed(0)
+    enc = HashGridEncoding(dim=3, n_levels=8, log2_hashmap_size=14, base_resolution=16, finest_resolution=512,
+                           backend="torch")
+    with torch.no_grad():
+        enc.table.uniform_(-1, 1)
+    x = torch.rand(4096, 3)
+    y_cpu = enc(x)
+    y_gpu = enc.cuda()(x.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, atol=1e-5, rtol=1e-5)

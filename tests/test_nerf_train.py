@@ -152,6 +152,14 @@ def test_kill_and_resume_reaches_same_step(dataset, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "head" / "metrics.json").read_text())["steps"] == 40
     assert not ckpt.exists()
+    # deterministic: an uninterrupted run with the same seed gives the same weights, bit for bit
+    from safetensors.torch import load_file
+
+    from avatar.nerf.trainer import train_nerf
+
+    train_nerf(dataset, tmp_path / "straight", part="head", preset="cpu-smoke", steps=40, seed=3, progress=False)
+    a, b = load_file(str(out / "head" / "model.safetensors")), load_file(str(tmp_path / "straight" / "head" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_torso_inference_and_eval(dataset, trained, tmp_path):
