@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 
 def _train_generator(args: argparse.Namespace) -> int:
     from recipes.train_generator import train_generator
@@ -50,6 +52,8 @@ def _eval_motion(args: argparse.Namespace) -> int:
         for wav in args.audio:
             rows[Path(wav).name] = evaluate_audio(gen, load_audio(wav), postnet=args.postnet, temperature=args.temperature,
                                                   seed=args.seed, lm3d_mean=mean)
+        rows["digital silence (3 s)"] = evaluate_audio(gen, np.zeros(48000, np.float32), postnet=args.postnet,
+                                                       temperature=args.temperature, seed=args.seed, lm3d_mean=mean)
         report["audio"] = rows
         print("\ndriving audio (no ground truth)")
         print(format_table(rows, ["seconds", "sync_conf", "open_energy_r", "open_mean", "open_std", "motion"]))

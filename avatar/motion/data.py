@@ -73,13 +73,18 @@ class Corpus:
         return int(self.lengths.sum())
 
     def _pick(self, rng: np.random.Generator, window: int) -> tuple[int, int]:
-        ok = self.lengths >= window
-        if not ok.any():
-            raise ClipTooShort(f"no clip has {window} frames; lower the training window")
-        w = np.where(ok, self.lengths - window + 1, 0).astype(np.float64)
-        i = int(rng.choice(len(self.clips), p=w / w.sum()))
+        """A uniformly random window start over all clips: (clip index, absolute start frame)."""
+        cache = self.__dict__.setdefault("_cum", {})
+        if window not in cache:
+            w = np.clip(self.lengths - window + 1, 0, None).astype(np.float64)
+            if w.sum() == 0:
+                raise ClipTooShort(f"no clip has {window} frames; lower the training window")
+            cache[window] = np.cumsum(w)
+        cum = cache[window]
+        k = rng.random() * cum[-1]
+        i = int(np.searchsorted(cum, k, side="right"))
         c = self.clips[i]
-        return i, c.start + int(rng.integers(0, len(c) - window + 1))
+        return i, c.start + min(int(k - (cum[i - 1] if i else 0.0)), len(c) - window)
 
     def windows(self, rng: np.random.Generator, batch: int, window: int, silence: np.ndarray | None = None,
                 silence_prob: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -134,10 +139,11 @@ class Corpus:
                 u = cj.start + int(rng.integers(0, len(cj) - VIDEO_WIN + 1))
                 mouth.append(cj.expr(u, u + VIDEO_WIN))
             else:
-                cand = [u for u in range(c.start, c.stop - VIDEO_WIN + 1) if abs(u - t) >= min_shift]
-                if not cand:
+                if len(c) < need:
                     raise ClipTooShort(f"{c.name}: too short for off-sync pairs; give clips of >= {need} frames")
-                u = int(rng.choice(cand))
+                u = t
+                while abs(u - t) < min_shift:  # rejection sampling: >= 2/3 of starts qualify
+                    u = c.start + int(rng.integers(0, len(c) - VIDEO_WIN + 1))
                 mouth.append(c.expr(u, u + VIDEO_WIN))
             label.append(1.0 if pos else 0.0)
         return np.stack(audio), np.stack(mouth), np.array(label, dtype=np.float32)
