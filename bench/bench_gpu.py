@@ -272,9 +272,45 @@ def bench_render(t: Table, store, device: torch.device, sizes: tuple[int, ...], 
             sec = _timed(lambda b=b: nerf.render(lm[:b], pose[:b], blink[:b], size=size), runs, device)
             fps = b / sec
             best = max(best, fps)
-            t.add("render", f"head+torso {size} px, batch {b}", fps, "frames/s", f"{nerf.n_samples} samples/ray")
+            t.add("render", f"head+torso {size} px, batch {b}", fps, "frames/s", f"{nerf.n_samples} samples/ray, "
+                  f"hash grid {_grid_backends(nerf)}")
         t.add("render", f"concurrent {STREAM_FPS} fps streams at {size} px", best / STREAM_FPS, "streams",
               "best fps / 25 (render only; audio->landmarks excluded)")
+    # the same render with each other hash-grid backend the encoding module accepts
+    b, size = len(idx), sizes[-1]
+    for backend in ("torch", "triton", "tcnn"):
+        if backend == _grid_backends(nerf) or not _set_grid_backend(nerf, backend, device):
+            continue
+        sec = _timed(lambda: nerf.render(lm[:b], pose[:b], blink[:b], size=size), runs, device)
+        t.add("render", f"head+torso {size} px, batch {b}", b / sec, "frames/s", f"hash grid {backend}")
+    _set_grid_backend(nerf, "auto", device)
+
+
+def _grid_modules(nerf):
+    from avatar.nerf.encoding import HashGridEncoding
+
+    mods = [nerf.head] + ([nerf.torso] if nerf.torso is not None else [])
+    return [m for root in mods for m in root.modules() if isinstance(m, HashGridEncoding)]
+
+
+def _grid_backends(nerf) -> str:
+    return ",".join(sorted({m.backend for m in _grid_modules(nerf)}))
+
+
+def _set_grid_backend(nerf, backend: str, device: torch.device) -> bool:
+    """Switch every hash grid of ``nerf`` to ``backend`` if this build of the encoding supports it
+    (on this device); returns False (and changes nothing) otherwise."""
+    from avatar.nerf.encoding import HashGridEncoding
+
+    if backend in ("tcnn", "triton") and device.type != "cuda":
+        return False  # tcnn needs CUDA; Triton on CPU is the interpreter (verification only)
+    try:
+        HashGridEncoding(2, 2, 2, 8, 4, 16, backend=backend)
+    except ValueError:
+        return False
+    for m in _grid_modules(nerf):
+        m.backend = backend
+    return True
 
 
 # ----------------------------------------------------------------------------- main
