@@ -315,3 +315,31 @@ def test_recipe_rejects_bad_arguments(tmp_path, data_dir):
         find_clips(tmp_path / "missing")
     pairs = dict((v.name, a) for v, a in find_clips(data_dir / "corpus"))
     assert pairs["KristiNoem.mp4"].name == "KristiNoem.wav" and pairs["retalking_face1.mp4"] is None
+
+
+def test_hubert_features_path(tmp_path, data_dir):
+    """A HuBERT-feature generator (tiny random HubertConfig, offline) predicts from HuBERT features of
+    real audio, remembers its HuBERT directory, and refuses mel features."""
+    from transformers import HubertConfig, HubertModel
+
+    from avatar.audio import extract_features
+    from avatar.media import load_audio
+    from avatar.motion.bundle import MotionStats
+    from avatar.motion.generator import Audio2Motion
+
+    torch.manual_seed(0)
+    hcfg = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        conv_dim=(16,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
+                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    HubertModel(hcfg).save_pretrained(tmp_path / "hubert")
+    wav = load_audio(data_dir / "audio" / "RD_Radio31_000.wav")[: 16000 * 3]
+    feats = extract_features(wav, "hubert", hubert_path=tmp_path / "hubert", n_frames=75)
+    assert feats.shape == (150, 32)
+    net = VAEFlowGenerator(replace(PRESETS["smoke"].generator, feature_dim=32))
+    stats = MotionStats("hubert", feats.mean(0).tolist(), (feats.std(0) + 1e-5).tolist(), [0.0] * 204, [0.01] * 204,
+                        {"hubert_path": str(tmp_path / "hubert")})
+    a2m = Audio2Motion(net, stats, device="cpu")
+    assert a2m.predict(feats, feature_kind="hubert").shape == (75, 68, 3)
+    assert a2m.hubert_path == str(tmp_path / "hubert")
+    with pytest.raises(FeatureMismatch):
+        a2m.predict(extract_features(wav, "mel", n_frames=75), feature_kind="mel")
