@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     from service.client import AvatarClient
 
     audio = load_audio(args.audio)[: int(args.seconds * 16000)]
+    load0 = os.getloadavg()[0]
     levels = [int(k) for k in args.levels.split(",")]
     cmd = [sys.executable, "-m", "avatar.cli", "serve", "--store", args.store, "--host", "127.0.0.1", "--port", "0",
            "--metrics-port", "-1"]
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
                 f"commit {_commit()}\n\nMachine: {_machine()}. Avatar `{args.avatar}` "
                 f"(size {args.size or 'native'}), {args.seconds:.0f} s of `{Path(args.audio).name}` per stream in "
                 f"{CHUNK_S * 1000:.0f} ms real-time chunks, realtime pacing on, {args.runs} run(s) per level; "
-                "medians over streams.\n\n")
+                f"medians over streams. Load average at start: {load0:.1f}.\n\n")
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
             f.write(meta + table + "\n")
     return 0

@@ -508,7 +508,7 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
                     continue
                 msg = next_message(wait)
                 if msg is None:
-                    if time.monotonic() - last_msg > idle:
+                    if not pending and time.monotonic() - last_msg > idle:
                         raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED,
                                          f"no audio or end_of_audio for {idle:.0f} s; the stream was closed")
                     continue
@@ -541,6 +541,7 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
                 else:
                     raise InvalidInput(f"unexpected '{kind}' message after the config; send audio, "
                                        "options_update or end_of_audio")
+                last_msg = time.monotonic()  # idle time counts from the end of our own work
             elapsed = time.monotonic() - (t_audio or time.monotonic())
             if call.frames:
                 self.metrics.render_fps.labels("StreamRender").observe(call.frames / max(elapsed, 1e-6))
