@@ -148,7 +148,7 @@ def load_nerf(path: str | Path, device: str | torch.device | None = None, n_samp
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     head, info = load_head(path / "head", dev)
     torso = None
-    if (path / "torso" / "model.safetensors").is_file():
+    if (path / "torso" / "metrics.json").is_file():  # written last: the part is complete
         torso, _ = load_torso(path / "torso", dev)
     else:
         log.warning("%s: no torso NeRF; rendering the head over the background plate", path)
