@@ -484,11 +484,12 @@ def train_nerf(dataset: str | Path, out: str | Path, part: str = "all", preset: 
     parts = PARTS if part == "all" else (part,)
     for p in parts:
         pdir = out / p
-        if (pdir / "metrics.json").is_file() and (pdir / "model.safetensors").is_file() and not (pdir / "checkpoint.safetensors").exists():
-            if not overwrite:
-                log.info("%s already trained in %s (pass --overwrite to retrain)", p, pdir)
-                continue
-            (pdir / "metrics.json").unlink()
+        if overwrite:  # start this part from scratch (no resume from an older run's checkpoint)
+            for name in ("metrics.json", "checkpoint.safetensors"):
+                (pdir / name).unlink(missing_ok=True)
+        elif (pdir / "metrics.json").is_file() and (pdir / "model.safetensors").is_file():
+            log.info("%s already trained in %s (pass --overwrite to retrain)", p, pdir)
+            continue
         n = steps or (cfg.train.head_steps if p == "head" else cfg.train.torso_steps)
         head = None
         if p == "torso":
