@@ -242,7 +242,13 @@ class HashGridEncoding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().clamp(0.0, 1.0)
         if self._use_tcnn(x):
-            return self._forward_tcnn(x)
+            try:
+                return self._forward_tcnn(x)
+            except (ImportError, AttributeError, RuntimeError) as e:
+                if self.backend == "tcnn":
+                    raise
+                log.warning("tinycudann encoding failed (%s); using the PyTorch hash grid", e)
+                self.backend = "torch"
         out = _HashGridFunction.apply(x, self.table, self._scales, self._mults, self._is_hash,
                                       self._rows, self._offsets, self._corners)
         return out.reshape(x.shape[0], self.output_dim)
