@@ -124,6 +124,14 @@ class JobManager:
             job = self._jobs.get(job_id)
             return dataclasses.replace(job) if job else None
 
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each state."""
+        with self._cond:
+            out = dict.fromkeys((QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED), 0)
+            for job in self._jobs.values():
+                out[job.state] += 1
+            return out
+
     def wait_change(self, job_id: str, version: int, timeout: float) -> JobRecord | None:
         """Block until the job's version differs from ``version`` (or ``timeout`` s); returns a copy."""
         with self._cond:

@@ -319,9 +319,8 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
 
     # ---- helpers ------------------------------------------------------------------------------
     def _job_changed(self, _job) -> None:
-        counts = collections.Counter(j.state for j in list(self.jobs._jobs.values()))
-        for state in _STATE:
-            self.metrics.jobs.labels(state).set(counts.get(state, 0))
+        for state, n in self.jobs.counts().items():
+            self.metrics.jobs.labels(state).set(n)
 
     def _acquire_slot(self) -> None:
         if not self._slots.acquire(blocking=False):
