@@ -92,7 +92,7 @@ class _Scene:
     def init_head_stats(self, head: HeadNerf) -> None:
         tr = self.lm3d[self.train]
         cn = head.field.cond_net
-        cn.lm3d_mean.copy_(torch.from_numpy(np.asarray(self.ds.lm3d_mean)))
+        cn.lm3d_mean.copy_(torch.from_numpy(np.array(self.ds.lm3d_mean)))
         cn.lm3d_std.copy_(tr.std(0).clamp(min=1e-3))
         b = self.blink[self.train]
         cn.blink_mean.fill_(float(b.mean()))
@@ -102,7 +102,7 @@ class _Scene:
         t = self.pose[self.train, :3, 3]
         torso.field.t_mean.copy_(t.mean(0))
         torso.field.t_scale.fill_(float(t.std(0).max().clamp(min=1e-4)))
-        torso.background.copy_(torch.from_numpy(np.asarray(self.ds.background)))
+        torso.background.copy_(torch.from_numpy(np.array(self.ds.background)))
 
     def cond_inputs(self, frames: np.ndarray, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         win = landmark_window(self.ds.n_frames, frames, self.cfg.head.window, lo, hi)
@@ -365,8 +365,8 @@ def _torso_step(torso: TorsoNerf, head: HeadNerf, scene: _Scene, rng, gen):
         pix.append(p)
         fid.append(np.full(len(p), f))
     pix_np, fid_np = np.concatenate(pix), np.concatenate(fid)
-    target = torch.from_numpy(np.stack([np.asarray(ds.frames[f])[y, x] for f, (x, y) in zip(fid_np, pix_np)])).float().div(255)
-    mask = torch.from_numpy(np.array([ds.masks[f][y, x] for f, (x, y) in zip(fid_np, pix_np)]))
+    target = torch.from_numpy(np.concatenate([ds.frames[f][p[:, 1], p[:, 0]] for f, p in zip(frames, pix)])).float().div(255)
+    mask = torch.from_numpy(np.concatenate([ds.masks[f][p[:, 1], p[:, 0]] for f, p in zip(frames, pix)]))
     r = _torso_rays(torso, head, scene, torch.from_numpy(pix_np), torch.from_numpy(fid_np), frames, train=True)
     target, mask = target.to(scene.device), mask.to(scene.device)
     err = ((r["rgb"].float() - target) ** 2).mean(-1)
