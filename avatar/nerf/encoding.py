@@ -7,7 +7,8 @@ features. Backends, chosen by ``backend="auto"``:
   module lives on a CUDA device);
 * ``torch``: our PyTorch implementation below (any device), a custom autograd Function whose
   backward scatters into the table (``bincount`` on CPU, ``index_add_`` on CUDA);
-* a Triton kernel can be plugged in behind the same interface (``avatar/nerf/triton_hashgrid.py``).
+* ``triton``: fused Triton kernels (``avatar/nerf/triton_hashgrid.py``), used by ``"auto"`` on
+  CUDA when tinycudann is missing and Triton imports.
 
 Exact semantics (identical to tiny-cuda-nn's ``HashGrid`` with ``Linear`` interpolation, so that a
 table trained with one backend renders identically with the other; the Triton kernel must match):
@@ -195,8 +196,8 @@ class HashGridEncoding(nn.Module):
     exact index/interpolation semantics). Points outside ``[0, 1]`` are clamped.
 
     Args:
-        backend: ``"auto"`` (tiny-cuda-nn on CUDA when importable, else ``"torch"``), ``"torch"``
-            or ``"tcnn"``.
+        backend: ``"auto"`` (on CUDA: tiny-cuda-nn when importable, else Triton when importable;
+            else ``"torch"``), ``"torch"``, ``"tcnn"`` or ``"triton"``.
 
     Raises:
         ValueError: ``dim`` not 2 or 3, or ``backend="tcnn"`` without tinycudann + CUDA.
@@ -229,8 +230,8 @@ class HashGridEncoding(nn.Module):
         self.register_buffer("_offsets", torch.tensor(offsets, dtype=torch.int32), persistent=False)
         corners = [[(c >> (dim - 1 - i)) & 1 for i in range(dim)] for c in range(2 ** dim)]
         self.register_buffer("_corners", torch.tensor(corners, dtype=torch.int32), persistent=False)
-        if backend not in ("auto", "torch", "tcnn"):
-            raise ValueError(f"unknown hash-grid backend {backend!r}; use auto, torch or tcnn")
+        if backend not in ("auto", "torch", "tcnn", "triton"):
+            raise ValueError(f"unknown hash-grid backend {backend!r}; use auto, torch, tcnn or triton")
         if backend == "tcnn" and not _tcnn_available():
             raise ValueError("backend='tcnn' needs tinycudann and a CUDA GPU; install the [cuda] extra or use backend='torch'")
         self.backend = backend
@@ -239,8 +240,23 @@ class HashGridEncoding(nn.Module):
     def _use_tcnn(self, x: torch.Tensor) -> bool:
         return self.backend == "tcnn" or (self.backend == "auto" and x.is_cuda and _tcnn_available())
 
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        if self.backend == "triton":
+            return True
+        if self.backend != "auto" or not x.is_cuda:
+            return False
+        try:
+            from avatar.nerf.triton_hashgrid import triton_available
+        except ImportError:
+            return False
+        return triton_available(x.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().clamp(0.0, 1.0)
+        if not self._use_tcnn(x) and self._use_triton(x):
+            from avatar.nerf.triton_hashgrid import hashgrid_triton
+
+            return hashgrid_triton(x, self.table, self.cfg)
         if self._use_tcnn(x):
             try:
                 return self._forward_tcnn(x)
