@@ -295,7 +295,8 @@ def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cach
         loss.backward()
         opt_g.step()
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = dict(evaluate(), step=step, loss_d=float(loss_d), mse=float(mse), adv=float(adv), sync=float(sync),
+            ev = dict(evaluate(), step=step, loss_d=float(loss_d.detach()), mse=float(mse.detach()), adv=float(adv.detach()),
+                      sync=float(sync.detach()),
                       d_real=float(d_real.mean()), d_fake=float(d_fake.mean()))
             history.append(ev)
             bar.set_postfix(lmd=f"{ev['val_mouth_lmd']:.4f}", d=f"{ev['loss_d']:.3f}")
