@@ -76,7 +76,7 @@ def build_tiny_store(root: Path, data_dir: Path) -> tuple[Path, str]:
     for label in ("neutral_level1", "happy_level3"):
         (clips / f"M030_front_{label}_001.mp4").symlink_to(data_dir / "emotion" / f"M030_front_{label}_001.mp4")
     train_emotion(clips, store.emotion_dir, EmotionConfig(hidden=32, steps=50), progress=False)
-    onboard(clip, "tiny", store=store, preset="cpu-smoke", keep_work=True)
+    onboard(clip, "tiny", store=store, preset="cpu-smoke")
     return store.root, "tiny"
 
 
