@@ -29,13 +29,14 @@ import argparse
 import datetime
 import logging
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.common import commit as _commit
+from bench.common import machine as _machine
 
 import numpy as np
 import torch
@@ -49,18 +50,6 @@ log = logging.getLogger("bench_gpu")
 
 
 # ----------------------------------------------------------------------------- helpers
-def _machine(device: torch.device) -> str:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
-    cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ""
-    return f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}{cuda}, {gpu}"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _sync(device: torch.device) -> None:

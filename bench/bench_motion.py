@@ -16,13 +16,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from bench.common import commit as _commit
+from bench.common import machine as _machine
 
 import numpy as np
 import torch
@@ -30,17 +31,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {gpu}"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _median_time(fn, runs: int) -> float:

@@ -25,13 +25,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from bench.common import commit as _commit
+from bench.common import machine as _machine
 
 import numpy as np
 
@@ -47,22 +49,6 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _machine() -> str:
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    except Exception:
-        gpu = "torch unavailable"
-    return f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def one_stream(target: str, avatar: str, audio: np.ndarray, size: int | None, out: dict) -> None:

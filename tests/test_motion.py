@@ -18,7 +18,7 @@ import torch
 from avatar.errors import BundleCorrupt, ClipTooShort, FeatureMismatch, InvalidInput, OutputExists, TrainingDiverged
 from avatar.motion import lle_project, load_generator, load_postnet, train_postnet
 from avatar.motion.data import Corpus
-from avatar.motion.generator import GeneratorConfig, VAEFlowGenerator
+from avatar.motion.generator import VAEFlowGenerator
 from avatar.motion.layers import FlowPrior
 from avatar.motion.postnet import PRESETS as POST_PRESETS
 from avatar.motion.train import PRESETS, cpu_threads, generator_loss

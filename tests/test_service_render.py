@@ -1,13 +1,12 @@
 """Rendering through the gRPC service with a real (tiny) avatar.
 
-The avatar comes from ``$AVATAR_TEST_STORE`` (a store holding an onboarded avatar, e.g. the lead's
-``/tmp/store``), else it is built here once per session: a 3 s slice of
-speakers/acosta_cnn_71s.mp4 -> a ``smoke`` shared generator -> ``cpu-smoke`` onboarding.
+The avatar is the session's tiny real avatar (``tiny_avatar`` in tests/conftest.py: a 3 s slice of
+speakers/acosta_cnn_71s.mp4 -> a ``smoke`` shared generator -> ``cpu-smoke`` onboarding), or the
+store named by ``$AVATAR_TEST_STORE``.
 """
 from __future__ import annotations
 
 import io
-import os
 import threading
 import time
 import urllib.request
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from service import avatar_pb2 as pb
+from conftest import make_clip
 from service.client import AvatarClient
 from service.server import AvatarServer, ServerConfig
 
@@ -26,56 +25,10 @@ TOKEN = "render-admin-token-0123456789"
 SLICE_S = 3.0
 
 
-def make_clip(data_dir: Path, clip: Path) -> Path:
-    """Write the first SLICE_S seconds of speakers/acosta_cnn_71s.mp4 (video + audio) to ``clip``."""
-    from avatar.media import VideoWriter, iter_video_frames, load_audio
-
-    src = data_dir / "speakers" / "acosta_cnn_71s.mp4"
-    n = int(SLICE_S * 25)
-    frames = []
-    for i, f in enumerate(iter_video_frames(src)):
-        if i >= n:
-            break
-        frames.append(f)
-    audio = load_audio(src)[: n * 640]
-    with VideoWriter(clip, fps=25, size=frames[0].shape[1::-1], audio=audio, audio_rate=16000, crf=12) as w:
-        for f in frames:
-            w.write(f)
-    return clip
-
-
-def build_tiny_store(root: Path, data_dir: Path) -> tuple[Path, str]:
-    """Onboard a tiny real avatar into a new store at ``root``; returns (store root, avatar name)."""
-    from avatar.motion.train import PRESETS as GEN_PRESETS
-    from avatar.motion.train import train_generator
-    from avatar.pipeline.onboard import onboard
-    from avatar.pipeline.preprocess import PreprocessConfig, preprocess
-    from avatar.store import AvatarStore
-
-    clip = make_clip(data_dir, root / "clip.mp4")
-    store = AvatarStore(root / "store")
-    ds = root / "gen_dataset"
-    preprocess(clip, ds, PreprocessConfig(size=64, audio_features="mel"), progress=False)
-    train_generator([ds], store.generator_dir, GEN_PRESETS["smoke"], progress=False)
-    onboard(clip, "tiny", store=store, preset="cpu-smoke")
-    return store.root, "tiny"
-
-
 @pytest.fixture(scope="session")
-def avatar_store(data_dir, tmp_path_factory) -> tuple[Path, str]:
-    env = os.environ.get("AVATAR_TEST_STORE")
-    if env:
-        from avatar.store import AvatarStore
-
-        names = AvatarStore(env).names()
-        if not names:
-            pytest.skip(f"AVATAR_TEST_STORE={env} holds no avatar")
-        return Path(env), names[0]
-    try:
-        import avatar.pipeline.onboard  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"onboarding is unavailable in this build ({e})")
-    return build_tiny_store(tmp_path_factory.mktemp("svc_avatar"), data_dir)
+def avatar_store(tiny_avatar) -> tuple[Path, str]:
+    """The session's tiny real avatar (tests/conftest.py: ``tiny_avatar``)."""
+    return tiny_avatar
 
 
 @pytest.fixture(scope="module")
@@ -190,17 +143,16 @@ def test_stream_pcm16_resampled_options_update_and_pacing(client, avatar_store, 
     assert got[-1].received - got[0].received >= 9 / 25 * 0.9
 
 
-def test_stream_emotion_without_model_is_clear(client, avatar_store, speech):
-    """An emotion the store has no model for fails with a message saying how to get one."""
-    from avatar.store import AvatarStore
-
-    if (AvatarStore(avatar_store[0]).emotion_dir).is_dir():
-        pytest.skip("this store has a shared emotion model")
-    with pytest.raises(grpc.RpcError) as e:
-        list(client.stream(avatar_store[1], iter([speech[:3200], {"emotion": "happy"}, speech[3200:]]),
-                           realtime=False))
-    assert e.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
-    assert "emotion" in e.value.details()
+def test_stream_emotion_switch_mid_stream(client, avatar_store, speech):
+    """Switching to an emotion mid-stream keeps every frame (count matches the audio) and changes the face."""
+    n = round(len(speech) / 640)
+    neutral = [f.image for f in client.stream(avatar_store[1], iter([speech]), {"seed": 2, "size": 48},
+                                               image_format="png", realtime=False)]
+    call = client.stream(avatar_store[1], iter([speech[:3200], {"emotion": "happy", "emotion_strength": 1.5}, speech[3200:]]),
+                         {"seed": 2, "size": 48}, image_format="png", realtime=False)
+    happy = [f.image for f in call]
+    assert len(neutral) == len(happy) == n
+    assert any(not np.array_equal(a, b) for a, b in zip(neutral, happy)), "the emotion switch changed no frame"
 
 
 def test_stream_bad_update_is_invalid_argument(client, avatar_store, speech):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path

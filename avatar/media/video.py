@@ -8,7 +8,6 @@ a time (a 5-minute clip is never held in RAM).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 from dataclasses import dataclass

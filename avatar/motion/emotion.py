@@ -413,7 +413,6 @@ def build_training_set(tracks: list[SpeakerTracks], window: int, no_neutral_weig
 
 def fit_emotion_net(x, labels, y, w, template, cfg: EmotionConfig, progress: bool = True) -> tuple[EmotionNet, dict]:
     """Train :class:`EmotionNet` by weighted MSE on the movable points (CPU or CUDA)."""
-    from tqdm import tqdm
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     threads = torch.get_num_threads()
