@@ -112,7 +112,8 @@ class AvatarNerf:
                     o, d = camera_rays(all_pix[sel].float(), K, c2w, self.head_scale)
                     n = len(sel)
                     r = render_head_rays(field, self.head.occ, o, d, cond[b].expand(n, -1),
-                                         field.individual_code(None, n), self.n_samples)
+                                         field.individual_code(None, n), self.n_samples,
+                                         estimator=self.head.estimator, amp=True)  # CUDA: nerfacc + bf16
                     head_rgb[sel] = r["rgb"].float()
                     head_acc[sel] = r["acc"].float()
             flat_bg = bg.reshape(-1, 3)

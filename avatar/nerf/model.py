@@ -21,6 +21,7 @@ from torch import nn
 
 from avatar.config import from_dict, to_dict
 from avatar.errors import BundleCorrupt
+from avatar.nerf.cuda_sampler import estimator_from_grid, estimator_is_empty, make_estimator, render_step_size
 from avatar.nerf.fields import HeadConfig, HeadField, TorsoConfig, TorsoField
 from avatar.nerf.presets import NerfConfig
 from avatar.nerf.render import OccupancyGrid
@@ -34,12 +35,17 @@ def head_aabb(lm3d_mean: np.ndarray, margin: float) -> torch.Tensor:
 
 
 class HeadNerf(nn.Module):
-    """Head field + occupancy grid. ``n_frames``: training frames (individual codes)."""
+    """Head field + occupancy grids. ``n_frames``: training frames (individual codes).
+
+    ``occ`` is the PyTorch sampler's grid (any device); ``estimator`` is nerfacc's
+    ``OccGridEstimator`` over the same box and resolution, used on CUDA (:mod:`avatar.nerf.cuda_sampler`).
+    """
 
     def __init__(self, cfg: HeadConfig, n_frames: int, aabb: torch.Tensor, occ_resolution: int):
         super().__init__()
         self.field = HeadField(cfg, n_frames, aabb)
         self.occ = OccupancyGrid(occ_resolution)
+        self.estimator = make_estimator(aabb, occ_resolution)
 
 
 class TorsoNerf(nn.Module):
@@ -111,7 +117,11 @@ def build_torso(cfg: NerfConfig, n_frames: int, size: int) -> TorsoNerf:
 def load_head(part_dir: Path, device: torch.device | str = "cpu") -> tuple[HeadNerf, dict]:
     info, cfg, state = read_part(part_dir)
     model = build_head(cfg, info["n_train_frames"], state["field.aabb"])
+    if not any(k.startswith("estimator.") for k in state):  # saved before the nerfacc estimator existed
+        state = {**model.estimator.state_dict(prefix="estimator."), **state}
     model.load_state_dict(state)
+    if estimator_is_empty(model.estimator):  # trained on CPU: the estimator follows the PyTorch grid
+        estimator_from_grid(model.estimator, model.occ.density, render_step_size(model.field.aabb, cfg.train.n_samples))
     return model.to(device).eval(), info
 
 

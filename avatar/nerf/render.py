@@ -13,6 +13,7 @@ import nerfacc
 import torch
 from torch import nn
 
+from avatar.nerf.cuda_sampler import render_head_rays_nerfacc, use_nerfacc
 from avatar.nerf.fields import HeadField
 from avatar.nerf.rays import ray_aabb, stratified_samples
 
@@ -59,8 +60,14 @@ class OccupancyGrid(nn.Module):
 
 def render_head_rays(field: HeadField, occ: OccupancyGrid | None, origins: torch.Tensor, dirs: torch.Tensor,
                      cond: torch.Tensor, code: torch.Tensor, n_samples: int, jitter: bool = False,
-                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                     generator: torch.Generator | None = None, estimator: nerfacc.OccGridEstimator | None = None,
+                     amp: bool = False) -> dict[str, torch.Tensor]:
     """Render head rays (canonical head frame, canonical units).
+
+    On CUDA with nerfacc's CUDA extension and an ``estimator`` given, the rays go through
+    :func:`avatar.nerf.cuda_sampler.render_head_rays_nerfacc` (occupancy-grid estimator, packed
+    samples; ``amp`` = bfloat16 field MLPs there); otherwise (CPU, or the extension missing) the
+    PyTorch sampler below, for which ``estimator`` and ``amp`` are ignored.
 
     Args:
         origins, dirs: float32 [N, 3] (dirs unit length).
@@ -70,7 +77,10 @@ def render_head_rays(field: HeadField, occ: OccupancyGrid | None, origins: torch
     Returns:
         ``rgb`` [N, 3] (premultiplied by opacity), ``acc`` [N] opacity, ``ambient`` [N] weighted
         mean |ambient coordinate| (L1) along the ray, ``weights`` [N, n_samples], ``depth`` [N].
+        (nerfacc path: ``weights`` packed [M] plus ``ray_indices`` [M].)
     """
+    if estimator is not None and use_nerfacc(origins.device):  # CUDA: nerfacc estimator
+        return render_head_rays_nerfacc(field, estimator, origins, dirs, cond, code, n_samples, jitter, amp)
     N = origins.shape[0]
     near, far, hit = ray_aabb(origins, dirs, field.aabb)
     far = torch.where(hit, far, near)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from avatar.data.dataset import MASK_HEAD, MASK_TORSO, MOUTH, Dataset
 from avatar.errors import InvalidInput
+from avatar.nerf.cuda_sampler import grid_from_estimator, render_step_size, update_estimator, use_nerfacc
 from avatar.nerf.model import (HeadNerf, TorsoNerf, atomic_save, build_head, build_torso, grid_parameters,
                                head_aabb, load_head, part_info, write_json_atomic)
 from avatar.nerf.presets import NerfConfig, get_preset
@@ -216,7 +217,8 @@ def _head_forward(head: HeadNerf, scene: _Scene, batch: _HeadBatch, train: bool,
     cond = head.field.cond_net(lm, bl if head.field.cfg.use_blink else None)[batch.ray_group]
     code = head.field.individual_code(_train_pos(scene, batch.frame_of_ray).to(scene.device), len(batch.frame_of_ray))
     return render_head_rays(head.field, head.occ, batch.origins, batch.dirs, cond, code,
-                            scene.cfg.train.n_samples, jitter=train, generator=gen)
+                            scene.cfg.train.n_samples, jitter=train, generator=gen,
+                            estimator=head.estimator)  # CUDA: nerfacc estimator
 
 
 def _autocast(device: torch.device, cfg: NerfConfig):
@@ -237,6 +239,19 @@ def _update_occupancy(head: HeadNerf, scene: _Scene, rng: np.random.Generator, g
             return head.field.density(x, cond.expand(len(u), -1))[0].float()
 
         head.occ.update(density, generator=gen)
+
+
+def _update_estimator(head: HeadNerf, scene: _Scene, rng: np.random.Generator, step: int) -> None:
+    """CUDA path: nerfacc ``update_every_n_steps`` under the condition of a random training frame."""
+    t = scene.cfg.train
+
+    def cond_fn() -> torch.Tensor:
+        f = rng.choice(scene.train, size=1)
+        lm, bl = scene.cond_inputs(f, scene.train[0], scene.train[-1] + 1)
+        with torch.no_grad():
+            return head.field.cond_net(lm, bl if head.field.cfg.use_blink else None)
+
+    update_estimator(head.estimator, head.field, cond_fn, step, t.n_samples, t.occ_every, t.occ_warmup)
 
 
 def _set_lr(opt: torch.optim.Optimizer, cfg: NerfConfig, step: int, total: int) -> None:
@@ -265,6 +280,7 @@ def _train_part(part: str, scene: _Scene, out: Path, steps: int, seed: int, prog
         model = build_torso(cfg, n_train, scene.size)
         scene.init_torso_stats(model)
     model.to(dev)
+    nerfacc_on = part == "head" and use_nerfacc(dev)  # CUDA + nerfacc extension: estimator sampling
     if cfg.train.compile:
         # opt-in: the field's forward is compiled (state-dict keys unchanged); compile time is
         # reported by `python -m bench.bench_nerf --compile` and dominates short CPU runs
@@ -292,7 +308,9 @@ def _train_part(part: str, scene: _Scene, out: Path, steps: int, seed: int, prog
             from avatar.pipeline.onboard import Cancelled
             raise Cancelled(f"NeRF {part} training cancelled at step {step}; rerun to resume")
         _set_lr(opt, cfg, step, steps)
-        if part == "head" and step >= cfg.train.occ_warmup and step % cfg.train.occ_every == 0:
+        if nerfacc_on:
+            _update_estimator(model, scene, rng, step)
+        elif part == "head" and step >= cfg.train.occ_warmup and step % cfg.train.occ_every == 0:
             _update_occupancy(model, scene, rng, gen)
         with _autocast(dev, cfg):
             if part == "head":
@@ -323,6 +341,8 @@ def _train_part(part: str, scene: _Scene, out: Path, steps: int, seed: int, prog
             ckpt.save(step, model, opt, rng, gen, {"losses": losses})
     bar.close()
     model.eval()
+    if nerfacc_on:  # the PyTorch grid (CPU rendering of this model) follows the estimator
+        model.occ.density = grid_from_estimator(model.estimator, render_step_size(model.field.aabb, cfg.train.n_samples))
     metrics = {"part": part, "steps": step, "seed": seed, "train_psnr_last": _psnr(float(np.mean(losses[-20:]))) if losses else None,
                "seconds_this_run": round(time.perf_counter() - t_start, 1), "preset": cfg.preset}
     if len(scene.val):
@@ -393,7 +413,7 @@ def _torso_rays(torso: TorsoNerf, head: HeadNerf, scene: _Scene, pix: torch.Tens
             o, d = camera_rays(pix[sel].float(), scene.K, c2w, scene.hs)
             code = head.field.individual_code(None, len(sel))
             hr = render_head_rays(head.field, head.occ, o.to(dev), d.to(dev), conds[j].expand(len(sel), -1), code,
-                                  scene.cfg.train.n_samples)
+                                  scene.cfg.train.n_samples, estimator=head.estimator)  # CUDA: nerfacc
             head_rgb[sel.to(dev)] = hr["rgb"].float()
             head_acc[sel.to(dev)] = hr["acc"].float()
     uv = (pix.float() + 0.5).to(dev) / S
