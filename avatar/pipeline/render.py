@@ -206,7 +206,7 @@ class FrameEngine:
         self.window = models.nerf.window
 
     @torch.no_grad()
-    def frame(self, t: int, lm3d: np.ndarray, n_final: int) -> np.ndarray:
+    def frame(self, t: int, lm3d: np.ndarray, n_final: int, pose: np.ndarray | None = None) -> np.ndarray:
         """Render frame ``t`` from the landmark track.
 
         Args:
@@ -214,13 +214,15 @@ class FrameEngine:
             lm3d: float32 [n, 68, 3] landmarks known so far (n > t).
             n_final: index bound used for edge clamping of the attention window (the track
                 length once complete; the window of ``t`` must lie below it while streaming).
+            pose: float32 [4, 4] head pose to use instead of the replayed track (evaluation on
+                tracked poses).
         Returns:
             uint8 [S, S, 3] RGB.
         """
         half = self.window // 2
         idx = np.clip(np.arange(t - half, t - half + self.window), 0, n_final - 1)
         win = torch.from_numpy(np.ascontiguousarray(lm3d[idx]))[None]
-        pose = torch.from_numpy(self.poses(np.array([t])))
+        pose = torch.from_numpy(self.poses(np.array([t])) if pose is None else np.asarray(pose, np.float32)[None])
         blink = torch.from_numpy(eye_aspect_ratio(lm3d[t : t + 1]))
         img = self.m.nerf.render(win, pose, blink=blink, size=self.size)
         return img[0].cpu().numpy()
@@ -310,6 +312,16 @@ class StreamSession:
     def landmarks(self) -> np.ndarray:
         """float32 [n, 68, 3] canonical landmarks computed so far."""
         return self._lm3d
+
+
+def landmarks_for_audio(models, audio, options: RenderOptions | None = None) -> np.ndarray:
+    """The canonical landmark track (float32 [N, 68, 3]) the renderer would use for ``audio``."""
+    options = options or RenderOptions()
+    options.validate()
+    wav = as_waveform(audio)
+    total = n_frames_for(len(wav))
+    engine = MotionEngine(models, options)
+    return np.concatenate([engine.block(b, wav, total) for b in range(-(-total // BLOCK))])[:total]
 
 
 def render_frames(models, audio, options: RenderOptions | None = None) -> Iterator[np.ndarray]:

@@ -1,0 +1,106 @@
+"""Quality of an onboarded avatar on its own held-out validation tail (issue: end-to-end workflow).
+
+Drives the avatar with the validation tail's *audio* through the whole pipeline (features ->
+generator -> postnet -> landmarks -> NeRFs) with the tracked head poses of those frames, and
+compares with the real frames:
+
+* PSNR (full frame) of the full pipeline, beside the NeRF-only PSNR from the *tracked* landmarks
+  and two baselines (background plate; mean training frame);
+* mouth LMD in pixels: landmarks re-detected (MediaPipe FaceMesh -> iBUG-68) on the rendered
+  frames versus on the real frames, mouth points 48-67, for both drivings.
+
+Usage::
+
+    python -m bench.bench_avatar_quality --store demo_out/store --avatar acosta --dataset DS [--max-frames 100]
+
+``DS`` is a dataset of the same video at the avatar's size (``avatar preprocess VIDEO --out DS
+--size 128``); prints a table and appends it to ``bench/RESULTS.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import append_results, commit, machine
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
+def detect_mouth(frames: list[np.ndarray]) -> np.ndarray:
+    """float32 [N, 20, 2] re-detected mouth landmarks (NaN where no face is found)."""
+    from avatar.face.landmarks import FaceMeshTracker
+
+    out = np.full((len(frames), 20, 2), np.nan, dtype=np.float32)
+    with FaceMeshTracker() as tracker:
+        for i, f in enumerate(frames):
+            r = tracker(np.ascontiguousarray(f))
+            if r is not None:
+                out[i] = r.lm68[48:68, :2]
+    return out
+
+
+def mouth_lmd(a: np.ndarray, b: np.ndarray) -> float:
+    ok = ~(np.isnan(a).any((1, 2)) | np.isnan(b).any((1, 2)))
+    return float(np.linalg.norm(a[ok] - b[ok], axis=-1).mean()) if ok.any() else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", type=Path, required=True)
+    ap.add_argument("--avatar", required=True)
+    ap.add_argument("--dataset", type=Path, required=True, help="dataset of the same video at the avatar's size")
+    ap.add_argument("--max-frames", type=int, default=100, help="validation frames evaluated (from the start of the tail)")
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args(argv)
+
+    import avatar.api as api
+    from avatar.data import Dataset
+    from avatar.data.dataset import SAMPLES_PER_FRAME
+    from avatar.pipeline.render import FrameEngine, RenderOptions, landmarks_for_audio
+
+    av = api.load(args.avatar, store=args.store)
+    ds = Dataset(args.dataset)
+    if ds.size != av.size:
+        raise SystemExit(f"dataset size {ds.size} != avatar size {av.size}; preprocess with --size {av.size}")
+    v0 = ds.val_range.start
+    n = min(args.max_frames, len(ds.val_range))
+    wav = np.asarray(ds.audio[v0 * SAMPLES_PER_FRAME:(v0 + n) * SAMPLES_PER_FRAME])
+    real = [np.asarray(ds.frames[v0 + i]) for i in range(n)]
+    poses = np.asarray(ds.pose[v0:v0 + n])
+    opts = RenderOptions(blink=False, temperature=0.0)
+    t0 = time.perf_counter()
+    lm_audio = landmarks_for_audio(av.models, wav, opts)[:n]
+    lm_tracked = np.asarray(ds.lm3d[v0:v0 + n])
+    engine = FrameEngine(av.models, opts)
+    full = [engine.frame(i, lm_audio, n, pose=poses[i]) for i in range(n)]
+    nerf_only = [engine.frame(i, lm_tracked, n, pose=poses[i]) for i in range(n)]
+    dt = time.perf_counter() - t0
+    mean_train = np.mean([np.asarray(ds.frames[i], np.float64) for i in range(0, ds.val_range.start, 10)], axis=0)
+    mouth_real = detect_mouth(real)
+    rows = {
+        "full pipeline (val audio)": (np.mean([psnr(a, b) for a, b in zip(full, real)]), mouth_lmd(detect_mouth(full), mouth_real)),
+        "NeRF only (tracked landmarks)": (np.mean([psnr(a, b) for a, b in zip(nerf_only, real)]), mouth_lmd(detect_mouth(nerf_only), mouth_real)),
+        "background plate": (np.mean([psnr(np.asarray(ds.background), b) for b in real]), float("nan")),
+        "mean training frame": (np.mean([psnr(mean_train, b) for b in real]), float("nan")),
+    }
+    lines = [f"| driving | PSNR full frame (dB) | mouth LMD (px, re-detected) |", "|---|---|---|"]
+    lines += [f"| {k} | {p:.2f} | {m:.2f} |" for k, (p, m) in rows.items()]
+    table = "\n".join(lines)
+    print(table)
+    text = (f"\n## bench_avatar_quality: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit()}\n\n"
+            f"Machine: {machine()}. Avatar `{args.avatar}` ({av.size} px, preset {av.models.manifest.get('preset')}), "
+            f"first {n} validation frames of {ds.root.name}; render {dt:.0f} s.\n\n{table}\n")
+    if not args.no_append:
+        append_results(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
