@@ -1,6 +1,7 @@
 """``make demo``: the whole product on real input with the CPU preset.
 
-1. train the shared generator on ``DATA/corpus`` (skipped when the demo store already has one),
+1. train the shared generator on ``DATA/corpus`` and the emotion model on ``DATA/emotion``
+   (each skipped when the demo store already has it),
 2. onboard ``DATA/speakers/acosta_cnn_71s.mp4`` as avatar ``acosta``,
 3. render ``DATA/audio/eng.wav`` (English) and ``DATA/audio/dreamtalk_German1.wav`` (German),
 4. write ``compare.png`` (a rendered frame next to the real frame) and print paths + wall times.
@@ -54,6 +55,14 @@ def run_demo(data: Path, out: Path, preset: str = "cpu-small") -> int:
         print(f"[demo] training the shared generator on {data / 'corpus'} (CPU preset)")
         train_generator(data / "corpus", store.generator_dir, preset="cpu")
     times["train_generator"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if not (store.emotion_dir / "config.json").is_file():
+        from avatar.motion.emotion import train_emotion
+
+        print(f"[demo] training the shared emotion model on {data / 'emotion'}")
+        train_emotion(data / "emotion", store.emotion_dir)
+    times["train_emotion"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if not store.exists("acosta"):

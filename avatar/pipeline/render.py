@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from avatar.data.dataset import AUDIO_RATE, FPS, SAMPLES_PER_FRAME
-from avatar.errors import InvalidInput, NoAudio
+from avatar.errors import AvatarError, InvalidInput, NoAudio
 from avatar.face.landmarks import eye_aspect_ratio
 from avatar.pipeline.controls import BlinkSchedule, PoseReplay, apply_eyes
 
@@ -192,6 +192,9 @@ class MotionEngine:
         lm3d = apply_eyes(lm3d, self.blink_schedule(frames), self.m.blink)
         if self._emotion is not None:
             lm3d = self._emotion(lm3d, frames)
+        if not np.isfinite(lm3d).all():
+            raise AvatarError(f"non-finite landmarks in frames {f0}-{f1 - 1}; the avatar's motion models are "
+                              "corrupt: re-onboard it with --overwrite")
         return lm3d.astype(np.float32)
 
 
