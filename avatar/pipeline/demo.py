@@ -27,7 +27,8 @@ def _compare_png(av, video: Path, rendered_mp4: Path, out: Path) -> None:
     from avatar.media import iter_video_frames
 
     m = av.models.manifest
-    crop = tuple(m["dataset"]["crop_box"]) if "crop_box" in m.get("dataset", {}) else None
+    box = m.get("dataset", {}).get("crop_box")
+    crop = (int(box["x0"]), int(box["y0"]), int(box["side"])) if box else None
     real = next(iter(iter_video_frames(video, fps=25, crop=crop, size=av.size)))
     fake = next(iter(iter_video_frames(rendered_mp4, fps=25)))
     if fake.shape != real.shape:
