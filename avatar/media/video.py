@@ -412,6 +412,9 @@ class VideoWriter:
             self._container.close()
             self._container = None
             if exc_type is None:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
                 os.replace(self._tmp, self.path)
         finally:
             if self._container is not None:
