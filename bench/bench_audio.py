@@ -31,10 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from bench.common import append_results, markdown_table
 from bench.common import commit as _commit
 from bench.common import machine as _machine
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AVATAR_TEST_DATA", ROOT.parent / "shared" / "data"))
@@ -76,7 +77,11 @@ def _stream(extractor, wav: np.ndarray, chunk: int = 640) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from avatar.audio import FeatureExtractor, StreamingFeatureExtractor, extract_features
+    from avatar.audio import (
+        FeatureExtractor,
+        StreamingFeatureExtractor,
+        extract_features,
+    )
     from avatar.media import load_audio
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -107,16 +112,12 @@ def main(argv: list[str] | None = None) -> int:
                 "chunk_err": err, "peak_rss_mb": f"{_peak_rss_mb():.0f}",
             })
     cols = list(rows[0])
-    widths = [max(len(c), *(len(r[c]) for r in rows)) for c in cols]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-    table = "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                      + [line([r[c] for c in cols]) for r in rows])
+    table = markdown_table(rows, cols)
     print(table)
     header = (f"\n## bench_audio: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
               f"commit {_commit()}\n\nMachine: {_machine()}. Median of {args.runs} runs (streaming: "
               f"{max(1, args.runs // 2)}) after a warm-up; streaming fed 40 ms chunks.\n\n")
-    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-        f.write(header + table + "\n")
+    append_results(header + table + "\n")
     return 0
 
 

@@ -28,11 +28,6 @@ import numpy as np
 from bench.common import append_results, commit, machine
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
-
-
 def detect_mouth(frames: list[np.ndarray]) -> np.ndarray:
     """float32 [N, 20, 2] re-detected mouth landmarks (NaN where no face is found)."""
     from avatar.face.landmarks import FaceMeshTracker
@@ -63,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     import avatar.api as api
     from avatar.data import Dataset
     from avatar.data.dataset import SAMPLES_PER_FRAME
+    from avatar.nerf.evaluate import psnr
     from avatar.pipeline.render import FrameEngine, RenderOptions, landmarks_for_audio
 
     av = api.load(args.avatar, store=args.store)
@@ -90,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "background plate": (np.mean([psnr(np.asarray(ds.background), b) for b in real]), float("nan")),
         "mean training frame": (np.mean([psnr(mean_train, b) for b in real]), float("nan")),
     }
-    lines = [f"| driving | PSNR full frame (dB) | mouth LMD (px, re-detected) |", "|---|---|---|"]
+    lines = ["| driving | PSNR full frame (dB) | mouth LMD (px, re-detected) |", "|---|---|---|"]
     lines += [f"| {k} | {p:.2f} | {m:.2f} |" for k, (p, m) in rows.items()]
     table = "\n".join(lines)
     print(table)

@@ -27,12 +27,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-
-from bench.common import commit as _commit
-from bench.common import machine as _machine
 from types import SimpleNamespace
 
 import numpy as np
+
+from bench.common import append_results
+from bench.common import commit as _commit
+from bench.common import machine as _machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AVATAR_TEST_DATA", ROOT.parent / "shared" / "data"))
@@ -97,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
               f"Canonical units (outer-eye-corner distance = 1).\n")
     text = header + "\n".join(lines) + "\n"
     print(text)
-    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-        f.write(text)
+    append_results(text)
     return 0
 
 

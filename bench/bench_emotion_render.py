@@ -26,12 +26,12 @@ DATA = Path(os.environ.get("AVATAR_TEST_DATA", ROOT.parent / "shared" / "data"))
 
 def face_box(models) -> tuple[int, int, int, int]:
     """Pixel box of the person's mean landmarks under the mean pose (x0, y0, x1, y1)."""
+    from avatar.data.dataset import Intrinsics
+    from avatar.motion.metrics import project
     from avatar.pipeline.controls import mean_pose
 
-    k, hs = models.manifest["dataset"]["intrinsics"], models.manifest["dataset"]["head_scale"]
-    pose = mean_pose(models.pose_track)
-    pts = (pose[:3, :3] @ (hs * models.lm3d_mean).T).T + pose[:3, 3]
-    uv = np.stack([k["fx"] * pts[:, 0] / pts[:, 2] + k["cx"], k["fy"] * pts[:, 1] / pts[:, 2] + k["cy"]], 1)
+    K = Intrinsics(**models.manifest["dataset"]["intrinsics"]).matrix()
+    uv = project(models.lm3d_mean[None], mean_pose(models.pose_track)[None], models.manifest["dataset"]["head_scale"], K)[0]
     x0, y0 = np.maximum(np.floor(uv.min(0)).astype(int), 0)
     x1, y1 = np.ceil(uv.max(0)).astype(int) + 1
     return int(x0), int(y0), int(x1), int(y1)
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import avatar.api as api
     from avatar.media import load_audio
+    from avatar.nerf.evaluate import psnr
     from avatar.pipeline.render import EMOTIONS
 
     av = api.load(args.avatar, store=args.store)
@@ -62,12 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     for label in EMOTIONS[1:]:
         for strength in (1.0, 1.5):
             frames = render(label, strength)
-            a = frames[:, y0:y1, x0:x1].astype(np.float64)
-            b = neutral[:, y0:y1, x0:x1].astype(np.float64)
-            mse = np.mean((a - b) ** 2)
-            psnr = 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
+            face_psnr = psnr(frames[:, y0:y1, x0:x1], neutral[:, y0:y1, x0:x1])
             blank = int(sum(float(f.std()) < 1.0 for f in frames))
-            rows.append((label, strength, psnr, blank, len(frames)))
+            rows.append((label, strength, face_psnr, blank, len(frames)))
     lines = ["| emotion | strength | face PSNR vs neutral (dB) | blank/constant frames | frames |", "|---|---|---|---|---|"]
     lines += [f"| {lab} | {s} | {p:.2f} | {b} | {n} |" for lab, s, p, b, n in rows]
     table = "\n".join(lines)

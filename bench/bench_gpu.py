@@ -35,11 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import commit as _commit
-from bench.common import machine as _machine
-
 import numpy as np
 import torch
+
+from bench.common import commit as _commit
+from bench.common import machine as _machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AVATAR_TEST_DATA", ROOT.parent / "shared" / "data"))

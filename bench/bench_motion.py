@@ -22,11 +22,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import commit as _commit
-from bench.common import machine as _machine
-
 import numpy as np
 import torch
+
+from bench.common import append_results, markdown_table
+from bench.common import commit as _commit
+from bench.common import machine as _machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from avatar.motion.generator import load_generator
     from avatar.motion.lle import lle_project
-    from avatar.motion.postnet import CNNPostNet, PostnetConfig, Postnet, load_postnet
+    from avatar.motion.postnet import CNNPostNet, Postnet, PostnetConfig, load_postnet
 
     gen = load_generator(args.generator, device=args.device) if args.generator else _random_generator(args.device)
     n = int(args.seconds * 25)
@@ -113,18 +114,14 @@ def main(argv: list[str] | None = None) -> int:
                      "audio_s": f"{m['train_frames'] / 25:.0f}", "median_s": f"{m['train_seconds']:.0f}", "x_realtime": "-"})
 
     cols = list(rows[0])
-    widths = [max(len(c), *(len(r[c]) for r in rows)) for c in cols]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-    table = "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                      + [line([r[c] for c in cols]) for r in rows])
+    table = markdown_table(rows, cols)
     print(table)
     model = f"bundle {args.generator}" if args.generator else "random CPU-preset-size generator"
     header = (f"\n## bench_motion: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {_commit()}\n\n"
               f"Machine: {_machine()}; {torch.get_num_threads()} torch thread(s), device {args.device}. {model}. "
               f"Median of {args.runs} runs after a warm-up; x_realtime = seconds of audio per second of compute. "
               f"Machine load at start: {os.getloadavg()[0]:.1f}.\n\n")
-    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-        f.write(header + table + "\n")
+    append_results(header + table + "\n")
     return 0
 
 

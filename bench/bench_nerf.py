@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import append_results
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -99,7 +101,13 @@ def bench_train(dev, runs: int, preset: str, dataset: str | None) -> list[tuple[
         return []
     from avatar.data.dataset import Dataset
     from avatar.nerf.presets import get_preset
-    from avatar.nerf.trainer import _head_step, _make_optimizer, _Scene, _update_occupancy, build_head
+    from avatar.nerf.trainer import (
+        _head_step,
+        _make_optimizer,
+        _Scene,
+        _update_occupancy,
+        build_head,
+    )
 
     cfg = get_preset(preset)
     scene = _Scene(Dataset(dataset), cfg, dev)
@@ -177,8 +185,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_append:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(text)
+        append_results(text)
     return 0
 
 

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import append_results
 from bench.common import commit as _commit
 from bench.common import machine as _machine
 
@@ -96,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             f"median of {args.runs} run(s); load average before/after {load0:.1f}/{os.getloadavg()[0]:.1f} (shared machine); "
             "end-to-end CLI wall time incl. imports, mel features, previews.\n\n{table}\n"
         )
-        with open(REPO / "bench" / "RESULTS.md", "a") as f:
-            f.write(block)
+        append_results(block)
     return 0
 
 

@@ -32,10 +32,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
+from bench.common import append_results
 from bench.common import commit as _commit
 from bench.common import machine as _machine
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token-" + os.urandom(8).hex()
@@ -161,8 +162,7 @@ def main(argv=None) -> int:
                 f"(size {args.size or 'native'}), {args.seconds:.0f} s of `{Path(args.audio).name}` per stream in "
                 f"{CHUNK_S * 1000:.0f} ms real-time chunks, realtime pacing on, {args.runs} run(s) per level; "
                 f"medians over streams. Load average at start: {load0:.1f}.\n\n")
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(meta + table + "\n")
+        append_results(meta + table + "\n")
     return 0
 
 

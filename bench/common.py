@@ -45,3 +45,14 @@ def append_results(text: str, path: Path = RESULTS) -> None:
     """Append a markdown section to ``bench/RESULTS.md``."""
     with open(path, "a") as f:
         f.write(text if text.endswith("\n") else text + "\n")
+
+
+def markdown_table(rows: list[dict[str, str]], cols: list[str]) -> str:
+    """A padded markdown table of ``rows`` (dicts of strings) with columns ``cols``."""
+    widths = [max(len(c), *(len(r[c]) for r in rows)) for c in cols]
+
+    def line(vals):
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+
+    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + [line([r[c] for c in cols]) for r in rows])

@@ -28,13 +28,13 @@ def speech(data_dir) -> np.ndarray:
 
 def _mouth_box(av) -> tuple[int, int, int, int]:
     """Pixel box of the mouth: the person's mean mouth landmarks projected with the mean pose."""
+    from avatar.data.dataset import Intrinsics
+    from avatar.motion.metrics import project
     from avatar.pipeline.controls import mean_pose
 
     m = av.models
-    k, hs = m.manifest["dataset"]["intrinsics"], m.manifest["dataset"]["head_scale"]
-    pose = mean_pose(m.pose_track)
-    pts = (pose[:3, :3] @ (hs * m.lm3d_mean[48:68]).T).T + pose[:3, 3]
-    uv = np.stack([k["fx"] * pts[:, 0] / pts[:, 2] + k["cx"], k["fy"] * pts[:, 1] / pts[:, 2] + k["cy"]], 1)
+    K = Intrinsics(**m.manifest["dataset"]["intrinsics"]).matrix()
+    uv = project(m.lm3d_mean[None], mean_pose(m.pose_track)[None], m.manifest["dataset"]["head_scale"], K)[0, 48:68]
     x0, y0 = np.floor(uv.min(0)).astype(int) - 2
     x1, y1 = np.ceil(uv.max(0)).astype(int) + 3
     return x0, y0, x1, y1
