@@ -11,13 +11,16 @@ DEMO_OUT ?= demo_out
 
 venv: $(STAMP)
 
-# torch==2.13.0 first (local CPU wheel here); mediapipe 0.10.21 with --no-deps (its metadata pulls
-# jax and opencv-contrib we do not want; its runtime needs are in pyproject).
+# The dev/CI pins first: torch==2.13.0 (the local CPU wheel here; pyproject only asks for torch>=2.4 so
+# that GPU hosts keep their CUDA build) and triton==3.9.0 (its interpreter runs the Triton kernel tests on
+# CPU; verified with torch 2.13). Then the package with every group demo and tests need, then mediapipe
+# 0.10.21 with --no-deps (its metadata pulls jax and opencv-contrib we do not want; its runtime needs
+# are the `preprocess` group).
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q torch==2.13.0 triton==3.9.0
+	$(VPY) -m pip install -q -e '.[preprocess,serve,dev]' torch==2.13.0 triton==3.9.0
 	$(VPY) -m pip install -q --no-deps mediapipe==0.10.21
 	$(VPY) -c "import torch, mediapipe, nerfacc, av, librosa, grpc; print('environment ok: torch', torch.__version__)"
 	touch $(STAMP)
