@@ -6,3 +6,5 @@ pose, masks), :mod:`avatar.audio` (features), :mod:`avatar.data` (dataset format
 NeRFs), :mod:`avatar.pipeline` (onboard / render), :mod:`avatar.store` (avatar bundles).
 """
 __version__ = "0.1.0"
+
+import avatar.runtime  # noqa: E402,F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is first imported)

@@ -88,10 +88,12 @@ def resolve_device(name: str) -> torch.device:
 
 @contextlib.contextmanager
 def cpu_threads(n: int):
-    """Temporarily set torch's intra-op CPU threads (0 = leave as is)."""
+    """Temporarily set torch's intra-op CPU threads (0 = the CPUs this process may use, see
+    :func:`avatar.runtime.usable_cpus`; any n is capped at that count)."""
+    from avatar.runtime import configure_threads, usable_cpus
+
     old = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
+    configure_threads(min(n, usable_cpus()) if n > 0 else None)
     try:
         yield
     finally:

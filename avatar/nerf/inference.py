@@ -12,6 +12,7 @@ from avatar.errors import BundleCorrupt, InvalidInput
 from avatar.nerf.model import HeadNerf, TorsoNerf, load_head, load_torso
 from avatar.nerf.rays import box_pixel_bounds, camera_rays
 from avatar.nerf.render import composite, render_head_rays
+from avatar.runtime import configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class AvatarNerf:
                  head_scale: float, window: int, device: torch.device | str | None = None,
                  n_samples: int = 32, chunk: int = 8192):
         self.device = torch.device(device) if device is not None else next(head.parameters()).device
+        configure_threads()  # CPU rendering: torch threads = CPUs this process may use
         self.head = head.to(self.device).eval()
         self.torso = torso.to(self.device).eval() if torso is not None else None
         self.size = int(size)

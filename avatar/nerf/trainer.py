@@ -30,6 +30,7 @@ from avatar.nerf.model import (HeadNerf, TorsoNerf, atomic_save, build_head, bui
 from avatar.nerf.presets import NerfConfig, get_preset
 from avatar.nerf.rays import box_pixel_bounds, camera_rays
 from avatar.nerf.render import composite, render_head_rays
+from avatar.runtime import configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -497,6 +498,7 @@ def train_nerf(dataset: str | Path, out: str | Path, part: str = "all", preset: 
         raise InvalidInput(f"--steps must be >= 1, got {steps}")
     cfg = get_preset(preset)
     dev = _device(device)
+    configure_threads()  # torch threads = CPUs this process may use (affinity, cgroup quota)
     ds = Dataset(dataset)
     scene = _Scene(ds, cfg, dev)
     out = Path(out)

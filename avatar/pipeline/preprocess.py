@@ -43,6 +43,7 @@ from avatar.data.dataset import (
     save_array,
 )
 from avatar.errors import ClipTooShort, InvalidInput, InvalidMedia, NoAudio, NoFaceDetected
+from avatar.runtime import configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ def preprocess(
 
     cfg = config or PreprocessConfig()
     cfg.validate()
+    configure_threads()  # OpenCV / torch threads = CPUs this process may use
     out = check_output_dir(out, overwrite)
     video = Path(video)
     t_start = time.perf_counter()

@@ -1,0 +1,148 @@
+"""Process-level runtime settings shared by every stage: how many CPUs this process may really use,
+and torch / OpenCV thread pools sized to match.
+
+Why: torch sizes its intra-op pool from the machine's core count and its OpenMP threads busy-wait
+(spin) between parallel regions. On a shared machine (other processes, a CPU affinity mask, a
+container CPU quota) that oversubscribes the cores: a head NeRF step ran 5-20x slower while one
+other process used a core (../shared/DESIGN.md "Measured lessons"; issues 12 and 18). The fix is
+to size the pools from what the process may use (``os.sched_getaffinity`` and the cgroup CPU
+quota, like ``os.process_cpu_count`` in Python 3.13 plus the quota) and to let idle OpenMP threads
+sleep (``OMP_WAIT_POLICY=PASSIVE``, read by libgomp when torch is first imported).
+
+Every stage entry point (NeRF trainer, renderer, preprocess, generator training) calls
+:func:`configure_threads`; it is idempotent and cheap. ``AVATAR_THREADS=N`` overrides the count.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV_THREADS = "AVATAR_THREADS"
+
+# OpenMP reads this once, when libgomp initialises (first `import torch`); setting it here only
+# helps if this module is imported before torch, which `avatar/cli.py` and the stage modules do
+# through `avatar.runtime` being imported early. An explicit user setting is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+_configured: int | None = None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cgroup_dirs(root: Path, proc_cgroup: str | None) -> list[Path]:
+    """Candidate cgroup directories of this process, innermost first (v2 unified, then v1 cpu)."""
+    dirs: list[Path] = []
+    for line in (proc_cgroup or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hid, controllers, rel = parts
+        rel = rel.lstrip("/")
+        if hid == "0" and controllers == "":
+            dirs += [root / rel, root / "unified" / rel]
+        elif "cpu" in controllers.split(","):
+            for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+                dirs.append(root / name / rel)
+    dirs += [root, root / "cpu", root / "cpu,cpuacct"]
+    return dirs
+
+
+def cgroup_cpu_limit(root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | None = None) -> float | None:
+    """CPU quota of this process's cgroup in CPUs (e.g. 1.5), or None when unlimited / unknown.
+
+    Reads cgroup v2 ``cpu.max`` (``"QUOTA PERIOD"`` or ``"max PERIOD"``) and cgroup v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota ``-1`` = unlimited) of the cgroup named in
+    ``/proc/self/cgroup``, falling back to the hierarchy root. ``root`` and ``proc_cgroup`` (the
+    text of ``/proc/self/cgroup``) exist for tests. Never raises: unreadable files mean "unknown".
+    """
+    root = Path(root)
+    if proc_cgroup is None:
+        proc_cgroup = _read(Path("/proc/self/cgroup"))
+    for d in _cgroup_dirs(root, proc_cgroup):
+        v2 = _read(d / "cpu.max")
+        if v2 is not None:
+            fields = v2.split()
+            if len(fields) >= 1 and fields[0] != "max":
+                try:
+                    period = float(fields[1]) if len(fields) > 1 else 100_000.0
+                    return float(fields[0]) / period
+                except ValueError:
+                    return None
+            return None
+        quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+        if quota is not None and period is not None:
+            try:
+                q, p = float(quota), float(period)
+            except ValueError:
+                return None
+            return q / p if q > 0 and p > 0 else None
+    return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: ``$AVATAR_THREADS`` if set (>= 1), else
+    ``min(len(os.sched_getaffinity(0)), ceil(cgroup quota))``, at least 1.
+
+    Raises:
+        ValueError: ``$AVATAR_THREADS`` is set but not a positive integer.
+    """
+    env = os.environ.get(ENV_THREADS, "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"{ENV_THREADS}={env!r} is not an integer; unset it or pass a thread count >= 1") from None
+        if n < 1:
+            raise ValueError(f"{ENV_THREADS}={env!r}: need a thread count >= 1")
+        return n
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota - 1e-9)))
+    return max(1, n)
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Size torch's intra-op pool (and OpenCV's) to ``n`` threads (default :func:`usable_cpus`).
+
+    Idempotent; returns the thread count in force. The inter-op pool is set to the same count the
+    first time only (torch allows that once, before any parallel work; later attempts are skipped).
+    """
+    global _configured
+    import torch
+
+    n = int(n) if n is not None else usable_cpus()
+    if n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    if _configured is None:
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:  # already set, or parallel work already ran: keep torch's
+            pass
+    try:
+        import cv2
+
+        cv2.setNumThreads(n)
+    except ImportError:
+        pass
+    if _configured != n:
+        log.debug("thread pools: %d (affinity/quota/%s)", n, ENV_THREADS)
+    _configured = n
+    return n
+
+
+__all__ = ["cgroup_cpu_limit", "configure_threads", "usable_cpus"]
