@@ -1,9 +1,13 @@
-"""``avatar train-emotion CLIPS_DIR --out DIR``: train the EAT-style category emotion model.
+"""``avatar train-emotion CLIPS_DIR [CLIPS_DIR ...] --out DIR``: train the EAT-style category emotion model.
 
-Clips are labelled by file name (``<speaker>_front_<label>_level<k>_<n>.mp4`` as in MEAD, or
-``eamm_<label>.mp4``); audio is not needed. Each speaker with a ``neutral`` clip gives
-neutral-relative targets; speakers without one use the template neutral (see
-:func:`avatar.motion.emotion.build_training_set`). The default output location used by renders is
+Clips are labelled by file name (MEAD ``<speaker>_front_<label>_level<k>_<n>.mp4``, spectre's
+``MEAD_<speaker>_level_<k>_<label>_<n>.mp4``, or ``eamm_<label>.mp4``; files without a label are
+skipped, so a mixed corpus folder can be passed); audio is not needed. Each speaker with a
+``neutral`` clip gives neutral-relative targets; speakers without one use the shared-statistics
+neutral estimate (see :mod:`avatar.motion.emotion.neutral`). Typical::
+
+    avatar train-emotion ../shared/data/emotion ../shared/data/corpus2 --cache /tmp/emotion_tracks
+ The default output location used by renders is
 the store's ``shared/emotion`` (:attr:`avatar.store.AvatarStore.emotion_dir`).
 """
 from __future__ import annotations
@@ -23,12 +27,14 @@ def register(subparsers) -> None:
                     "emotion code -> mapping network -> deformation network predicting a landmark displacement. "
                     "Writes model.safetensors, config.json and metrics.json.",
     )
-    p.add_argument("clips_dir", metavar="CLIPS_DIR", help="folder of labelled clips (label in the file name)")
+    p.add_argument("clips_dir", metavar="CLIPS_DIR", nargs="+",
+                   help="folder(s) of labelled clips (label in the file name; unlabelled files are skipped)")
     p.add_argument("--out", default=None,
                    help="output directory (default: the store's shared/emotion, used by every avatar)")
     p.add_argument("--holdout", default=None, metavar="SPEAKER",
                    help="speaker id (e.g. W009) kept out of training; per-label cosine metrics are computed on it")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
+    p.add_argument("--cache", default=None, metavar="DIR", help="cache tracked landmarks here (re-runs skip tracking)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_run)
 
@@ -44,7 +50,7 @@ def _run(args) -> int:
             raise InvalidInput(f"--steps must be >= 1, got {args.steps}")
         cfg.steps = args.steps
     out = args.out or AvatarStore().emotion_dir
-    metrics = train_emotion(args.clips_dir, out, cfg, overwrite=args.overwrite)
+    metrics = train_emotion(args.clips_dir, out, cfg, overwrite=args.overwrite, cache_dir=args.cache)
     summary = {"out": str(out), "train_s": round(metrics["train_s"], 1), "final_loss": round(metrics["final_loss"], 4)}
     if "holdout" in metrics:
         summary["holdout_mean_cosine"] = round(metrics["holdout"]["mean_cosine"], 3)
