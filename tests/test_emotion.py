@@ -52,6 +52,35 @@ def test_schedule_weights_crossfade():
     np.testing.assert_array_equal(np.concatenate(blocks), w["happy"])
 
 
+def test_clip_names_speakers_and_aliases(tmp_path):
+    names = ["M030_front_happy_level3_001.mp4", "filby89+spectre__MEAD_M030_level_3_angry_016.mp4",
+             "filby89+spectre__MEAD_W015_level_1_neutral_030.mp4", "eamm_sad.mp4", "eamm_fear.mp4",
+             "filby89+spectre__LRS3_00002.mp4", "notes.txt"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"")
+    got = E.list_clips(tmp_path)
+    assert got.keys() == {"M030", "W015", "eamm_sad", "eamm_fear"}
+    assert sorted(lab for lab, _ in got["M030"]) == ["angry", "happy"]
+    merged = E.list_clips([tmp_path], aliases={"eamm_sad": "M030"})
+    assert sorted(lab for lab, _ in merged["M030"]) == ["angry", "happy", "sad"] and "eamm_sad" not in merged
+    with pytest.raises(InvalidInput):
+        E.list_clips([tmp_path, tmp_path / "missing"])
+
+
+def test_mirror_and_symmetrize():
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=(68, 3))
+    np.testing.assert_allclose(E.mirror(E.mirror(d)), d)
+    s = E.symmetrize(d)
+    np.testing.assert_allclose(E.mirror(s), s)
+    # a one-sided smile (right corner only) becomes half on each side
+    one = np.zeros((68, 3))
+    one[54] = [0.1, -0.05, 0.0]
+    sym = E.symmetrize(one)
+    np.testing.assert_allclose(sym[54], [0.05, -0.025, 0.0])
+    np.testing.assert_allclose(sym[48], [-0.05, -0.025, 0.0])
+
+
 # ------------------------------------------------------------------ real clips, tiny training
 CLIPS = ["M030_front_neutral_level1_001", "M030_front_happy_level3_001", "M030_front_surprised_level3_001",
          "W009_front_neutral_level1_001", "W009_front_happy_level3_001", "W009_front_surprised_level3_001"]
@@ -117,6 +146,30 @@ def test_training_writes_artifacts_and_generalises(trained):
         assert r["cosine"] > 0.3, (label, r)
     net = E.load_emotion_model(out)
     assert net.cfg.hidden == 64
+    # the two baselines sit beside the model's rows; with one training speaker both are "copy M030"
+    base = metrics["holdout"]["baselines"]
+    assert set(base) == {"happy", "surprised"}
+    for label, b in base.items():
+        assert b["n_train"] == 1 and b["average_cos"] == pytest.approx(b["copy_cos"])
+    assert metrics["recorded_neutral"] == ["M030"]
+
+
+def test_calibration_gives_real_size_on_training_speaker(trained, tracks):
+    """Strength 1 = the real displacement size (on the training speaker with a recorded neutral)."""
+    store, metrics = trained
+    net = E.load_emotion_model(store / "shared" / "emotion")
+    st = {s.speaker: s for s in tracks}["M030"]
+    stats = net.neutral_stats()
+    real = E.speaker_displacements(st, stats)
+    assert set(metrics["gains"]) == {"happy", "surprised"}
+    for label in ("happy", "surprised"):
+        lm = st.clips[label][0]
+        pred = net.predict(E.causal_windows(E.speech_features(lm, lm.mean(0)), net.cfg.window), label).mean(0)
+        pred = pred * E.region_scale(stats.template, st.neutral_mean)
+        assert E.norm(pred) / E.norm(real[label]) == pytest.approx(1.0, abs=0.1), label
+    # the stored neutral statistics: M030's neutral is the template, its two labels the expression directions
+    np.testing.assert_allclose(stats.template, E.similarity_fit(st.neutral_mean, stats.template), atol=1e-5)
+    assert len(stats.id_basis) == 0 and len(stats.ex_basis) == 2
 
 
 def test_category_delta_properties(trained, tracks):
@@ -217,6 +270,57 @@ def test_reference_video_delta(tracks, data_dir, tmp_path):
     step = np.abs(np.diff(d, axis=0)).max(axis=(1, 2))
     assert step[n - 3 : n + 2].max() <= step[: n - 1].max() + 1e-6   # no jump at the loop point
     assert np.array_equal(E.build_emotion_delta(models, RenderOptions(emotion_video=ref, emotion_strength=0.0))(lm, frames), lm)
+
+
+def _real(st, label):
+    return (st.clips[label][0].mean(0) - st.neutral_mean) * E.MOVABLE_MASK
+
+
+def test_reference_video_transfers_direction_and_size(trained, tracks, data_dir):
+    """Issue 14: another person's emotional clip carries its expression onto the avatar (W009):
+    the transferred delta points like W009's real neutral->surprised displacement and has its size,
+    with the reference person's neutral clip and with the shared-statistics estimate (the trained
+    model's). The lips and lower jaw stay with the audio."""
+    store, _ = trained
+    st = {s.speaker: s for s in tracks}["W009"]
+    models = _models(store, st)
+    ref = str(data_dir / "emotion" / "M030_front_surprised_level3_001.mp4")
+    real = _real(st, "surprised")
+    for neutral in (str(data_dir / "emotion" / "M030_front_neutral_level1_001.mp4"), None):
+        models.__dict__.pop("_emotion_ref_cache", None)
+        opts = SimpleNamespace(emotion="neutral", emotion_strength=1.0, emotion_video=ref, emotion_neutral_video=neutral)
+        f = E.build_emotion_delta(models, opts)
+        disp = next(iter(models._emotion_ref_cache.values()))
+        d = disp.mean(0)
+        assert E.cosine(d, real) >= 0.6, neutral
+        assert 0.7 <= E.norm(d) / E.norm(real) <= 1.3, neutral
+        lm = st.clips["neutral"][0]
+        out = f(lm, np.arange(len(lm)))
+        np.testing.assert_array_equal(out[:, list(E.FROZEN)], lm[:, list(E.FROZEN)])
+        assert np.linalg.norm(out - lm, axis=-1)[:, 48:68].mean() < 0.05  # mouth LMD vs neutral
+
+
+def test_reference_neutral_segment(tracks, data_dir):
+    """A clip that starts neutral and then shows the emotion is measured against its own neutral
+    segment; a clip that holds one expression throughout is not (its least expressive frames are
+    still expressive)."""
+    st = {s.speaker: s for s in tracks}["W009"]
+    m030 = {s.speaker: s for s in tracks}["M030"]
+    stats = E.NeutralStats.from_template(m030.neutral_mean)
+    neu = E.track_clip(data_dir / "emotion" / "W009_front_neutral_level1_001.mp4")
+    emo = E.track_clip(data_dir / "emotion" / "W009_front_surprised_level3_001.mp4")
+    joined = E.TrackedClip(neu.path, np.concatenate([neu.points, emo.points]))
+    r = E.measure_reference(joined, None, stats)
+    assert r.neutral_source == "segment"
+    d = r.disp[len(neu.points):].mean(0)
+    real = _real(st, "surprised")
+    assert E.cosine(d, real) > 0.9 and 0.8 < E.norm(d) / E.norm(real) < 1.2
+    held = E.measure_reference(emo, None, stats)
+    assert held.neutral_source == "estimate"
+    # the old behaviour (subtracting the clip's own mean) would leave no mean expression at all
+    assert E.norm(held.disp.mean(0)) > 0.5 * E.norm(real)
+    with pytest.raises(ValueError):
+        E.measure_reference(emo, None, None)
 
 
 def test_reference_video_errors(tracks, tmp_path):

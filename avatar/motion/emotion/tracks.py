@@ -128,9 +128,11 @@ def speaker_of(stem: str) -> str:
     return stem.split("_front_")[0] if "_front_" in stem else stem
 
 
-def list_clips(clips_dirs) -> dict[str, list[tuple[str, Path]]]:
+def list_clips(clips_dirs, aliases: dict[str, str] | None = None) -> dict[str, list[tuple[str, Path]]]:
     """Labelled clips by speaker: {speaker: [(label, path), ...]} from file names (see the module
     docstring) in one folder or several (``str | Path | list``). Files without a label are skipped.
+    ``aliases`` maps a speaker id from a name to the person's id when several names show one person
+    (e.g. ``{"eamm_sad": "M030"}``: the EAMM sad clip shows MEAD's M030).
 
     Raises:
         InvalidInput: a folder that does not exist, or no labelled clip in any of them.
@@ -148,7 +150,8 @@ def list_clips(clips_dirs) -> dict[str, list[tuple[str, Path]]]:
             if label is None:
                 skipped.append(p.name)
                 continue
-            out.setdefault(speaker_of(p.stem), []).append((label, p))
+            spk = speaker_of(p.stem)
+            out.setdefault((aliases or {}).get(spk, spk), []).append((label, p))
     if skipped:
         log.info("skipping %d clips without an emotion label in their name (e.g. %s)", len(skipped), skipped[0])
     if not out:
@@ -167,15 +170,15 @@ class SpeakerTracks:
 
 
 def track_speakers(clips_dirs, speakers: list[str] | None = None, progress: bool = True,
-                   cache_dir: str | Path | None = None) -> list[SpeakerTracks]:
+                   cache_dir: str | Path | None = None, aliases: dict[str, str] | None = None) -> list[SpeakerTracks]:
     """Track and canonicalise every labelled clip in one or several folders (unreadable or
     faceless clips are skipped with a warning). ``speakers`` restricts to those ids; ``cache_dir``
-    caches tracked points (:func:`track_clip`)."""
+    caches tracked points (:func:`track_clip`); ``aliases`` as in :func:`list_clips`."""
     from tqdm import tqdm
 
     from avatar.errors import InvalidMedia
 
-    listing = list_clips(clips_dirs)
+    listing = list_clips(clips_dirs, aliases)
     if speakers is not None:
         listing = {s: v for s, v in listing.items() if s in speakers}
     out = []
