@@ -1,17 +1,28 @@
 """The ``avatar`` command.
 
 Each pipeline area registers its own subcommands through a ``register(subparsers)`` function, so
-this file only dispatches and turns :class:`avatar.errors.AvatarError` into a one-line message and
-a non-zero exit code (no traceback for user errors; ``--debug`` shows one).
+this file only dispatches and turns every failure into a one-line ``error: ...`` message and a
+non-zero exit code; ``--debug`` shows the traceback instead:
+
+- :class:`avatar.errors.AvatarError`: its message, ``err.exit_code``;
+- OS errors (disk full, permission denied, read-only file system...): exit 74 (EX_IOERR);
+- a closed stdout (``avatar show NAME | head``): quiet exit 141 (as a shell's SIGPIPE);
+- Ctrl-C: 130; anything else: exit 70 (EX_SOFTWARE) with a hint to rerun with ``--debug``.
+
+A ``--device`` option of any subcommand is checked before the command runs (:func:`check_device`).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import sys
 
-from avatar.errors import AvatarError
+from avatar.errors import AvatarError, InvalidInput
+
+EX_SOFTWARE, EX_IOERR, EX_PIPE = 70, 74, 141
 
 #: modules that provide ``register(subparsers)``; each adds one or more subcommands
 COMMAND_MODULES = [
@@ -43,7 +54,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(device: str | None) -> None:
+    """Check a ``--device`` value before any work: a torch device string whose backend exists here.
+
+    Raises:
+        InvalidInput: unparsable device, CUDA/MPS requested but unavailable, or a CUDA index beyond
+            the visible GPUs.
+    """
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise InvalidInput(f"unknown --device {device!r} ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInput(f"--device {device}: CUDA is not available on this machine (no GPU, driver or CUDA "
+                               "build of torch); use --device cpu or omit --device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidInput(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InvalidInput(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise InvalidInput(f"--device {device}: unsupported device type {dev.type!r}; use cpu or cuda")
+
+
+def _os_error_message(e: OSError) -> str:
+    what = e.strerror or str(e)
+    where = f": {e.filename}" if e.filename else ""
+    hint = {errno.ENOSPC: "free disk space or choose another output location",
+            errno.EDQUOT: "free disk space or choose another output location",
+            errno.EACCES: "check the permissions or choose another path",
+            errno.EPERM: "check the permissions or choose another path",
+            errno.EROFS: "choose a writable location",
+            errno.ENOTDIR: "a path component is a file, not a directory",
+            errno.EISDIR: "give a file path, not a directory"}.get(e.errno, "")
+    return f"{what}{where}" + (f"; {hint}" if hint else "")
+
+
+def _stdout_closed() -> None:
+    """After a BrokenPipeError: point stdout at /dev/null so the interpreter's final flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``avatar`` command; returns the exit code (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -54,15 +115,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
-    except AvatarError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        check_device(getattr(args, "device", None))
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # surface a closed pipe here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _stdout_closed()
+        return EX_PIPE
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume where supported", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, AvatarError):
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        if isinstance(e, OSError):
+            print(f"error: {_os_error_message(e)}", file=sys.stderr)
+            return EX_IOERR
+        logging.getLogger("avatar").debug("unexpected error", exc_info=True)
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        print(f"error: unexpected {type(e).__name__}: {first}; rerun with --debug for the traceback and report it",
+              file=sys.stderr)
+        return EX_SOFTWARE
 
 
 if __name__ == "__main__":

@@ -63,14 +63,21 @@ def parse_tokens(text: str, source: str = "tokens") -> dict[str, frozenset[str]]
 def load_tokens(tokens_file: str | Path | None = None) -> dict[str, frozenset[str]]:
     """Tokens from ``tokens_file`` and/or ``$AVATAR_TOKENS`` (both are merged).
 
+    The file must not be accessible to other users nor writable by the group (mode 0600 or 0640),
+    like ssh's private keys: anyone who can read it can act as every client.
+
     Raises:
-        InvalidInput: the file is missing, unparsable, or no token is configured at all.
+        InvalidInput: the file is missing, too open, unparsable, or no token is configured at all.
     """
     tokens: dict[str, frozenset[str]] = {}
     if tokens_file:
         path = Path(tokens_file)
         if not path.is_file():
             raise InvalidInput(f"tokens file {path} not found; create it with lines TOKEN=SCOPE[,SCOPE]")
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o037:
+            raise InvalidInput(f"tokens file {path} has mode {mode:04o}: other users can read or change the API "
+                               f"tokens; run `chmod 600 {path}`")
         tokens.update(parse_tokens(path.read_text(), str(path)))
     if os.environ.get(ENV_VAR):
         tokens.update(parse_tokens(os.environ[ENV_VAR], f"${ENV_VAR}"))
@@ -96,13 +103,19 @@ def bearer_token(metadata) -> str | None:
     return None
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as ``handler`` that fails with ``code``."""
+def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+                   before=None) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as ``handler`` that fails with ``code``
+    (after calling ``before(context)`` if given)."""
 
     def unary(request_or_iterator, context):
+        if before is not None:
+            before(context)
         context.abort(code, message)
 
     def streaming(request_or_iterator, context):
+        if before is not None:
+            before(context)
         context.abort(code, message)
         yield  # pragma: no cover  (makes this a generator; abort raises)
 
@@ -120,7 +133,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     Args:
         tokens: {token: scopes} from :func:`load_tokens`.
-        on_denied: optional callback ``(method, code_name)`` for metrics.
+        on_denied: optional callback ``(method, code_name, peer, token or None)`` for metrics and the
+            access log, called when a refused call runs (log a :func:`token_id`, never the token).
     """
 
     def __init__(self, tokens: dict[str, frozenset[str]], on_denied=None):
@@ -141,19 +155,23 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
         if token is None:
-            return self._deny(handler, method, grpc.StatusCode.UNAUTHENTICATED,
+            return self._deny(handler, method, token, grpc.StatusCode.UNAUTHENTICATED,
                               "missing credentials: send metadata 'authorization: Bearer <token>'")
         scopes = self._lookup(token)
         if scopes is None:
-            return self._deny(handler, method, grpc.StatusCode.PERMISSION_DENIED,
+            return self._deny(handler, method, token, grpc.StatusCode.PERMISSION_DENIED,
                               "unknown token: ask the server operator for a valid API token")
         need = METHOD_SCOPES.get(method)
         if need and need not in scopes and "admin" not in scopes:
-            return self._deny(handler, method, grpc.StatusCode.PERMISSION_DENIED,
+            return self._deny(handler, method, token, grpc.StatusCode.PERMISSION_DENIED,
                               f"this token lacks the '{need}' scope needed for {method.rsplit('/', 1)[-1]}")
         return handler
 
-    def _deny(self, handler, method, code, message):
-        if self._on_denied:
-            self._on_denied(method, code.name)
-        return _abort_handler(handler, code, message)
+    def _deny(self, handler, method, token, code, message):
+        def before(context):
+            if self._on_denied:
+                try:
+                    self._on_denied(method, code.name, context.peer(), token)
+                except Exception:  # logging must never turn a denial into INTERNAL
+                    pass
+        return _abort_handler(handler, code, message, before)

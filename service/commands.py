@@ -195,10 +195,12 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="run the gRPC renderer service",
                        description="Serve avatar.v1.AvatarService (plus gRPC health and reflection) for the avatars "
                                    "in a store. Every RPC but health needs a bearer token (--tokens-file or "
-                                   "$AVATAR_TOKENS: entries TOKEN=SCOPE[,SCOPE], scopes render/onboard/admin). "
-                                   "Logs are JSON lines; Prometheus metrics on --metrics-port.")
+                                   "$AVATAR_TOKENS: entries TOKEN=SCOPE[,SCOPE], scopes render/onboard/admin; the file must "
+                                   "be mode 0600 or 0640). Logs are JSON lines; Prometheus metrics on --metrics-port, "
+                                   "on the same host as gRPC.")
     p.add_argument("--store", type=Path, default=None, help="avatar store directory (default: $AVATAR_HOME or the per-user data dir)")
-    p.add_argument("--host", default=None, help="bind address (default [::], all interfaces)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1, this machine only; [::] or 0.0.0.0 = every "
+                        "interface, which needs --tls-cert/--tls-key or logs a warning)")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default 9464; -1 = off)")
     p.add_argument("--tokens-file", type=Path, default=None, help="API tokens, lines TOKEN=SCOPE[,SCOPE]")

@@ -4,15 +4,30 @@ Worker processes are started with the ``spawn`` method (no forked torch/gRPC sta
 in the server process stays responsive while a job trains. At most ``max_running`` jobs run at
 once; the rest wait in FIFO order (at most ``max_queued``). Cancelling sets the job's
 ``multiprocessing.Event`` (``onboard`` checks it between steps); a worker still alive
-``cancel_grace_s`` later is terminated. Job records live in memory: they are lost on restart
-(finished avatars are in the store regardless).
+``cancel_grace_s`` later is terminated.
+
+Workers never outlive the server: each asks the kernel for SIGKILL when its parent dies
+(``prctl(PR_SET_PDEATHSIG)``; workers are started from the manager's monitor thread, which lives
+until every worker has been reaped) and also polls its parent pid, so a ``kill -9`` of the server
+cannot leave an untracked worker training on. ``onboard`` holds a per-name file lock, so a
+resubmission can never race a dying worker.
+
+Job records are journalled to ``STORE/jobs/<job_id>.json``. At start-up the manager reconciles the
+journal: jobs a dead server left QUEUED/RUNNING are marked FAILED ("resubmit to resume": the work
+dir is kept, so onboarding the same video resumes), and records older than ``keep_days`` are removed.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import json
 import logging
 import multiprocessing as mp
+import os
 import queue
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -50,9 +65,39 @@ class JobRecord:
     version: int = 0
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Make the calling process exit when ``parent_pid`` dies (called first thing in a worker).
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` through ctypes, then a check that the parent did not
+    die before that call. Everywhere: a daemon thread that polls ``os.getppid()`` every ``poll_s``
+    seconds and calls ``os._exit`` once the process has been re-parented.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except OSError:
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _worker(job_id: str, video: str, name: str, store_root: str, preset: str, overwrite: bool,
-            events, cancel) -> None:
+            events, cancel, parent_pid: int | None = None) -> None:
     """Worker-process entry point: run one onboarding and report through ``events``."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     try:
         from avatar.errors import AvatarError
         from avatar.pipeline.onboard import onboard
@@ -80,12 +125,15 @@ class JobManager:
         cancel_grace_s: seconds a cancelled worker may take to stop before it is terminated.
         on_change: called with a JobRecord copy after every state change (metrics).
         on_success: called with the avatar name after a job succeeded (cache invalidation).
+        keep_days: journalled records of finished jobs older than this are removed at start-up.
     """
 
     def __init__(self, store_root: str | Path, max_running: int = 1, max_queued: int = 16,
                  cancel_grace_s: float = 10.0, on_change: Callable[[JobRecord], None] | None = None,
-                 on_success: Callable[[str], None] | None = None):
+                 on_success: Callable[[str], None] | None = None, keep_days: float = 7.0):
         self.store_root = str(store_root)
+        self.journal = Path(store_root) / "jobs"
+        self.keep_days = keep_days
         self.max_running = max_running
         self.max_queued = max_queued
         self.cancel_grace_s = cancel_grace_s
@@ -98,6 +146,8 @@ class JobManager:
         self._procs: dict[str, tuple] = {}  # job_id -> (process, cancel event, cancel deadline or None)
         self._cond = threading.Condition()
         self._closed = False
+        self._saved: dict[str, str] = {}
+        self._reconcile()
         self._monitor = threading.Thread(target=self._run, name="onboard-jobs", daemon=True)
         self._monitor.start()
 
@@ -111,11 +161,14 @@ class JobManager:
         with self._cond:
             if len(self._queue) >= self.max_queued:
                 raise ResourceLimit(f"{len(self._queue)} onboarding jobs are already queued; retry after one finishes")
+            if any(j.avatar == name and j.state not in FINISHED for j in self._jobs.values()):
+                raise ResourceLimit(f"avatar {name!r} is already being onboarded; wait for that job or cancel it")
             job = JobRecord(uuid.uuid4().hex[:16], name, preset, overwrite, Path(video), created_unix=time.time())
             self._jobs[job.job_id] = job
             self._queue.append(job.job_id)
             self._changed(job)
-            self._start_queued()
+            # workers are started by the monitor thread only (their parent-death signal is tied to it)
+            self._events.put((None, "wake"))
             return dataclasses.replace(job)
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -171,11 +224,61 @@ class JobManager:
                 proc.join(5.0)
         self._monitor.join(5.0)
 
+    # ---- journal ------------------------------------------------------------------------------
+    def _save(self, job: JobRecord) -> None:
+        """Write the job's record to the journal (atomically; failures are logged, not raised)."""
+        try:
+            self.journal.mkdir(parents=True, exist_ok=True)
+            rec = {**dataclasses.asdict(job), "video": "", "server_pid": os.getpid()}
+            tmp = self.journal / f".{job.job_id}.json.tmp"
+            tmp.write_text(json.dumps(rec))
+            os.replace(tmp, self.journal / f"{job.job_id}.json")
+        except OSError as e:
+            log.warning("cannot journal onboarding job %s: %s", job.job_id, e)
+
+    def _reconcile(self) -> None:
+        """Load the journal: mark jobs of dead servers FAILED, drop old records and temp files."""
+        from avatar.atomic import pid_alive
+
+        if not self.journal.is_dir():
+            return
+        now = time.time()
+        fields = {f.name for f in dataclasses.fields(JobRecord)}
+        for path in self.journal.iterdir():
+            try:
+                if path.name.startswith("."):
+                    path.unlink()
+                    continue
+                rec = json.loads(path.read_text())
+                owner = int(rec.get("server_pid", 0))
+                if owner != os.getpid() and pid_alive(owner) and rec.get("state") not in FINISHED:
+                    continue  # another live server on this store owns it
+                job = JobRecord(**{k: v for k, v in rec.items() if k in fields and k != "video"}, video=Path(""))
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("removing unreadable job record %s (%s)", path.name, e)
+                path.unlink(missing_ok=True)
+                continue
+            if job.state not in FINISHED:
+                log.warning("onboarding job %s (avatar %s) was interrupted by a server stop; marking it FAILED",
+                            job.job_id, job.avatar)
+                job.state, job.finished_unix, job.queue_position = FAILED, now, 0
+                job.error_code = "ABORTED"
+                job.error = ("the server stopped while this job was queued or running; submit the same video again "
+                             "to resume from the last finished step")
+                self._save(job)
+            elif now - (job.finished_unix or job.created_unix) > self.keep_days * 86400:
+                path.unlink(missing_ok=True)
+                continue
+            self._jobs[job.job_id] = job
+
     # ---- internals (hold self._cond) ----------------------------------------------------------
     def _changed(self, job: JobRecord) -> None:
         job.version += 1
         for pos, jid in enumerate(self._queue, 1):
             self._jobs[jid].queue_position = pos
+        if self._saved.get(job.job_id) != job.state:  # every state change, not every progress tick
+            self._saved[job.job_id] = job.state
+            self._save(job)
         self._cond.notify_all()
         if self._on_change:
             self._on_change(dataclasses.replace(job))
@@ -196,7 +299,7 @@ class JobManager:
             proc = self._ctx.Process(
                 target=_worker, name=f"onboard-{job.job_id}", daemon=True,
                 args=(job.job_id, str(job.video), job.avatar, self.store_root, job.preset, job.overwrite,
-                      self._events, event))
+                      self._events, event, os.getpid()))
             proc.start()
             self._procs[job.job_id] = (proc, event, None)
             job.state, job.started_unix, job.queue_position, job.message = RUNNING, time.time(), 0, "starting worker"
@@ -205,6 +308,8 @@ class JobManager:
 
     def _handle(self, event: tuple) -> None:
         job_id, kind, *rest = event
+        if job_id is None:  # a wake-up from submit
+            return
         job = self._jobs.get(job_id)
         if job is None or job.state in FINISHED:
             return

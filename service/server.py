@@ -16,7 +16,21 @@ Serving design (anchors: NVIDIA Audio2Face-3D's bidirectional audio->animation s
 - Errors: :class:`avatar.errors.AvatarError` subclasses map to their ``grpc_code``; anything else is
   INTERNAL with a request id to find the traceback in the log. A bad request never stops the server.
 - Limits (:class:`ServerConfig`): message size, audio duration, concurrent render streams, idle
-  stream timeout, upload size, onboarding concurrency/queue, avatar LRU cache size.
+  stream timeout, send timeout, upload size, onboarding concurrency/queue, avatar LRU cache size.
+
+Hostile-client hardening (each limit is enforced before the work it bounds):
+
+- Audio files are decoded as a stream that stops at ``max_audio_s`` (a tiny FLAC can declare
+  hours of silence), so a Render costs at most ``max_audio_s * 16000`` decoded samples.
+- A response stream whose client stops reading is cancelled once one message has waited
+  ``send_timeout_s`` to be sent (HTTP/2 flow control blocks the send), which frees its slot.
+- The call deadline is checked between frames; the requested ``size`` is capped at the avatar's
+  native size.
+- Error messages never carry server paths or the names of other tenants' avatars.
+- Binding: 127.0.0.1 unless a host is given; plaintext on another address logs a loud warning;
+  ``/metrics`` binds the same address as gRPC.
+- Uploads are spooled under ``STORE/spool/<pid>-*`` and the spool of a dead server is removed at
+  start-up; onboarding workers die with the server (:mod:`service.jobs`).
 """
 from __future__ import annotations
 
@@ -24,8 +38,12 @@ import collections
 import dataclasses
 import functools
 import inspect
+import ipaddress
 import logging
+import os
 import queue
+import re
+import shutil
 import tempfile
 import threading
 import time
@@ -38,7 +56,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from avatar.errors import AvatarError, InvalidInput, InvalidMedia, NoAudio, OutputExists, ResourceLimit
+from avatar.errors import AvatarError, AvatarNotFound, InvalidInput, InvalidMedia, NoAudio, OutputExists, ResourceLimit
 from service import avatar_pb2 as pb
 from service import avatar_pb2_grpc as pb_grpc
 from service import jobs as jobs_mod
@@ -63,14 +81,17 @@ class ServerConfig:
     """Settings of ``avatar serve`` (``--config FILE`` JSON holds any of these; flags override).
 
     Attributes:
-        store: avatar store directory. host/port: gRPC bind address (port 0 = OS-chosen).
-        metrics_port: Prometheus ``/metrics`` HTTP port (None = off, 0 = OS-chosen).
+        store: avatar store directory. host/port: gRPC bind address (port 0 = OS-chosen); the
+            default host is loopback only, ``[::]`` / ``0.0.0.0`` serve every interface.
+        metrics_port: Prometheus ``/metrics`` HTTP port on the same host (None = off, 0 = OS-chosen).
         device: torch device for rendering (None = CUDA if available, else CPU).
         tls_cert / tls_key: PEM files; both or neither (plaintext).
         max_message_mb: largest gRPC message accepted (a Render request carries the audio file).
         max_audio_s: longest driving audio per Render / StreamRender, seconds.
         max_streams: Render + StreamRender calls at once; more -> RESOURCE_EXHAUSTED.
         idle_timeout_s: a StreamRender whose client sends nothing for this long is ended (DEADLINE_EXCEEDED).
+        send_timeout_s: a response message that cannot be sent for this long (the client stopped
+            reading) cancels the call and frees its slot.
         cache_size: loaded avatars kept in memory (LRU).
         max_jobs / max_queued_jobs: onboarding jobs running at once / waiting.
         max_video_mb: largest onboarding upload.
@@ -78,7 +99,7 @@ class ServerConfig:
     """
 
     store: str = ""
-    host: str = "[::]"
+    host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = 9464
     device: str | None = None
@@ -88,6 +109,7 @@ class ServerConfig:
     max_audio_s: float = 600.0
     max_streams: int = 8
     idle_timeout_s: float = 30.0
+    send_timeout_s: float = 30.0
     cache_size: int = 4
     max_jobs: int = 1
     max_queued_jobs: int = 16
@@ -95,13 +117,16 @@ class ServerConfig:
     job_cancel_grace_s: float = 10.0
 
     def validate(self) -> None:
-        """Raises :class:`InvalidInput` on an unusable setting."""
+        """Raises :class:`InvalidInput` on an unusable setting (including a ``device`` not present here)."""
         if not self.store:
             raise InvalidInput("no avatar store given: pass --store DIR (or set AVATAR_HOME)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InvalidInput("TLS needs both --tls-cert and --tls-key (PEM files)")
-        for name in ("max_message_mb", "max_audio_s", "max_streams", "idle_timeout_s", "cache_size",
-                     "max_jobs", "max_video_mb"):
+        from avatar.cli import check_device
+
+        check_device(self.device)
+        for name in ("max_message_mb", "max_audio_s", "max_streams", "idle_timeout_s", "send_timeout_s",
+                     "cache_size", "max_jobs", "max_video_mb"):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"server setting {name} must be > 0, got {getattr(self, name)}")
 
@@ -141,6 +166,8 @@ class AvatarCache:
         from avatar.store import validate_name
 
         validate_name(name)
+        if not self.store.exists(name):
+            raise AvatarNotFound(f"no avatar named {name!r} on this server; ListAvatars shows the available ones")
         with self._lock:
             if name in self._items:
                 self._items.move_to_end(name)
@@ -190,6 +217,46 @@ def render_options(msg: pb.RenderOptions):
     return opts
 
 
+def cap_size(options, native: int):
+    """``options`` with ``size`` capped at the avatar's ``native`` size (rendering above it costs
+    quadratically more and adds no detail)."""
+    if options.size is not None and options.size > native:
+        return options.updated(size=native)
+    return options
+
+
+def upload_suffix(filename: str) -> str:
+    """A safe file suffix for a spooled upload from a client-given file name: ``.`` + up to 7
+    letters/digits of its extension, else ``.mp4`` (NUL bytes, separators or odd characters never
+    reach the file system)."""
+    m = re.fullmatch(r".*(\.[A-Za-z0-9]{1,7})", filename or "", flags=re.DOTALL)
+    return m.group(1).lower() if m else ".mp4"
+
+
+def make_spool(store: str | Path) -> Path:
+    """Create this server's upload spool ``STORE/spool/<pid>-XXXX`` (or under the temp dir if the
+    store is read-only), after removing the spools of servers that are no longer running.
+
+    Returns:
+        the new spool directory (mode 0700).
+    """
+    from avatar.atomic import pid_alive
+
+    for root in (Path(store) / "spool", Path(tempfile.gettempdir()) / "avatar-spool"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            spool = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+        except OSError:
+            continue
+        for old in root.iterdir():
+            pid = old.name.split("-", 1)[0]
+            if old != spool and pid.isdigit() and not pid_alive(int(pid)):
+                log.info("removing the upload spool of a stopped server: %s", old.name)
+                shutil.rmtree(old, ignore_errors=True)
+        return spool
+    raise InvalidInput("cannot create an upload spool in the store or the temp dir; check their permissions")
+
+
 def avatar_info_msg(info: dict) -> pb.AvatarInfo:
     """Store/Avatar info dict -> proto AvatarInfo."""
     return pb.AvatarInfo(name=info["name"], size=int(info["size"]), fps=float(info["fps"]),
@@ -230,11 +297,11 @@ def _rpc(fn):
             pass
         return call, time.monotonic()
 
-    def fail(context, call, e):
+    def fail(self, context, call, e):
         if isinstance(e, RpcFailure):
-            code, msg = e.code, str(e)
+            code, msg = e.code, self.scrub(str(e))
         elif isinstance(e, AvatarError):
-            code, msg = grpc.StatusCode[e.grpc_code], str(e)
+            code, msg = grpc.StatusCode[e.grpc_code], self.scrub(str(e))
         else:
             log.exception("request %s (%s) failed", call.request_id, method)
             code, msg = grpc.StatusCode.INTERNAL, f"internal error; quote request id {call.request_id} to the operator"
@@ -265,15 +332,24 @@ def _rpc(fn):
         @functools.wraps(fn)
         def stream_wrapper(self, request, context):
             call, t0 = start(self, context)
+            responses = fn(self, request, context, call)
             try:
-                yield from fn(self, request, context, call)
+                for response in responses:
+                    # the send of a yielded message blocks while the client does not read (HTTP/2
+                    # flow control); the watchdog cancels the call if that lasts send_timeout_s
+                    key = self.send_watch.begin(context, call)
+                    try:
+                        yield response
+                    finally:
+                        self.send_watch.end(key)
             except GeneratorExit:
                 raise
             except Exception as e:
                 if call.fields.get("code"):  # context.abort already called
                     raise
-                fail(context, call, e)
+                fail(self, context, call, e)
             finally:
+                responses.close()  # runs the method's own cleanup (slot release) now
                 finish(self, context, call, t0)
         return stream_wrapper
 
@@ -285,13 +361,78 @@ def _rpc(fn):
         except Exception as e:
             if call.fields.get("code"):
                 raise
-            fail(context, call, e)
+            fail(self, context, call, e)
         finally:
             finish(self, context, call, t0)
     return unary_wrapper
 
 
 _END, _BROKEN = object(), object()
+
+
+def check_deadline(context) -> None:
+    """Raise :class:`RpcFailure` (DEADLINE_EXCEEDED) once the call's deadline has passed.
+
+    Called between frames, so an expired render stops within one frame's work.
+    """
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed; the render was stopped")
+
+
+class SendWatchdog:
+    """Cancels calls whose yielded response message has waited more than ``timeout_s`` to be sent.
+
+    A server-streaming handler's thread blocks in gRPC's send while the client's HTTP/2 flow-control
+    window is full, i.e. when the client stopped reading; without this the call (and its render
+    slot) would be held until the client disconnects. One daemon thread checks every
+    ``min(0.25, timeout_s / 4)`` seconds; a cancelled call's handler is then closed by gRPC, which
+    runs its cleanup.
+
+    Args:
+        timeout_s: seconds one message may wait to be sent.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = float(timeout_s)
+        self._waiting: dict[int, tuple[float, object, _Call]] = {}
+        self._lock = threading.Lock()
+        self._next = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="send-watchdog", daemon=True)
+        self._thread.start()
+
+    def begin(self, context, call: "_Call") -> int:
+        """Register a message about to be sent; returns the key for :meth:`end`."""
+        with self._lock:
+            self._next += 1
+            self._waiting[self._next] = (time.monotonic(), context, call)
+            return self._next
+
+    def end(self, key: int) -> None:
+        """The message was sent (or the call ended)."""
+        with self._lock:
+            self._waiting.pop(key, None)
+
+    def close(self) -> None:
+        """Stop the watchdog thread."""
+        self._stop.set()
+        self._thread.join(2.0)
+
+    def _run(self) -> None:
+        period = min(0.25, self.timeout_s / 4)
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            with self._lock:
+                late = [(k, v) for k, v in self._waiting.items() if now - v[0] > self.timeout_s]
+                for k, _ in late:
+                    del self._waiting[k]
+            for _, (since, context, call) in late:
+                call.fields["code"] = "CANCELLED"
+                call.fields["send_timeout_s"] = round(now - since, 2)
+                log.warning("request %s (%s): the client read nothing for %.1f s; cancelling the call",
+                            call.request_id, call.method, now - since)
+                context.cancel()
 
 
 class AvatarServicer(pb_grpc.AvatarServiceServicer):
@@ -305,17 +446,25 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
         self.store = AvatarStore(cfg.store)
         self.cache = AvatarCache(cfg.store, cfg.cache_size, cfg.device)
         self._slots = threading.BoundedSemaphore(cfg.max_streams)
-        self.spool = Path(tempfile.mkdtemp(prefix="avatar-spool-"))
+        self.send_watch = SendWatchdog(cfg.send_timeout_s)
+        self.spool = make_spool(cfg.store)
+        self._hide = sorted({str(p) for p in (self.spool, Path(cfg.store), Path(cfg.store).resolve(),
+                                              Path(tempfile.gettempdir()))}, key=len, reverse=True)
         self.jobs = jobs_mod.JobManager(cfg.store, max_running=cfg.max_jobs, max_queued=cfg.max_queued_jobs,
                                         cancel_grace_s=cfg.job_cancel_grace_s, on_change=self._job_changed,
                                         on_success=self.cache.evict)
 
     def close(self) -> None:
         """Stop onboarding workers and remove spooled uploads."""
-        import shutil
-
         self.jobs.close()
+        self.send_watch.close()
         shutil.rmtree(self.spool, ignore_errors=True)
+
+    def scrub(self, message: str) -> str:
+        """``message`` without the server's paths (store, spool, temp dir), for clients."""
+        for path in self._hide:
+            message = message.replace(path, "<server>")
+        return message
 
     # ---- helpers ------------------------------------------------------------------------------
     def _job_changed(self, _job) -> None:
@@ -341,6 +490,11 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
                         image=encode_frame(frame, enc.format, enc.jpeg_quality))
 
     def _decode_audio_file(self, data: bytes) -> np.ndarray:
+        """Decode an uploaded audio file, stopping at ``max_audio_s`` (bounded memory).
+
+        Raises:
+            NoAudio / InvalidMedia (messages name "the uploaded audio", not a path), ResourceLimit.
+        """
         from avatar.media import load_audio
 
         if not data:
@@ -348,7 +502,11 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
         with tempfile.NamedTemporaryFile(dir=self.spool, suffix=".audio") as f:
             f.write(data)
             f.flush()
-            return load_audio(f.name, sr=SAMPLE_RATE)
+            try:
+                return load_audio(f.name, sr=SAMPLE_RATE, max_seconds=self.cfg.max_audio_s)
+            except AvatarError as e:
+                e.args = (str(e).replace(f.name, "the uploaded audio"),)
+                raise
 
     # ---- avatars ------------------------------------------------------------------------------
     @_rpc
@@ -360,7 +518,9 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
         from avatar.store import validate_name
 
         call.fields["avatar"] = request.name
-        return avatar_info_msg(self.store.info(validate_name(request.name)))
+        if not self.store.exists(validate_name(request.name)):
+            raise AvatarNotFound(f"no avatar named {request.name!r} on this server; ListAvatars shows the available ones")
+        return avatar_info_msg(self.store.info(request.name))
 
     # ---- rendering ----------------------------------------------------------------------------
     @_rpc
@@ -374,7 +534,10 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             encode_frame(np.zeros((2, 2, 3), np.uint8), request.encoding.format, request.encoding.jpeg_quality)
             wav = self._decode_audio_file(request.audio)
             self._check_duration(len(wav))
+            check_deadline(context)
             av = self.cache.get(request.avatar)
+            check_deadline(context)
+            options = cap_size(options, av.size)
             total = int(round(len(wav) / SAMPLES_PER_FRAME))
             size = options.size or av.size
             yield pb.RenderResponse(header=pb.RenderHeader(
@@ -385,6 +548,7 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             for i, frame in enumerate(frames):
                 if not context.is_active():
                     return
+                check_deadline(context)
                 msg = self._frame_msg(i, frame, request.encoding, av.fps)
                 if first is None:
                     first = time.monotonic() - t0
@@ -465,6 +629,7 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
         session = None
         try:
             av = self.cache.get(cfg.avatar)
+            options = cap_size(options, av.size)
             session = av.stream(options)
             fps = float(av.fps)
             yield pb.StreamRenderResponse(header=pb.StreamHeader(
@@ -485,6 +650,7 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             while True:
                 if not context.is_active():
                     return
+                check_deadline(context)
                 wait = 0.1
                 if pending:
                     now = time.monotonic()
@@ -524,6 +690,7 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
                     for s in range(0, pcm.size, PUSH_SAMPLES):  # bounded work between cancellation checks
                         if not context.is_active():
                             return
+                        check_deadline(context)
                         produce(session.push(pcm[s:s + PUSH_SAMPLES]))
                 elif kind == "options_update":
                     upd = msg.options_update
@@ -569,7 +736,7 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             raise InvalidInput(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         if self.store.exists(name) and not md.overwrite:
             raise OutputExists(f"avatar {name!r} already exists; set overwrite to replace it or pick another name")
-        suffix = Path(md.filename).suffix[:8] if md.filename else ".mp4"
+        suffix = upload_suffix(md.filename)
         limit = self.cfg.max_video_mb * (1 << 20)
         fd, tmp = tempfile.mkstemp(dir=self.spool, suffix=suffix)
         path, size = Path(tmp), 0
@@ -622,6 +789,22 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
         return job_msg(self.jobs.cancel(request.job_id))
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts local connections (``localhost``, 127.0.0.0/8, ``::1``)."""
+    h = host.strip("[]")
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def http_host(host: str) -> str:
+    """The gRPC bind host as an address for the metrics HTTP server (``[::]`` -> ``::``)."""
+    return host.strip("[]") or "127.0.0.1"
+
+
 class AvatarServer:
     """A running gRPC server: AvatarService + health + reflection + auth + metrics.
 
@@ -643,8 +826,7 @@ class AvatarServer:
         max_bytes = cfg.max_message_mb * (1 << 20)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-            interceptors=[AuthInterceptor(tokens, on_denied=lambda m, c: self.metrics.requests.labels(
-                m.rsplit("/", 1)[-1], c).inc())],
+            interceptors=[AuthInterceptor(tokens, on_denied=self._denied)],
             options=[("grpc.max_receive_message_length", max_bytes),
                      ("grpc.max_send_message_length", max_bytes)],
             maximum_concurrent_rpcs=workers,
@@ -667,20 +849,29 @@ class AvatarServer:
         if not self.port:
             raise InvalidInput(f"cannot listen on {address}; pick a free port with --port")
         self.metrics_port = None
+        if not cfg.tls_cert and not is_loopback(cfg.host):
+            log.warning("SERVING PLAINTEXT gRPC ON %s, A NON-LOOPBACK ADDRESS: API tokens and media cross the network "
+                        "unencrypted; pass --tls-cert/--tls-key or bind 127.0.0.1 behind a TLS proxy", cfg.host)
+
+    def _denied(self, method: str, code: str, peer: str, token: str | None) -> None:
+        """Metrics + access log of a call the auth interceptor refused (never the token itself)."""
+        name = method.rsplit("/", 1)[-1]
+        self.metrics.requests.labels(name, code).inc()
+        log_access({"method": name, "code": code, "peer": peer, "token": token_id(token) if token else "",
+                    "denied": True})
 
     def start(self) -> "AvatarServer":
-        """Start serving (and the metrics endpoint); returns self."""
+        """Start serving (and the metrics endpoint, on the gRPC host); returns self."""
         self._server.start()
         if self.cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.cfg.metrics_port,
-                                                   host="127.0.0.1" if self.cfg.host == "127.0.0.1" else "0.0.0.0")
+            self.metrics_port = self.metrics.serve(self.cfg.metrics_port, host=http_host(self.cfg.host))
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s:%d (metrics port %s, store %s, tls %s)", self.cfg.host, self.port,
                  self.metrics_port, self.cfg.store, bool(self.cfg.tls_cert))
         return self
 
-    def stop(self, grace: float = 2.0) -> None:
+    def stop(self, grace: float | None = 2.0) -> None:
         """Mark NOT_SERVING, end calls (``grace`` seconds), stop workers and the metrics endpoint."""
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()

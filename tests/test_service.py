@@ -122,6 +122,10 @@ def test_token_parsing(tmp_path, monkeypatch):
         load_tokens(None)
     f = tmp_path / "tokens"
     f.write_text("abcdefghijklmnop0=render\n")
+    f.chmod(0o644)
+    with pytest.raises(InvalidInput, match="chmod 600"):  # other users could read the tokens
+        load_tokens(f)
+    f.chmod(0o600)
     monkeypatch.setenv("AVATAR_TOKENS", "qrstuvwxyz0123456=admin")
     assert set(load_tokens(f)) == {"abcdefghijklmnop0", "qrstuvwxyz0123456"}
 
@@ -163,16 +167,24 @@ def test_auth_failures(server):
 
 
 # ---- error codes without an avatar -------------------------------------------------------------
-def test_avatar_errors(admin):
+def _leaks(details: str, server) -> bool:
+    """Whether an error message shows a server path (store, spool, temp dir)."""
+    import tempfile
+
+    return any(p in details for p in (server.cfg.store, str(server.servicer.spool), tempfile.gettempdir(), "spool"))
+
+
+def test_avatar_errors(admin, server):
     with pytest.raises(grpc.RpcError) as e:
         admin.get_avatar("nobody")
-    assert _code(e) == grpc.StatusCode.NOT_FOUND and "onboard" in e.value.details()
+    assert _code(e) == grpc.StatusCode.NOT_FOUND and "ListAvatars" in e.value.details()
+    assert not _leaks(e.value.details(), server)
     with pytest.raises(grpc.RpcError) as e:
         admin.get_avatar("../etc")
     assert _code(e) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_render_errors(admin, speech):
+def test_render_errors(admin, server, speech):
     wav = _wav_bytes(speech[:16000])
     cases = [
         (dict(audio=wav), grpc.StatusCode.NOT_FOUND),                                   # no such avatar
@@ -187,7 +199,7 @@ def test_render_errors(admin, speech):
         with pytest.raises(grpc.RpcError) as e:
             list(admin.render("nobody", **kwargs))
         assert _code(e) == code, (kwargs.get("options"), e.value.details())
-        assert e.value.details()
+        assert e.value.details() and not _leaks(e.value.details(), server), e.value.details()
 
 
 def test_stream_errors(admin, server):

@@ -13,7 +13,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from avatar.errors import InvalidInput, InvalidMedia, NoAudio
+from avatar.errors import InvalidInput, InvalidMedia, NoAudio, ResourceLimit
 from avatar.media.video import _TRUNCATION_TOLERANCE_S, _indexed, _open, _stream_duration_s
 
 AUDIO_RATE = 16_000
@@ -37,12 +37,16 @@ def _to_mono_float(frame: av.AudioFrame) -> np.ndarray:
     return x.mean(axis=1) if channels > 1 else x[:, 0]
 
 
-def load_audio(path: str | Path, sr: int = AUDIO_RATE) -> np.ndarray:
+def load_audio(path: str | Path, sr: int = AUDIO_RATE, max_seconds: float | None = None) -> np.ndarray:
     """Decode the first audio stream of ``path`` to mono float32 at ``sr`` Hz.
 
     Args:
         path: audio or video file (wav, mp3, m4a/aac, flac, the audio of an mp4, ...).
         sr: output sample rate in Hz (default 16 kHz, the product's audio time base).
+        max_seconds: longest audio accepted. Decoding stops as soon as more than this has been
+            decoded (and a longer declared duration is refused before decoding), so memory stays
+            bounded by ``max_seconds * sr`` samples whatever the file holds (a few KB of FLAC can
+            declare hours of silence). None = no limit.
 
     Returns:
         float32 ``[T]`` in [-1, 1] (clipped), mono (mean of the source channels), ``T ~=
@@ -51,10 +55,17 @@ def load_audio(path: str | Path, sr: int = AUDIO_RATE) -> np.ndarray:
     Raises:
         NoAudio: the file has no audio stream or it decodes to zero samples.
         InvalidMedia: the file is missing, empty, not a media file, or fails to decode.
+        ResourceLimit: the audio is longer than ``max_seconds``.
     """
     path = Path(path)
     if sr <= 0:
         raise InvalidInput(f"sample rate must be > 0 Hz, got {sr}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise InvalidInput(f"max_seconds must be > 0, got {max_seconds}")
+
+    def too_long() -> ResourceLimit:
+        return ResourceLimit(f"the audio is longer than the limit of {max_seconds:g} s; split it into shorter parts")
+
     with _open(path) as c:
         if not c.streams.audio:
             raise NoAudio(
@@ -63,9 +74,12 @@ def load_audio(path: str | Path, sr: int = AUDIO_RATE) -> np.ndarray:
             )
         stream = c.streams.audio[0]
         declared = _stream_duration_s(stream) if _indexed(c) else None
+        if max_seconds is not None and declared and declared > max_seconds + _TRUNCATION_TOLERANCE_S:
+            raise too_long()
         rate_in = None
         rs = None
         out: list[np.ndarray] = []
+        n_in = n_out = 0
         try:
             for frame in c.decode(stream):
                 if frame.samples == 0:
@@ -75,8 +89,14 @@ def load_audio(path: str | Path, sr: int = AUDIO_RATE) -> np.ndarray:
                     rs = soxr.ResampleStream(rate_in, sr, 1, dtype="float32", quality="HQ") if rate_in != sr else None
                 elif int(frame.sample_rate) != rate_in:
                     raise InvalidMedia(f"{path}: audio sample rate changes mid-stream ({rate_in} -> {frame.sample_rate} Hz); re-export it at one rate")
+                n_in += frame.samples
+                if max_seconds is not None and n_in > max_seconds * rate_in:  # before converting it
+                    raise too_long()
                 x = _to_mono_float(frame)
                 out.append(rs.resample_chunk(x) if rs is not None else x)
+                n_out += out[-1].size
+                if max_seconds is not None and n_out > max_seconds * sr:
+                    raise too_long()
         except av.FFmpegError as e:
             raise InvalidMedia(f"{path}: audio fails to decode ({e}); the file is corrupt, re-export it") from e
         if rs is not None:

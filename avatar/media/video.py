@@ -348,7 +348,7 @@ class VideoWriter:
 
     def __enter__(self) -> "VideoWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".tmp.mp4", dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.{os.getpid()}.", suffix=".tmp.mp4", dir=self.path.parent)
         os.close(fd)
         self._tmp = Path(tmp)
         self._container = av.open(str(self._tmp), mode="w", format="mp4", options={"movflags": "+faststart"})

@@ -76,10 +76,26 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lle", type=float, default=0.0, help="LLE projection blend onto the person's landmarks (GeneFace++), 0..1")
 
 
+def _mp4_estimate_bytes(audio: Path, size: int | None) -> int:
+    """Upper estimate of the MP4 ``avatar render`` writes (bytes): 1/10 of the raw RGB frames + 1 MB."""
+    from avatar.errors import AvatarError
+    from avatar.media import probe
+
+    try:
+        seconds = probe(audio).duration_s or 0.0
+    except AvatarError:
+        return 0  # the render reports the bad audio
+    side = size or 512
+    return int(seconds * 25 * side * side * 3 / 10) + (1 << 20)
+
+
 def cmd_render(args) -> int:
     from avatar.api import load
+    from avatar.atomic import check_output_file
 
     opts = options_from_args(args)
+    # the output path and the disk space are checked before the avatar is loaded and anything rendered
+    check_output_file(args.out, _mp4_estimate_bytes(args.audio, args.size))
     av = load(args.avatar, store=_store(args))
     res = av.render_to_mp4(args.audio, args.out, opts, progress=True)
     print(f"wrote {res['path']}: {res['frames']} frames, {res['seconds']:.2f} s, {res['render_fps']:.1f} frames/s")
@@ -88,12 +104,15 @@ def cmd_render(args) -> int:
 
 def cmd_list(args) -> int:
     st = _store(args)
-    rows = st.list()
+    rows = st.list(include_broken=True)
     if not rows:
         print(f"no avatars in {st.root}; create one with `avatar onboard VIDEO --name NAME`")
         return 0
     for r in rows:
-        print(f"{r['name']:<24} {r['size']:>4}px  {r['preset']:<10} {r['created']}")
+        if "broken" in r:
+            print(f"{r['name']:<24} BROKEN  {r['broken']}")
+        else:
+            print(f"{r['name']:<24} {r['size']:>4}px  {r['preset']:<10} {r['created']}")
     return 0
 
 

@@ -20,11 +20,13 @@ from typing import Callable
 import numpy as np
 from safetensors.numpy import save_file
 
-from avatar.atomic import atomic_dir
+from filelock import FileLock, Timeout
+
+from avatar.atomic import atomic_dir, check_free_space, clean_stale_temps
 from avatar.config import to_dict
-from avatar.errors import AvatarError, AvatarNotFound, InvalidInput, InvalidMedia, OutputExists
+from avatar.errors import AvatarError, AvatarNotFound, InvalidInput, InvalidMedia, OutputExists, ResourceLimit
 from avatar.store import AvatarStore, validate_name
-from avatar.store.store import BUNDLE_SCHEMA
+from avatar.store.bundle import BUNDLE_SCHEMA, file_digests
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +100,11 @@ def onboard(video: str | Path, name: str, store: AvatarStore | None = None, pres
         the bundle directory.
     Raises:
         InvalidInput (bad name/preset), OutputExists (exists, no overwrite), AvatarNotFound (no
-        generator), InvalidMedia & co. (bad video), Cancelled, TrainingDiverged.
+        generator), InvalidMedia & co. (bad video; the work dir is removed, since a rerun cannot
+        resume a bad input), Cancelled, TrainingDiverged, ResourceLimit (the same name is being
+        onboarded by another process, or too little disk space for the work dir).
     """
     from avatar.motion import load_generator
-    from avatar.pipeline.preprocess import PreprocessConfig, preprocess
 
     validate_name(name)
     if preset not in PRESETS:
@@ -123,6 +126,46 @@ def onboard(video: str | Path, name: str, store: AvatarStore | None = None, pres
     gen = load_generator(gen_dir, device="cpu")
 
     work = store.work_dir(name)
+    work.parent.mkdir(parents=True, exist_ok=True)
+    # one onboarding per name at a time (an OS lock: released even when the holder is killed)
+    lock = FileLock(str(work.parent / f".{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ResourceLimit(f"avatar {name!r} is already being onboarded by another process; "
+                            "wait for it to finish or cancel it") from None
+    try:
+        out = _onboard_locked(video, name, store, p, preset, gen, gen_dir, work, overwrite, progress, cancel,
+                              audio, keep_work)
+    except InvalidInput:
+        # the input itself is bad (no face, no audio, too short...): rerunning cannot resume it
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
+    return out
+
+
+def estimate_work_bytes(video: Path, size: int) -> int:
+    """Disk space onboarding ``video`` at ``size`` px needs in the work dir (bytes, an upper estimate):
+    the memory-mapped frames and masks of the dataset (25 fps) twice over plus 256 MB for models."""
+    from avatar.media import probe
+
+    try:
+        info = probe(video)
+        duration = info.video_duration_s or info.duration_s or 0.0
+    except AvatarError:
+        return 0  # preprocess reports the bad video with a clear message
+    frames = int(duration * 25) + 1
+    return 2 * frames * size * size * 4 + (256 << 20)
+
+
+def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset, preset: str, gen, gen_dir: Path,
+                    work: Path, overwrite: bool, progress, cancel, audio, keep_work: bool) -> Path:
+    """The body of :func:`onboard`, run while holding the per-name lock."""
+    from avatar.pipeline.preprocess import PreprocessConfig, preprocess
+
+    clean_stale_temps(store.avatars_dir, name)
     sha = sha256_file(video)
     state_path = work / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
@@ -144,6 +187,9 @@ def onboard(video: str | Path, name: str, store: AvatarStore | None = None, pres
 
     save_state()
     dataset_dir = work / "dataset"
+    clean_stale_temps(work, "dataset")  # .dataset.tmp-* of a killed preprocess
+    if "preprocess" not in state.get("done", []):
+        check_free_space(work, estimate_work_bytes(video, p.size), f"onboarding {name!r}")
     postnet_dir = work / "postnet"
     nerf_dir = work / "nerf"
 
@@ -236,6 +282,8 @@ def _assemble(store: AvatarStore, name: str, dataset_dir: Path, gen_dir: Path, p
             "tools": ds.manifest.get("tools", {}),
             "metrics": metrics,
             "stage_seconds": state.get("times", {}),
+            # sha256 + size of every other file, verified when the bundle is loaded
+            "files": file_digests(tmp),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return target

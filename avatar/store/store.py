@@ -1,7 +1,7 @@
 """Avatar store on disk: list / info / delete / paths, with name validation."""
 from __future__ import annotations
 
-import json
+import logging
 import os
 import re
 import shutil
@@ -10,9 +10,12 @@ from pathlib import Path
 import platformdirs
 
 from avatar.errors import AvatarNotFound, BundleCorrupt, InvalidInput
+from avatar.store.bundle import BUNDLE_SCHEMA, read_manifest, validate_bundle  # noqa: F401
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-BUNDLE_SCHEMA = "avatar.bundle/1"
+log = logging.getLogger(__name__)
+
+#: an avatar name; always used with ``fullmatch`` (``$`` would accept a trailing newline)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def default_store_root() -> Path:
@@ -27,7 +30,7 @@ def validate_name(name: str) -> str:
     Raises:
         InvalidInput: on anything else (path separators, ``..``, empty, too long).
     """
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidInput(
             f"invalid avatar name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
@@ -76,14 +79,19 @@ class AvatarStore:
     def names(self) -> list[str]:
         if not self.avatars_dir.is_dir():
             return []
-        return sorted(p.name for p in self.avatars_dir.iterdir() if (p / "manifest.json").is_file() and NAME_RE.match(p.name))
+        return sorted(p.name for p in self.avatars_dir.iterdir()
+                      if NAME_RE.fullmatch(p.name) and ".." not in p.name and (p / "manifest.json").is_file())
 
-    def manifest(self, name: str) -> dict:
-        """The bundle manifest of ``name``.
+    def manifest(self, name: str, verify_hashes: bool = False) -> dict:
+        """The validated bundle manifest of ``name`` (see :func:`avatar.store.bundle.validate_bundle`).
 
+        Args:
+            name: avatar name. verify_hashes: also verify every file's SHA-256 (reads the weights).
         Raises:
+            InvalidInput: bad name.
             AvatarNotFound: no such avatar (message lists the available ones).
-            BundleCorrupt: unreadable manifest or unknown schema.
+            BundleCorrupt: missing/unreadable manifest, unknown schema, missing keys or files,
+                size or checksum mismatch.
         """
         path = self.avatar_dir(name) / "manifest.json"
         if not path.is_file():
@@ -92,35 +100,43 @@ class AvatarStore:
                 f"no avatar named {name!r} in store {self.root} (available: {have}); "
                 f"create it with `avatar onboard VIDEO --name {name}`"
             )
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BundleCorrupt(f"avatar {name!r}: cannot read {path} ({e}); re-onboard it with --overwrite") from e
-        if manifest.get("schema") != BUNDLE_SCHEMA:
-            raise BundleCorrupt(f"avatar {name!r}: unknown bundle schema {manifest.get('schema')!r}; re-onboard it with --overwrite")
-        return manifest
+        return validate_bundle(self.avatar_dir(name), name, verify_hashes=verify_hashes)
 
     def info(self, name: str) -> dict:
-        """Summary for listings and the gRPC ``GetAvatar``: name, size, fps, created, metrics."""
+        """Summary for listings and the gRPC ``GetAvatar``: name, size, fps, created, metrics, ...
+
+        Raises:
+            AvatarNotFound, BundleCorrupt: as :meth:`manifest`.
+        """
         m = self.manifest(name)
+        source = m.get("source") if isinstance(m.get("source"), dict) else {}
         return {
             "name": name,
             "size": int(m["size"]),
             "fps": int(m["fps"]),
-            "created": m.get("created", ""),
-            "metrics": {k: float(v) for k, v in m.get("metrics", {}).items() if isinstance(v, (int, float))},
-            "source_sha256": m.get("source", {}).get("sha256", ""),
-            "preset": m.get("preset", ""),
+            "created": m["created"],
+            "metrics": {k: float(v) for k, v in (m.get("metrics") or {}).items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            "source_sha256": str(source.get("sha256", "")),
+            "preset": str(m.get("preset", "")),
         }
 
-    def list(self) -> list[dict]:
-        """Info dicts of every valid avatar; corrupt ones are skipped (shown by ``avatar show``)."""
+    def list(self, include_broken: bool = False) -> list[dict]:
+        """Info dicts of the avatars, by name.
+
+        Args:
+            include_broken: also return broken bundles, as ``{"name", "broken": reason}`` (for
+                ``avatar list``); by default they are skipped (and logged), so one broken bundle
+                never breaks the listing for everyone.
+        """
         out = []
         for name in self.names():
             try:
                 out.append(self.info(name))
-            except BundleCorrupt:
-                continue
+            except BundleCorrupt as e:
+                log.warning("avatar %s is broken: %s", name, e)
+                if include_broken:
+                    out.append({"name": name, "broken": str(e)})
         return out
 
     def delete(self, name: str) -> None:
