@@ -90,7 +90,7 @@ def cgroup_cpu_limit(root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Non
 
 def usable_cpus() -> int:
     """CPUs this process may really use: ``$AVATAR_THREADS`` if set (>= 1), else
-    ``min(len(os.sched_getaffinity(0)), ceil(cgroup quota))``, at least 1.
+    ``min(len(os.sched_getaffinity(0)), ceil(cgroup quota), $OMP_NUM_THREADS if set)``, at least 1.
 
     Raises:
         ValueError: ``$AVATAR_THREADS`` is set but not a positive integer.
@@ -111,6 +111,9 @@ def usable_cpus() -> int:
     quota = cgroup_cpu_limit()
     if quota is not None:
         n = min(n, max(1, math.ceil(quota - 1e-9)))
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) >= 1:  # an explicit OpenMP setting is an upper bound
+        n = min(n, int(omp))
     return max(1, n)
 
 

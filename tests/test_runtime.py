@@ -38,6 +38,7 @@ def test_cgroup_v1_quota(tmp_path):
 
 def test_usable_cpus_min_of_affinity_and_quota(monkeypatch):
     monkeypatch.delenv(runtime.ENV_THREADS, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
     monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: 2.5)
     assert runtime.usable_cpus() == 3  # ceil(2.5) < 6
@@ -45,6 +46,8 @@ def test_usable_cpus_min_of_affinity_and_quota(monkeypatch):
     assert runtime.usable_cpus() == 1
     monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda: None)
     assert runtime.usable_cpus() == 6
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert runtime.usable_cpus() == 4
     monkeypatch.setenv(runtime.ENV_THREADS, "2")
     assert runtime.usable_cpus() == 2
     monkeypatch.setenv(runtime.ENV_THREADS, "zero")
