@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -70,8 +71,60 @@ def face_box(lm2d: np.ndarray, size: int) -> tuple[int, int, int, int]:
     return box_of(lm2d, 0.1, size)
 
 
+#: decoded frames + masks above this many bytes stay encoded on a CPU device (decoded per batch)
+DECODE_BUDGET_BYTES = int(os.environ.get("AVATAR_DECODE_BUDGET_GB", "6")) << 30
+
+
+class FramePixels:
+    """The dataset's frames and masks decoded once at training start, for pixel gathers.
+
+    On CUDA the decoded frames live in GPU memory (uint8: N * S * S * 4 bytes, 7.9 GB for 5 minutes at
+    512 px, fine on an 80-141 GB GPU); the masks are also kept on the host, where the torso sampler
+    looks up torso pixels. On a CPU device the decoded arrays are kept while they fit in
+    ``DECODE_BUDGET_BYTES`` (``$AVATAR_DECODE_BUDGET_GB``, default 6); above it frames are decoded per
+    batch from the encoded dataset (4-8 JPEG decodes per step).
+
+    Attributes:
+        decoded: True when everything was decoded once.
+        seconds: wall time of the initial decode.
+    """
+
+    def __init__(self, ds: Dataset, device: torch.device):
+        self.ds, self.device = ds, device
+        S, n = ds.size, ds.n_frames
+        nbytes = n * S * S * 4
+        self.decoded = device.type == "cuda" or nbytes <= DECODE_BUDGET_BYTES
+        t0 = time.perf_counter()
+        if self.decoded:
+            self.masks_host = ds.masks.decode_all()                      # uint8 [N, S, S]
+            self.frames = torch.from_numpy(ds.frames.decode_all()).to(device)  # uint8 [N, S, S, 3]
+            self.masks = torch.from_numpy(self.masks_host).to(device)   # uint8 [N, S, S]
+        self.seconds = time.perf_counter() - t0
+        if self.decoded:
+            log.info("decoded %d frames of %d px once (%.1f s, %.0f MB on %s)", n, S, self.seconds, nbytes / 1e6, device)
+
+    def mask(self, f: int) -> np.ndarray:
+        """uint8 [S, S] labels of frame ``f`` (host)."""
+        return self.masks_host[f] if self.decoded else self.ds.masks[int(f)]
+
+    def gather(self, f: np.ndarray, y: np.ndarray, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels (frame ``f``, row ``y``, column ``x``), int arrays [M] -> (uint8 [M, 3] RGB, uint8 [M]
+        labels) on the device."""
+        if self.decoded:
+            fi, yi, xi = (torch.from_numpy(np.asarray(a, np.int64)).to(self.device) for a in (f, y, x))
+            return self.frames[fi, yi, xi], self.masks[fi, yi, xi]
+        rgb = np.empty((len(f), 3), np.uint8)
+        lab = np.empty(len(f), np.uint8)
+        for g in np.unique(f):
+            sel = np.flatnonzero(f == g)
+            rgb[sel] = self.ds.frames[int(g)][y[sel], x[sel]]
+            lab[sel] = self.ds.masks[int(g)][y[sel], x[sel]]
+        return torch.from_numpy(rgb).to(self.device), torch.from_numpy(lab).to(self.device)
+
+
 class _Scene:
-    """Frame-independent tensors derived from a dataset (normalisation stats, head box)."""
+    """Frame-independent tensors derived from a dataset (normalisation stats, head box) and the
+    decoded frames (:class:`FramePixels`)."""
 
     def __init__(self, ds: Dataset, cfg: NerfConfig, device: torch.device):
         self.ds = ds
@@ -90,6 +143,7 @@ class _Scene:
         self.pose = torch.from_numpy(np.array(ds.pose, dtype=np.float32))
         self.lm2d = np.array(ds.lm2d, dtype=np.float32)
         self.bg = torch.from_numpy(np.array(ds.background)).float().div(255)
+        self.pixels = FramePixels(ds, device)
 
     def init_head_stats(self, head: HeadNerf) -> None:
         tr = self.lm3d[self.train]
@@ -174,11 +228,11 @@ class _HeadBatch:
 
     def __init__(self, scene: _Scene, rng: np.random.Generator):
         cfg = scene.cfg.train
-        ds, S = scene.ds, scene.size
+        S = scene.size
         frames = rng.choice(scene.train, size=cfg.frames_per_step, replace=len(scene.train) < cfg.frames_per_step)
         n_mouth = int(round(cfg.rays_per_frame * cfg.mouth_ray_fraction))
         pix, fid, w, outside_face = [], [], [], []
-        origins, dirs, target = [], [], []
+        origins, dirs = [], []
         for f in frames:
             pose = scene.pose[f]
             hb = box_pixel_bounds(scene.aabb, pose, scene.K, scene.hs, S)
@@ -187,17 +241,12 @@ class _HeadBatch:
             mb = mouth_box(scene.lm2d[f], S)
             fb = face_box(scene.lm2d[f], S)
             p = np.concatenate((_sample_pixels(rng, n_mouth, mb), _sample_pixels(rng, cfg.rays_per_frame - n_mouth, hb)))
-            img = np.asarray(ds.frames[f])[p[:, 1], p[:, 0]]
-            msk = np.asarray(ds.masks[f])[p[:, 1], p[:, 0]]
-            bg = np.asarray(ds.background)[p[:, 1], p[:, 0]]
-            tgt = np.where((msk == MASK_HEAD)[:, None], img, bg)
             in_mouth = (p[:, 0] >= mb[0]) & (p[:, 0] < mb[2]) & (p[:, 1] >= mb[1]) & (p[:, 1] < mb[3])
             in_face = (p[:, 0] >= fb[0]) & (p[:, 0] < fb[2]) & (p[:, 1] >= fb[1]) & (p[:, 1] < fb[3])
             c2w = torch.linalg.inv(pose)
             o, d = camera_rays(torch.from_numpy(p).float(), scene.K, c2w, scene.hs)
             origins.append(o)
             dirs.append(d)
-            target.append(torch.from_numpy(tgt).float() / 255)
             pix.append(torch.from_numpy(p))
             fid.append(torch.full((len(p),), int(f)))
             w.append(torch.from_numpy(1.0 + cfg.mouth_weight * in_mouth).float())
@@ -205,12 +254,15 @@ class _HeadBatch:
         dev = scene.device
         self.frames = frames
         self.origins, self.dirs = torch.cat(origins).to(dev), torch.cat(dirs).to(dev)
-        self.target, self.weight = torch.cat(target).to(dev), torch.cat(w).to(dev)
+        self.weight = torch.cat(w).to(dev)
         self.outside_face = torch.cat(outside_face).to(dev)
         self.pix = torch.cat(pix)
         self.frame_of_ray = torch.cat(fid)
         self.ray_group = torch.repeat_interleave(torch.arange(len(frames)), cfg.rays_per_frame).to(dev)
         self.bg = scene.bg[self.pix[:, 1], self.pix[:, 0]].to(dev)
+        # targets: one gather from the decoded frames (on the device); head pixels over the plate
+        img, msk = scene.pixels.gather(self.frame_of_ray.numpy(), self.pix[:, 1].numpy(), self.pix[:, 0].numpy())
+        self.target = torch.where((msk == MASK_HEAD)[:, None], img.float() / 255, self.bg)
 
 
 def _head_forward(head: HeadNerf, scene: _Scene, batch: _HeadBatch, train: bool, gen: torch.Generator):
@@ -373,11 +425,11 @@ def _head_step(head: HeadNerf, scene: _Scene, rng, gen, step: int, steps: int):
 
 def _torso_step(torso: TorsoNerf, head: HeadNerf, scene: _Scene, rng, gen):
     cfg = scene.cfg.train
-    ds, S = scene.ds, scene.size
+    S = scene.size
     frames = rng.choice(scene.train, size=cfg.frames_per_step, replace=len(scene.train) < cfg.frames_per_step)
     pix, fid = [], []
     for f in frames:
-        msk = np.asarray(ds.masks[f])
+        msk = scene.pixels.mask(int(f))
         ys, xs = np.nonzero(msk == MASK_TORSO)
         n_t = cfg.rays_per_frame // 2 if len(xs) else 0
         sel = rng.integers(0, max(len(xs), 1), n_t)
@@ -386,10 +438,9 @@ def _torso_step(torso: TorsoNerf, head: HeadNerf, scene: _Scene, rng, gen):
         pix.append(p)
         fid.append(np.full(len(p), f))
     pix_np, fid_np = np.concatenate(pix), np.concatenate(fid)
-    target = torch.from_numpy(np.concatenate([ds.frames[f][p[:, 1], p[:, 0]] for f, p in zip(frames, pix)])).float().div(255)
-    mask = torch.from_numpy(np.concatenate([ds.masks[f][p[:, 1], p[:, 0]] for f, p in zip(frames, pix)]))
+    img, mask = scene.pixels.gather(fid_np, pix_np[:, 1], pix_np[:, 0])
+    target = img.float().div(255)
     r = _torso_rays(torso, head, scene, torch.from_numpy(pix_np), torch.from_numpy(fid_np), frames, train=True)
-    target, mask = target.to(scene.device), mask.to(scene.device)
     err = ((r["rgb"].float() - target) ** 2).mean(-1)
     mse = err.mean()
     bg_alpha = (r["torso_alpha"].float() * (mask == 0)).mean()

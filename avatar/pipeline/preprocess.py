@@ -39,7 +39,7 @@ from avatar.data.dataset import (
     FPS,
     SAMPLES_PER_FRAME,
     SCHEMA,
-    open_array_for_write,
+    EncodedImageWriter,
     save_array,
 )
 from avatar.errors import ClipTooShort, InvalidInput, InvalidMedia, NoAudio, NoFaceDetected
@@ -69,6 +69,9 @@ class PreprocessConfig:
         depth_window_s: Savitzky-Golay window of depth (apparent head size), seconds.
         detect_samples: frames sampled to choose the crop window.
         background_samples: frames sampled for the background plate.
+        frame_codec: ``"jpeg"`` (default; 4:4:4 chroma) or ``"png"`` (lossless, ~3-4x larger) for
+            the stored frames; masks are always PNG.
+        jpeg_quality: JPEG quality (1-100) of the stored frames.
     """
 
     size: int = 512
@@ -84,6 +87,12 @@ class PreprocessConfig:
     depth_window_s: float = 1.0
     detect_samples: int = 60
     background_samples: int = 80
+    frame_codec: str = "jpeg"
+    jpeg_quality: int = 95
+
+    def frame_codec_spec(self) -> dict:
+        """The codec dict of :func:`avatar.data.dataset.encode_image` for the stored frames."""
+        return {"codec": "jpeg", "quality": int(self.jpeg_quality)} if self.frame_codec == "jpeg" else {"codec": "png"}
 
     def validate(self) -> None:
         """Raises :class:`InvalidInput` on an unusable option."""
@@ -95,6 +104,10 @@ class PreprocessConfig:
             raise InvalidInput("--audio-features hubert needs --hubert PATH (a local HuBERT model directory); or use --audio-features mel")
         if not 0.0 < self.val_fraction < 0.5:
             raise InvalidInput(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.frame_codec not in ("jpeg", "png"):
+            raise InvalidInput(f"frame_codec must be 'jpeg' or 'png', got {self.frame_codec!r}")
+        if not 1 <= int(self.jpeg_quality) <= 100:
+            raise InvalidInput(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
 
 
 def split_val_start(n_frames: int, val_fraction: float, min_val_frames: int) -> int:
@@ -103,41 +116,6 @@ def split_val_start(n_frames: int, val_fraction: float, min_val_frames: int) -> 
     n_val = max(int(round(val_fraction * n_frames)), min_val_frames)
     n_val = min(n_val, n_frames // 2)
     return n_frames - n_val
-
-
-class _NpyRows:
-    """Row access to a dataset ``.npy`` (created by :func:`open_array_for_write`) through plain file
-    I/O instead of a memory map, so rows written or read are not kept mapped in this process:
-    resident memory stays flat in clip length (a 5-minute 512 px clip is 5.9 GB of frames).
-
-    ``rows[i] = x`` writes row ``i``; ``rows[i]`` reads it back (a fresh array).
-    """
-
-    def __init__(self, root: Path, name: str, shape: tuple[int, ...]):
-        mm = open_array_for_write(root, name, shape)
-        self.offset, self.dtype, self.row_shape = int(mm.offset), mm.dtype, tuple(shape[1:])
-        del mm
-        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
-        self.n = shape[0]
-        self._f = open(Path(root) / f"{name}.npy", "r+b")
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __setitem__(self, i: int, value: np.ndarray) -> None:
-        self._f.seek(self.offset + int(i) * self.row_bytes)
-        self._f.write(np.ascontiguousarray(value, dtype=self.dtype).tobytes())
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        self._f.seek(self.offset + int(i) * self.row_bytes)
-        return np.frombuffer(self._f.read(self.row_bytes), self.dtype).reshape(self.row_shape).copy()
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.n, *self.row_shape)
-
-    def close(self) -> None:
-        self._f.close()
 
 
 def _sha256(path: Path) -> str:
@@ -278,8 +256,11 @@ def preprocess(
 
     with atomic_dir(out, overwrite) as tmp:
         # -- 3. pass 2: frames, FaceMesh, person masks (streaming) -------------------------------
-        frames = _NpyRows(tmp, "frames", (n, size, size, 3))
-        masks = _NpyRows(tmp, "masks", (n, size, size))
+        # frames are stored encoded (JPEG q95 / PNG) as they come: memory and disk stay flat in clip
+        # length (a 5-minute 512 px clip is 5.9 GB raw); the person masks go to a temporary PNG
+        # sequence until pass 3 turns them into head/torso labels
+        frames = EncodedImageWriter(tmp, "frames", (n, size, size, 3), cfg.frame_codec_spec())
+        person = EncodedImageWriter(tmp, "masks", (n, size, size), stem="person_tmp")
         points = np.zeros((n, 478, 3), np.float32)
         valid = np.zeros(n, bool)
         i = -1
@@ -293,7 +274,7 @@ def preprocess(
                 if res is not None:
                     points[i] = res.points
                     valid[i] = True
-                masks[i] = segmenter(img)
+                person[i] = np.asarray(segmenter(img), np.uint8)
                 bar.update(1)
         bar.close()
         if i + 1 < n:
@@ -323,8 +304,10 @@ def preprocess(
         blink = eye_aspect_ratio(lm3d)
 
         # -- 6. pass 3: head / torso labels; background plate ------------------------------------
+        masks = EncodedImageWriter(tmp, "masks", (n, size, size))
         for j in tqdm(range(n), desc="preprocess: masks", unit="frame", disable=not progress, file=sys.stderr):
-            masks[j] = label_frame(masks[j].astype(bool), oval_points(points[j]))
+            masks[j] = label_frame(person[j].astype(bool), oval_points(points[j]))
+        person.discard()
         detected = np.flatnonzero(valid)  # frames without a face (e.g. black frames) are not sampled
         bg_idx = detected[np.unique(np.linspace(0, len(detected) - 1, min(len(detected), cfg.background_samples)).round().astype(int))]
         plate = background_plate(frames, masks, bg_idx)
@@ -373,6 +356,7 @@ def preprocess(
             "head_frame_units": f"metres, assuming an outer-eye-corner distance of {EYE_CORNER_DISTANCE_M} m",
             "features": extractor.describe(),
             "split": {"val_start": val_start, "n_train": val_start, "n_val": n - val_start},
+            "encoding": {"frames": frames.codec, "masks": masks.codec},
             "flagged_frames": {"interpolated": flagged},
             "quality": {
                 "face_detected_fraction": float(valid.mean()),
@@ -403,7 +387,8 @@ def preprocess(
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = PreprocessConfig(size=args.size, audio_features=args.audio_features, hubert_path=args.hubert)
+    cfg = PreprocessConfig(size=args.size, audio_features=args.audio_features, hubert_path=args.hubert,
+                           frame_codec=args.frame_codec)
     out = preprocess(args.video, args.out, cfg, audio=args.audio, overwrite=args.overwrite, progress=not args.quiet)
     print(out)
     return 0
@@ -428,6 +413,8 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int, default=512, help="side of the stored square frames, pixels")
     p.add_argument("--audio-features", choices=["mel", "hubert"], default="mel", help="audio feature kind (hubert needs --hubert)")
     p.add_argument("--hubert", default=None, metavar="PATH", help="local HuBERT model directory (transformers format); nothing is downloaded")
+    p.add_argument("--frame-codec", choices=["jpeg", "png"], default="jpeg",
+                   help="storage of the frames: JPEG quality 95 (4:4:4) or lossless PNG (~3-4x larger)")
     p.add_argument("--audio", default=None, metavar="FILE", help="separate speech audio for a silent video (replaces the video's audio)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
