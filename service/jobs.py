@@ -111,6 +111,15 @@ def _worker(job_id: str, video: str, name: str, store_root: str, preset: str, ov
         events.put((job_id, "done", str(path)))
     except AvatarError as e:
         events.put((job_id, "error", e.grpc_code, str(e)))
+    except OSError as e:  # disk full during a checkpoint, permissions...: one line, work dir kept to resume
+        from avatar.atomic import is_disk_full
+
+        log.error("onboarding job %s failed", job_id, exc_info=True)
+        if is_disk_full(e):
+            events.put((job_id, "error", "RESOURCE_EXHAUSTED", f"{e.strerror}: free disk space on the server, then "
+                                                               "submit the same video again to resume"))
+        else:
+            events.put((job_id, "error", "INTERNAL", f"{type(e).__name__}: {e.strerror or e}; see the server log"))
     except BaseException as e:  # report, never hang the job
         events.put((job_id, "error", "INTERNAL", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"))
 

@@ -264,10 +264,10 @@ def avatar_info_msg(info: dict) -> pb.AvatarInfo:
                          metrics={k: float(v) for k, v in (info.get("metrics") or {}).items()})
 
 
-def job_msg(job: jobs_mod.JobRecord) -> pb.Job:
-    """JobRecord -> proto Job."""
+def job_msg(job: jobs_mod.JobRecord, scrub=lambda text: text) -> pb.Job:
+    """JobRecord -> proto Job; ``scrub`` removes server paths from its message and error."""
     return pb.Job(job_id=job.job_id, avatar=job.avatar, state=_STATE[job.state], stage=job.stage,
-                  progress=job.progress, message=job.message, error_code=job.error_code, error=job.error,
+                  progress=job.progress, message=scrub(job.message), error_code=job.error_code, error=scrub(job.error),
                   created_unix=job.created_unix, started_unix=job.started_unix, finished_unix=job.finished_unix,
                   queue_position=job.queue_position)
 
@@ -758,7 +758,7 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             path.unlink(missing_ok=True)
             raise
         call.fields["job_id"] = job.job_id
-        return job_msg(job)
+        return job_msg(job, self.scrub)
 
     def _job(self, job_id: str) -> jobs_mod.JobRecord:
         job = self.jobs.get(job_id)
@@ -769,24 +769,24 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
 
     @_rpc
     def GetJob(self, request, context, call):
-        return job_msg(self._job(request.job_id))
+        return job_msg(self._job(request.job_id), self.scrub)
 
     @_rpc
     def WatchJob(self, request, context, call):
         job = self._job(request.job_id)
-        yield job_msg(job)
+        yield job_msg(job, self.scrub)
         while job.state not in jobs_mod.FINISHED:
             if not context.is_active():
                 return
             new = self.jobs.wait_change(job.job_id, job.version, timeout=0.5)
             if new.version != job.version:
                 job = new
-                yield job_msg(job)
+                yield job_msg(job, self.scrub)
 
     @_rpc
     def CancelJob(self, request, context, call):
         self._job(request.job_id)
-        return job_msg(self.jobs.cancel(request.job_id))
+        return job_msg(self.jobs.cancel(request.job_id), self.scrub)
 
 
 def is_loopback(host: str) -> bool:

@@ -627,3 +627,231 @@ def test_jobs_are_reconciled_at_start(tmp_path):
         assert json.loads((journal / "j1.json").read_text())["state"] == FAILED
     finally:
         jm.close()
+
+
+# ---- kill -9 at random points, then rerun (slow) ----------------------------------------------------
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "AVATAR_TOKENS": f"{ADMIN}=admin"}
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _leftovers(store: Path, name: str) -> list[str]:
+    """Half-written things that must not survive a finished rerun."""
+    found = [p.name for p in (store / "avatars").glob(f".{name}.*")]
+    found += [str(p) for p in (store / "work").glob(f"{name}/.*.tmp-*")]
+    return found
+
+
+@pytest.mark.slow
+def test_kill9_during_onboarding_then_rerun(tiny_avatar, tmp_path):
+    """kill -9 the CLI onboarding at random points; after each kill nothing half-written looks valid;
+    the rerun completes a bundle that validates fully, with the same tracks as an uninterrupted run."""
+    from safetensors.numpy import load_file
+
+    from avatar.pipeline.bundle import AvatarModels
+    from avatar.store import AvatarStore
+
+    rng = random.Random(int(os.environ.get("FAULT_SEED", "13")))
+    store = AvatarStore(tmp_path / "store")
+    shutil.copytree(AvatarStore(tiny_avatar[0]).generator_dir, store.generator_dir)
+    clip = tiny_avatar[0].parent / "clip.mp4"
+    cmd = [sys.executable, "-m", "avatar.cli", "onboard", str(clip), "--name", "killed", "--preset", "cpu-smoke",
+           "--store", str(store.root)]
+    kills = []
+    for attempt in range(2):
+        proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        delay = rng.uniform(4.0, 25.0)
+        try:
+            proc.wait(delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            state = store.work_dir("killed") / "state.json"
+            kills.append((round(delay, 1), json.loads(state.read_text()).get("done", []) if state.is_file() else []))
+        if store.exists("killed"):  # finished before the kill, or the bundle is complete
+            AvatarModels(store.avatar_dir("killed"), device="cpu")
+            break
+        assert store.list() == []
+    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode in (0, 3), proc.stderr[-2000:]  # 3: it finished before a kill landed
+    assert "Traceback" not in proc.stderr
+    assert kills, "no kill landed"
+    models = AvatarModels(store.avatar_dir("killed"), device="cpu")  # checksums, shapes, finite weights
+    assert models.size == 64
+    assert _leftovers(store.root, "killed") == [] and not store.work_dir("killed").exists()
+    ref = load_file(str(tiny_avatar[0] / "avatars" / tiny_avatar[1] / "track.safetensors"))
+    got = load_file(str(store.avatar_dir("killed") / "track.safetensors"))
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in ref.items()}
+    np.testing.assert_allclose(got["pose_track"], ref["pose_track"], atol=1e-4)
+    np.testing.assert_array_equal(got["background"], ref["background"])
+    print(f"\nkills (seconds, stages done): {kills}")
+
+
+@pytest.mark.slow
+def test_kill9_during_render_then_rerun(tiny_avatar, tmp_path, data_dir):
+    from avatar.media import probe
+
+    audio = tmp_path / "speech.wav"
+    from avatar.media import load_audio
+
+    sf.write(audio, load_audio(data_dir / "audio" / "RD_Radio31_000.wav")[:16000], 16000)
+    out = tmp_path / "o.mp4"
+    cmd = [sys.executable, "-m", "avatar.cli", "render", "--avatar", tiny_avatar[1], "--audio", str(audio),
+           "--out", str(out), "--store", str(tiny_avatar[0])]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    while not list(tmp_path.glob(".o.*.tmp.mp4")) and time.monotonic() - t0 < 120 and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.Random(13).uniform(0.0, 1.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed render left a file at --out"
+    stale = list(tmp_path.glob(".o.*.tmp.mp4"))
+    assert stale, "the kill landed after the render finished"
+    done = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(tmp_path.glob(".o.*")) == [], "the killed render's temp file survived the rerun"
+    assert probe(out).n_frames == 25
+
+
+@pytest.mark.slow
+def test_kill9_of_the_server_takes_its_onboarding_worker_along(tiny_avatar, tmp_path):
+    """kill -9 `avatar serve` during an onboarding: the worker dies within seconds, the next server
+    marks the job FAILED (resumable), removes the dead server's spool, and a resubmission succeeds."""
+    from avatar.pipeline.bundle import AvatarModels
+    from avatar.store import AvatarStore
+
+    store = AvatarStore(tmp_path / "store")
+    shutil.copytree(AvatarStore(tiny_avatar[0]).generator_dir, store.generator_dir)
+    clip = tiny_avatar[0].parent / "clip.mp4"
+
+    def serve():
+        proc = subprocess.Popen([sys.executable, "-m", "avatar.cli", "serve", "--store", str(store.root), "--port", "0",
+                                 "--metrics-port", "-1"], env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        line = proc.stdout.readline()
+        return proc, json.loads(line)["port"]
+
+    srv, port = serve()
+    try:
+        with AvatarClient(f"127.0.0.1:{port}", token=ADMIN) as c:
+            job = c.onboard(clip, "orphan", preset="cpu-smoke")
+            t0 = time.monotonic()
+            while c.get_job(job["job_id"])["state"] != "RUNNING" and time.monotonic() - t0 < 30:
+                time.sleep(0.2)
+            time.sleep(3.0)  # the worker is importing / preprocessing
+            workers = [p for p in _children(srv.pid)
+                       if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+            assert workers, "no onboarding worker found"
+        spools = list((store.root / "spool").iterdir())
+        assert spools
+    finally:
+        srv.send_signal(signal.SIGKILL)
+        srv.wait()
+    t0 = time.monotonic()
+    while any(_alive(p) for p in workers) and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), "the onboarding worker outlived the server"
+    srv, port = serve()
+    try:
+        assert not any(s.exists() for s in spools), "the dead server's spooled upload survived"
+        with AvatarClient(f"127.0.0.1:{port}", token=ADMIN) as c:
+            old = c.get_job(job["job_id"])
+            assert old["state"] == "FAILED" and old["error_code"] == "ABORTED"
+            new = c.onboard(clip, "orphan", preset="cpu-smoke")
+            for state in c.watch_job(new["job_id"]):
+                pass
+            assert state["state"] == "SUCCEEDED", state
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        srv.wait(30)
+    AvatarModels(store.avatar_dir("orphan"), device="cpu")
+    assert _leftovers(store.root, "orphan") == [] and not store.work_dir("orphan").exists()
+
+
+# ---- soak (slow) ------------------------------------------------------------------------------------
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_soak_four_streams(tiny_avatar, tmp_path, data_dir):
+    """4 StreamRender streams on 127.0.0.1 for SOAK_S seconds (default 120) against an `avatar serve`
+    process; RSS sampled every second. 0 errors, RSS growth after the warm-up < 5 %."""
+    from avatar.media import load_audio
+
+    duration = float(os.environ.get("SOAK_S", "120"))
+    warmup = min(30.0, duration / 4)
+    cfg = tmp_path / "serve.json"
+    cfg.write_text(json.dumps({"max_streams": 4, "max_audio_s": 30}))
+    proc = subprocess.Popen([sys.executable, "-m", "avatar.cli", "serve", "--store", str(tiny_avatar[0]), "--port", "0",
+                             "--metrics-port", "-1", "--config", str(cfg)], env=_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    port = json.loads(proc.stdout.readline())["port"]
+    speech = load_audio(data_dir / "audio" / "RD_Radio31_000.wav")[16000:16000 + 8000]  # 0.5 s
+    stop = threading.Event()
+    counts = {"streams": 0, "frames": 0}
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        with AvatarClient(f"127.0.0.1:{port}", token=ADMIN) as c:
+            while not stop.is_set():
+                try:
+                    chunks = [speech[s:s + 1600] for s in range(0, len(speech), 1600)]
+                    frames = list(c.stream(tiny_avatar[1], chunks, {"seed": i}, realtime=False, timeout=120))
+                    with lock:
+                        counts["streams"] += 1
+                        counts["frames"] += len(frames)
+                except grpc.RpcError as e:
+                    errors.append(f"{e.code().name}: {e.details()}")
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(4)]
+    rss = []
+    try:
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        while time.monotonic() - t0 < duration:
+            rss.append((time.monotonic() - t0, _rss_mb(proc.pid)))
+            time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(180)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    after = [r for t, r in rss if t >= warmup]
+    base, peak, last = after[0], max(after), after[-1]
+    growth = (last - base) / base
+    summary = {"seconds": duration, "streams": counts["streams"], "frames": counts["frames"], "errors": len(errors),
+               "rss_start_mb": round(rss[0][1], 1), "rss_after_warmup_mb": round(base, 1),
+               "rss_peak_mb": round(peak, 1), "rss_end_mb": round(last, 1), "growth_pct": round(100 * growth, 2)}
+    print("\nsoak:", json.dumps(summary))
+    (tmp_path / "soak.json").write_text(json.dumps(summary))
+    assert errors == []
+    assert counts["streams"] >= 4
+    assert growth < 0.05, summary
