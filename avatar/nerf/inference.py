@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from avatar.data.dataset import Intrinsics
 from avatar.errors import BundleCorrupt, InvalidInput
 from avatar.nerf.model import HeadNerf, TorsoNerf, load_head, load_torso
-from avatar.nerf.rays import box_pixel_bounds, camera_rays
+from avatar.nerf.rays import box_pixel_bounds_batch, camera_rays
 from avatar.nerf.render import composite, render_head_rays
 from avatar.runtime import configure_threads
 
@@ -47,7 +48,7 @@ class AvatarNerf:
         self._background = self._as_image(background)
 
     def _as_image(self, img) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(img) if not torch.is_tensor(img) else img)
+        t = torch.as_tensor(np.array(img) if not torch.is_tensor(img) else img)  # a copy: memmaps are read-only
         if t.dtype != torch.uint8 or t.dim() != 3 or t.shape[-1] != 3:
             raise InvalidInput(f"background must be uint8 [S, S, 3], got {tuple(t.shape)} {t.dtype}")
         return t.to(self.device)
@@ -66,6 +67,12 @@ class AvatarNerf:
     def render(self, lm3d_window: torch.Tensor, pose: torch.Tensor, blink: torch.Tensor | None = None,
                background=None, size: int | None = None) -> torch.Tensor:
         """Render composited frames (background plate -> torso -> head).
+
+        Batched: the head rays of all B frames (pixels inside each frame's projected head box) go
+        through the field in chunks of ``chunk`` rays regardless of frame boundaries, and the torso
+        is evaluated on the pixels of the person box (``TorsoNerf.person_box``) of all B frames
+        likewise; the head boxes are computed on the device (one ``nonzero`` per call, no
+        per-frame host synchronisation). Output pixels do not depend on B.
 
         Args:
             lm3d_window: float32 [B, W, 68, 3] canonical landmarks, a W-frame window centred on each
@@ -93,46 +100,66 @@ class AvatarNerf:
         s = size / self.size
         K = Intrinsics(self.intrinsics.fx * s, self.intrinsics.fy * s, self.intrinsics.cx * s, self.intrinsics.cy * s)
         field = self.head.field
+        dev = self.device
         blink_w = None
         if field.cfg.use_blink and blink is not None:
-            blink_w = torch.as_tensor(blink, dtype=torch.float32, device=self.device).reshape(B, 1).expand(B, W)
-        cond = field.cond_net(lm3d_window, blink_w)
-        bg = self._background_at(size, background)
-        ys, xs = torch.meshgrid(torch.arange(size, device=self.device), torch.arange(size, device=self.device), indexing="ij")
-        all_pix = torch.stack((xs, ys), -1).reshape(-1, 2)
-        out = torch.empty(B, size, size, 3, dtype=torch.uint8, device=self.device)
-        for b in range(B):
-            head_rgb = torch.zeros(size * size, 3, device=self.device)
-            head_acc = torch.zeros(size * size, device=self.device)
-            x0, y0, x1, y1 = box_pixel_bounds(field.aabb, pose[b].cpu(), K, self.head_scale, size)
+            blink_w = torch.as_tensor(blink, dtype=torch.float32, device=dev).reshape(B, 1).expand(B, W)
+        cond = field.cond_net(lm3d_window, blink_w)                       # [B, cond_dim]
+        bg = self._background_at(size, background).reshape(-1, 3)         # [S*S, 3]
+        P = size * size
+        ys, xs = torch.meshgrid(torch.arange(size, device=dev), torch.arange(size, device=dev), indexing="ij")
+        all_pix = torch.stack((xs, ys), -1).reshape(-1, 2)                # [S*S, 2] (x, y)
+
+        # head: every pixel inside the projected head box of its frame, all B frames in one pass
+        # (boxes computed on the device; one nonzero() for the batch, no per-frame host sync)
+        bounds = box_pixel_bounds_batch(field.aabb, pose, K, self.head_scale, size)      # [B, 4]
+        ax = torch.arange(size, device=dev)
+        in_x = (ax[None] >= bounds[:, 0:1]) & (ax[None] < bounds[:, 2:3])                # [B, S]
+        in_y = (ax[None] >= bounds[:, 1:2]) & (ax[None] < bounds[:, 3:4])                # [B, S]
+        flat = (in_y[:, :, None] & in_x[:, None, :]).reshape(-1).nonzero().squeeze(1)   # [R] index b*P + p
+        head_rgb = torch.zeros(B * P, 3, device=dev)
+        head_acc = torch.zeros(B * P, device=dev)
+        c2w = torch.linalg.inv(pose)                                                     # [B, 4, 4]
+        for i in range(0, flat.numel(), self.chunk):
+            sel = flat[i : i + self.chunk]
+            bi = torch.div(sel, P, rounding_mode="floor")
+            o, d = camera_rays(all_pix[sel - bi * P].float(), K, c2w[bi], self.head_scale)
+            n = sel.numel()
+            r = render_head_rays(field, self.head.occ, o, d, cond[bi], field.individual_code(None, n), self.n_samples,
+                                 estimator=self.head.estimator, amp=True)  # CUDA: nerfacc + bf16
+            head_rgb[sel] = r["rgb"].float()
+            head_acc[sel] = r["acc"].float()
+        head_rgb, head_acc = head_rgb.view(B, P, 3), head_acc.view(B, P)
+        rgb = composite(bg.expand(B, P, 3).reshape(-1, 3), head_rgb.reshape(-1, 3), head_acc.reshape(-1)).view(B, P, 3)
+
+        # torso: only inside the person box (outside it the torso is transparent by training)
+        if self.torso is not None:
+            tf = self.torso.field
+            x0, y0, x1, y1 = self._person_box_px(size)
             if x1 > x0 and y1 > y0:
-                sub = (all_pix[:, 0] >= x0) & (all_pix[:, 0] < x1) & (all_pix[:, 1] >= y0) & (all_pix[:, 1] < y1)
-                idx = sub.nonzero().squeeze(1)
-                c2w = torch.linalg.inv(pose[b])
-                for i in range(0, len(idx), self.chunk):
-                    sel = idx[i : i + self.chunk]
-                    o, d = camera_rays(all_pix[sel].float(), K, c2w, self.head_scale)
-                    n = len(sel)
-                    r = render_head_rays(field, self.head.occ, o, d, cond[b].expand(n, -1),
-                                         field.individual_code(None, n), self.n_samples,
-                                         estimator=self.head.estimator, amp=True)  # CUDA: nerfacc + bf16
-                    head_rgb[sel] = r["rgb"].float()
-                    head_acc[sel] = r["acc"].float()
-            flat_bg = bg.reshape(-1, 3)
-            if self.torso is not None:
-                tf = self.torso.field
-                rgb = torch.empty(size * size, 3, device=self.device)
-                for i in range(0, size * size, 4 * self.chunk):
-                    sl = slice(i, i + 4 * self.chunk)
-                    n = all_pix[sl].shape[0]
-                    uv = (all_pix[sl].float() + 0.5) / size
-                    alpha, trgb = tf(uv, pose[b].expand(n, 4, 4), tf.individual_code(None, n),
-                                     torch.cat((head_rgb[sl], head_acc[sl, None]), -1))
-                    rgb[sl] = composite(flat_bg[sl], head_rgb[sl], head_acc[sl], trgb.float(), alpha.float())
-            else:
-                rgb = composite(flat_bg, head_rgb, head_acc)
-            out[b] = (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).reshape(size, size, 3)
-        return out
+                box = ((all_pix[:, 0] >= x0) & (all_pix[:, 0] < x1) & (all_pix[:, 1] >= y0) & (all_pix[:, 1] < y1))
+                pidx = box.nonzero().squeeze(1)                                          # [Pb] (static per size)
+                flat_t = (torch.arange(B, device=dev)[:, None] * P + pidx[None]).reshape(-1)  # [B*Pb]
+                hr, ha = head_rgb.reshape(-1, 3), head_acc.reshape(-1)
+                out_rgb = rgb.reshape(-1, 3)
+                for i in range(0, flat_t.numel(), 4 * self.chunk):
+                    sel = flat_t[i : i + 4 * self.chunk]
+                    bi = torch.div(sel, P, rounding_mode="floor")
+                    p = sel - bi * P
+                    n = sel.numel()
+                    uv = (all_pix[p].float() + 0.5) / size
+                    alpha, trgb = tf(uv, pose[bi], tf.individual_code(None, n), torch.cat((hr[sel], ha[sel, None]), -1))
+                    out_rgb[sel] = composite(bg[p], hr[sel], ha[sel], trgb.float(), alpha.float())
+        return (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).view(B, size, size, 3)
+
+    def _person_box_px(self, size: int) -> tuple[int, int, int, int]:
+        """The torso's person box in pixels of a ``size`` frame (host ints; cached per size)."""
+        cache = self.__dict__.setdefault("_person_box_cache", {})
+        if size not in cache:
+            b = self.torso.person_box.detach().float().cpu().tolist()
+            cache[size] = (max(0, math.floor(b[0] * size)), max(0, math.floor(b[1] * size)),
+                           min(size, math.ceil(b[2] * size)), min(size, math.ceil(b[3] * size)))
+        return cache[size]
 
 
 def load_nerf(path: str | Path, device: str | torch.device | None = None, n_samples: int | None = None) -> AvatarNerf:

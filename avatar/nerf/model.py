@@ -49,12 +49,19 @@ class HeadNerf(nn.Module):
 
 
 class TorsoNerf(nn.Module):
-    """Torso field + the background plate (uint8 [S, S, 3]) it was trained over."""
+    """Torso field + the background plate (uint8 [S, S, 3]) it was trained over + the person box.
+
+    ``person_box`` float32 [4] ``(x0, y0, x1, y1)`` in frame fractions [0, 1]: the union of the
+    person's (head + torso) mask over the training frames, grown by a margin; the renderer
+    evaluates the torso only inside it (the torso is trained to be transparent on background
+    pixels). Models saved before it existed load with the whole frame ``(0, 0, 1, 1)``.
+    """
 
     def __init__(self, cfg: TorsoConfig, n_frames: int, size: int):
         super().__init__()
         self.field = TorsoField(cfg, n_frames)
         self.register_buffer("background", torch.zeros(size, size, 3, dtype=torch.uint8))
+        self.register_buffer("person_box", torch.tensor([0.0, 0.0, 1.0, 1.0]))
 
 
 def grid_parameters(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -128,5 +135,6 @@ def load_head(part_dir: Path, device: torch.device | str = "cpu") -> tuple[HeadN
 def load_torso(part_dir: Path, device: torch.device | str = "cpu") -> tuple[TorsoNerf, dict]:
     info, cfg, state = read_part(part_dir)
     model = build_torso(cfg, info["n_train_frames"], info["size"])
+    state.setdefault("person_box", model.person_box.clone())  # saved before the person box existed
     model.load_state_dict(state)
     return model.to(device).eval(), info

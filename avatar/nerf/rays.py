@@ -80,6 +80,28 @@ def project_points(points: torch.Tensor, pose: torch.Tensor, intrinsics: Intrins
     return torch.cat((intrinsics.fx * cam[..., :1] / z + intrinsics.cx, intrinsics.fy * cam[..., 1:2] / z + intrinsics.cy), -1)
 
 
+def box_pixel_bounds_batch(aabb: torch.Tensor, pose: torch.Tensor, intrinsics: Intrinsics, world_scale: float,
+                           size: int) -> torch.Tensor:
+    """:func:`box_pixel_bounds` for a batch of poses, computed on the poses' device (no host sync).
+
+    Args:
+        aabb: float32 [6] box in head units; pose: float32 [B, 4, 4] head-to-camera transforms.
+
+    Returns:
+        int64 [B, 4] ``(x0, y0, x1, y1)`` per pose, exclusive ends, clipped to ``[0, size]``; the same
+        numbers as :func:`box_pixel_bounds` pose by pose.
+    """
+    lo, hi = aabb[:3], aabb[3:]
+    corners = torch.stack([torch.stack([(hi if (c >> i) & 1 else lo)[i] for i in range(3)]) for c in range(8)])
+    pts = (corners * world_scale).to(pose.device)                                # [8, 3]
+    cam = torch.einsum("kj,bij->bki", pts, pose[:, :3, :3]) + pose[:, None, :3, 3]  # [B, 8, 3]
+    z = cam[..., 2:3].clamp(min=1e-6)
+    uv = torch.cat((intrinsics.fx * cam[..., :1] / z + intrinsics.cx, intrinsics.fy * cam[..., 1:2] / z + intrinsics.cy), -1)
+    lo_px = uv.amin(1).floor()
+    hi_px = uv.amax(1).ceil() + 1
+    return torch.cat((lo_px, hi_px), -1).clamp(0, size).long()[:, [0, 1, 2, 3]]
+
+
 def box_pixel_bounds(aabb: torch.Tensor, pose: torch.Tensor, intrinsics: Intrinsics, world_scale: float,
                      size: int) -> tuple[int, int, int, int]:
     """Pixel rectangle ``(x0, y0, x1, y1)`` (exclusive ends, clipped to the frame) covering the

@@ -122,6 +122,22 @@ class FramePixels:
         return torch.from_numpy(rgb).to(self.device), torch.from_numpy(lab).to(self.device)
 
 
+def person_box(pixels: FramePixels, frames: np.ndarray, size: int, margin: float = 0.05) -> torch.Tensor:
+    """Union of the person's mask (labels != background) over ``frames``, grown by ``margin`` x ``size``
+    on each side: float32 [4] ``(x0, y0, x1, y1)`` in frame fractions (exclusive ends); the whole
+    frame when no person pixel exists."""
+    union = np.zeros((size, size), bool)
+    for f in frames:
+        union |= pixels.mask(int(f)) != 0
+    rows, cols = np.flatnonzero(union.any(1)), np.flatnonzero(union.any(0))
+    if not len(rows):
+        return torch.tensor([0.0, 0.0, 1.0, 1.0])
+    m = margin * size
+    x0, x1 = max(0.0, cols[0] - m), min(float(size), cols[-1] + 1 + m)
+    y0, y1 = max(0.0, rows[0] - m), min(float(size), rows[-1] + 1 + m)
+    return torch.tensor([x0, y0, x1, y1], dtype=torch.float32) / size
+
+
 class _Scene:
     """Frame-independent tensors derived from a dataset (normalisation stats, head box) and the
     decoded frames (:class:`FramePixels`)."""
@@ -159,6 +175,7 @@ class _Scene:
         torso.field.t_mean.copy_(t.mean(0))
         torso.field.t_scale.fill_(float(t.std(0).max().clamp(min=1e-4)))
         torso.background.copy_(torch.from_numpy(np.array(self.ds.background)))
+        torso.person_box.copy_(person_box(self.pixels, self.train, self.size))
 
     def cond_inputs(self, frames: np.ndarray, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         win = landmark_window(self.ds.n_frames, frames, self.cfg.head.window, lo, hi)
@@ -318,7 +335,7 @@ def _psnr(mse: float) -> float:
 
 
 def _train_part(part: str, scene: _Scene, out: Path, steps: int, seed: int, progress: bool, callback, cancel,
-                head_frozen: HeadNerf | None = None) -> dict:
+                head_frozen: HeadNerf | None = None, max_seconds: float | None = None) -> dict:
     cfg, dev = scene.cfg, scene.device
     pdir = out / part
     pdir.mkdir(parents=True, exist_ok=True)
@@ -356,6 +373,9 @@ def _train_part(part: str, scene: _Scene, out: Path, steps: int, seed: int, prog
     bar = tqdm(total=steps, initial=step, desc=f"train {part}", disable=not progress, unit="step")
     model.train()
     while step < steps:
+        if max_seconds is not None and time.perf_counter() - t_start >= max_seconds:
+            log.info("%s: wall-time budget of %.0f s reached at step %d of %d", part, max_seconds, step, steps)
+            break
         if cancel is not None and cancel.is_set():
             ckpt.save(step, model, opt, rng, gen, {"losses": losses})
             from avatar.pipeline.onboard import Cancelled
@@ -396,7 +416,7 @@ def _train_part(part: str, scene: _Scene, out: Path, steps: int, seed: int, prog
     model.eval()
     if nerfacc_on:  # the PyTorch grid (CPU rendering of this model) follows the estimator
         model.occ.density = grid_from_estimator(model.estimator, render_step_size(model.field.aabb, cfg.train.n_samples))
-    metrics = {"part": part, "steps": step, "seed": seed, "train_psnr_last": _psnr(float(np.mean(losses[-20:]))) if losses else None,
+    metrics = {"part": part, "steps": step, "steps_planned": steps, "seed": seed, "train_psnr_last": _psnr(float(np.mean(losses[-20:]))) if losses else None,
                "seconds_this_run": round(time.perf_counter() - t_start, 1), "preset": cfg.preset}
     if len(scene.val):
         metrics["val_psnr_preview"] = _val_psnr(part, model, head_frozen, scene)
@@ -522,7 +542,7 @@ def _preview(writer, part: str, model, head_frozen, scene: _Scene, step: int) ->
 
 def train_nerf(dataset: str | Path, out: str | Path, part: str = "all", preset: str = "cpu-small",
                steps: int | None = None, seed: int = 0, overwrite: bool = False, progress: bool = True,
-               callback=None, cancel=None, device: str | None = None) -> Path:
+               callback=None, cancel=None, device: str | None = None, max_seconds: float | None = None) -> Path:
     """Train the head NeRF and/or the torso NeRF (on the frozen head) of one dataset.
 
     Args:
@@ -534,6 +554,9 @@ def train_nerf(dataset: str | Path, out: str | Path, part: str = "all", preset: 
         seed: RNG seed (training is deterministic for a seed on one device).
         overwrite: retrain parts that are already finished (otherwise they are kept).
         callback: ``callback(fraction, message)`` progress hook; cancel: ``threading.Event``.
+        max_seconds: wall-time budget of each trained part (seconds, from its first step); a part
+            that reaches it stops early and is finished as usual (``metrics.json`` ``steps`` says how
+            many were done; the learning-rate schedule still spans ``steps``). Used by benchmarks.
 
     Returns:
         ``Path(out)``.
@@ -575,5 +598,5 @@ def train_nerf(dataset: str | Path, out: str | Path, part: str = "all", preset: 
         if callback is not None:
             k = parts.index(p)
             cb = lambda frac, msg, k=k: callback((k + frac) / len(parts), msg)  # noqa: E731
-        _train_part(p, scene, out, n, seed, progress, cb, cancel, head_frozen=head)
+        _train_part(p, scene, out, n, seed, progress, cb, cancel, head_frozen=head, max_seconds=max_seconds)
     return out
