@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+from avatar.atomic import check_output_file
 from avatar.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ def _cmd_get(args) -> int:
 def _cmd_render(args) -> int:
     from avatar.media import load_audio
 
+    check_output_file(args.out)
     audio = load_audio(args.audio)  # validates locally and gives the track to mux
     with _client(args) as c:
         call = c.render(args.avatar, args.audio, _options(args), image_format=args.format)
@@ -129,6 +131,7 @@ def _cmd_stream(args) -> int:
 
     from avatar.media import load_audio
 
+    check_output_file(args.out)
     audio = load_audio(args.audio)
     step = max(1, int(args.chunk_ms * 16))
 

@@ -444,6 +444,8 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
         self.cfg = cfg
         self.metrics = metrics
         self.store = AvatarStore(cfg.store)
+        for path in self.store.clean_stale():
+            log.info("removed stale %s", path.name)
         self.cache = AvatarCache(cfg.store, cfg.cache_size, cfg.device)
         self._slots = threading.BoundedSemaphore(cfg.max_streams)
         self.send_watch = SendWatchdog(cfg.send_timeout_s)

@@ -319,8 +319,10 @@ def test_bundle_records_checksums(tiny_avatar):
 
 
 def test_corrupting_each_bundle_file_is_detected(store_copy, tiny_avatar, capsys):
-    """Flip bytes in each bundle file in turn: loading raises BundleCorrupt naming the file, `avatar
-    list` shows the avatar as broken (exit 0), and the other avatars still list."""
+    """Damage each bundle file in turn, two ways: 4 KB of flipped bytes (same size) and truncation.
+    Loading always raises BundleCorrupt naming the file; `avatar list` never fails, keeps listing the
+    other avatar, and shows the damaged one as BROKEN whenever the quick check can see it (a
+    truncated file, any damage to the manifest)."""
     from avatar.pipeline.bundle import AvatarModels
     from avatar.store import AvatarStore
 
@@ -334,28 +336,28 @@ def test_corrupting_each_bundle_file_is_detected(store_copy, tiny_avatar, capsys
     pristine = {f: (bundle / f).read_bytes() for f in files}
     checked = 0
     for f in files:
-        _flip(bundle / f)
-        try:
-            with pytest.raises(BundleCorrupt) as e:
-                AvatarModels(bundle, device="cpu")
-            assert "re-onboard" in str(e.value)
-            if f != "manifest.json":
-                assert f in str(e.value), (f, str(e.value))
-            rows = {r["name"]: r for r in AvatarStore(store_copy).list(include_broken=True)}
-            assert "size" in rows["good"]
-            assert cli(["list", "--store", store_copy]) == 0
-            out = capsys.readouterr().out
-            assert "good" in out
-            if f == "manifest.json" or f.endswith(".json"):
-                # sizes are unchanged by a byte flip: the quick listing check catches the manifest only,
-                # a full load (above) catches the rest
-                pass
-            if f == "manifest.json":
-                assert f"{name:<24} BROKEN" in out
-        finally:
-            (bundle / f).write_bytes(pristine[f])
-        checked += 1
-    assert checked == len(files)
+        for mode in ("flip", "truncate"):
+            if mode == "flip":
+                _flip(bundle / f)
+            else:
+                (bundle / f).write_bytes(pristine[f][: len(pristine[f]) // 2])
+            try:
+                with pytest.raises(BundleCorrupt) as e:
+                    AvatarModels(bundle, device="cpu")
+                assert "re-onboard" in str(e.value)
+                if f != "manifest.json":
+                    assert f in str(e.value), (f, str(e.value))
+                rows = {r["name"]: r for r in AvatarStore(store_copy).list(include_broken=True)}
+                assert "size" in rows["good"]
+                assert cli(["list", "--store", store_copy]) == 0
+                out = capsys.readouterr().out
+                assert "good" in out
+                if mode == "truncate" or f == "manifest.json":
+                    assert f"{name:<24} BROKEN" in out, (f, mode, out)
+            finally:
+                (bundle / f).write_bytes(pristine[f])
+            checked += 1
+    assert checked == 2 * len(files)
     AvatarModels(bundle, device="cpu")  # restored: loads again
 
 
@@ -581,9 +583,22 @@ def test_stale_temps_and_spools_are_cleaned(tmp_path):
     spool_root = tmp_path / "store" / "spool"
     (spool_root / f"{pid}-abcd").mkdir(parents=True)
     (spool_root / f"{pid}-abcd" / "upload.mp4").write_bytes(b"x" * 1000)
+    # ... and so are half-assembled bundles, killed preprocess temps and abandoned work dirs
+    avatars, work = tmp_path / "store" / "avatars", tmp_path / "store" / "work"
+    (avatars / f".kim.tmp-{pid}-x1").mkdir(parents=True)
+    (work / "old" / f".dataset.tmp-{pid}-y").mkdir(parents=True)
+    (work / "fresh" / f".dataset.tmp-{pid}-z").mkdir(parents=True)
+    (work / "fresh" / "state.json").write_text("{}")
+    ten_days = time.time() - 10 * 86400
+    (work / "old" / "state.json").write_text("{}")
+    for p in [work / "old", *(work / "old").rglob("*")]:
+        os.utime(p, (ten_days, ten_days))
     srv = _start(tmp_path / "store")
     try:
         assert not (spool_root / f"{pid}-abcd").exists()
+        assert not (avatars / f".kim.tmp-{pid}-x1").exists()
+        assert not (work / "old").exists()
+        assert (work / "fresh" / "state.json").exists() and not (work / "fresh" / f".dataset.tmp-{pid}-z").exists()
         assert srv.servicer.spool.parent == spool_root
     finally:
         srv.stop(0)
@@ -855,3 +870,30 @@ def test_soak_four_streams(tiny_avatar, tmp_path, data_dir):
     assert errors == []
     assert counts["streams"] >= 4
     assert growth < 0.05, summary
+
+
+@pytest.mark.slow
+def test_disk_full_during_an_onboarding_checkpoint(tiny_avatar, tmp_path, capsys, monkeypatch):
+    """ENOSPC while the head NeRF saves a checkpoint: one line, exit 74, the work dir is kept and the
+    rerun resumes after the finished stages."""
+    import avatar.nerf.trainer as trainer
+    from avatar.store import AvatarStore
+
+    store = AvatarStore(tmp_path / "store")
+    shutil.copytree(AvatarStore(tiny_avatar[0]).generator_dir, store.generator_dir)
+    clip = tiny_avatar[0].parent / "clip.mp4"
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer._Checkpoint, "save", full)
+        code = cli(["onboard", clip, "--name", "full", "--preset", "cpu-smoke", "--store", store.root])
+    err = capsys.readouterr().err
+    assert code == 74 and "Traceback" not in err and err.count("error:") == 1, err[-2000:]
+    assert err.split("error:")[1].strip().startswith("No space left on device"), err[-2000:]
+    assert not store.exists("full")
+    state = json.loads((store.work_dir("full") / "state.json").read_text())
+    assert "preprocess" in state["done"] and "postnet" in state["done"] and "head" not in state["done"]
+    assert cli(["onboard", clip, "--name", "full", "--preset", "cpu-smoke", "--store", store.root]) == 0
+    assert store.exists("full") and not store.work_dir("full").exists()

@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import platformdirs
@@ -138,6 +139,50 @@ class AvatarStore:
                 if include_broken:
                     out.append({"name": name, "broken": str(e)})
         return out
+
+    def clean_stale(self, work_max_age_days: float = 7.0) -> list[Path]:
+        """Remove leftovers of killed writers and abandoned onboardings (run at server start-up).
+
+        Removes, where the writing process is no longer running: half-assembled bundles
+        (``avatars/.NAME.tmp-<pid>-*``, ``.NAME.old-<pid>-*``) and half-written datasets
+        (``work/NAME/.dataset.tmp-<pid>-*``); and work directories untouched for
+        ``work_max_age_days`` whose onboarding lock is free. Returns the removed paths; never raises.
+        """
+        from filelock import FileLock, Timeout
+
+        from avatar.atomic import clean_stale_temps
+
+        removed: list[Path] = []
+        if self.avatars_dir.is_dir():
+            names = {m.group(1) for p in self.avatars_dir.iterdir()
+                     if (m := re.fullmatch(r"\.(.+)\.(?:tmp|old)-.*", p.name))}
+            for name in names:
+                removed += clean_stale_temps(self.avatars_dir, name)
+        work_root = self.root / "work"
+        if not work_root.is_dir():
+            return removed
+        now = time.time()
+        for work in work_root.iterdir():
+            if not work.is_dir() or not NAME_RE.fullmatch(work.name):
+                continue
+            lock = FileLock(str(work_root / f".{work.name}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # an onboarding of this name is running
+            try:
+                removed += clean_stale_temps(work, "dataset")
+                try:
+                    newest = max((p.stat().st_mtime for p in work.rglob("*")), default=work.stat().st_mtime)
+                except OSError:
+                    continue
+                if now - newest > work_max_age_days * 86400:
+                    log.info("removing abandoned onboarding work dir %s", work)
+                    shutil.rmtree(work, ignore_errors=True)
+                    removed.append(work)
+            finally:
+                lock.release()
+        return removed
 
     def delete(self, name: str) -> None:
         """Remove an avatar bundle and its onboarding work dir.
