@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 DEMO_OUT ?= demo_out
 
-.PHONY: venv demo test test-all bench proto clean
+.PHONY: venv demo test test-all bench proto clean gpu-bundle
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VPY) -m pytest -q tests
+
+# A <= 60 MiB folder that checks the GPU path on a bare offline GPU host: `bash gpu_bundle/gpu_check.sh`
+# there (code, a 12 s 512 px compact dataset of acosta, wheels a CUDA torch host lacks; bench/gpu_bundle.py).
+gpu-bundle: $(STAMP)
+	$(VPY) -m bench.gpu_bundle --out gpu_bundle --video $(DATA)/speakers/acosta_cnn_71s.mp4
 
 # Regenerate the committed gRPC stubs (service/avatar_pb2*.py) from proto/avatar/v1/avatar.proto.
 # The generated grpc module imports `avatar.v1.avatar_pb2`, which would clash with our `avatar`

@@ -1,34 +1,36 @@
-"""GPU benchmark: builds/checks the CUDA path and times every stage that matters for serving.
+"""GPU benchmark on a preprocessed dataset: one call measures what serving and onboarding need.
 
-One run, one table (appended to ``bench/RESULTS.md`` with machine, git commit and date):
+``python -m bench.bench_gpu --dataset DIR --minutes M`` (no video, no preprocessing: a dataset made by
+``avatar preprocess`` anywhere, e.g. on a CPU host, copied over) reports in one table (printed, and
+appended to ``bench/RESULTS.md`` with machine, git commit and date):
 
-- **build**: which hash-grid backends and extensions load here (Triton, tiny-cuda-nn, nerfacc's
-  CUDA extension, which JIT-builds on first use) and whether Triton matches the PyTorch backend;
-- **encoding**: hash-grid points/s, forward and forward+backward (table + input gradient), for the
-  ``torch``, ``triton`` and (if importable) ``tcnn`` backends, on the onboarding preset's head grid;
-- **onboard**: wall time of ``avatar.pipeline.onboard.onboard(video, ...)`` (preprocessing
-  included) and its per-stage seconds; the shared generator is trained first if none is given
-  (timed separately: it is shared by all avatars);
-- **train**: NeRF head training steps/s on the onboarded dataset (steady state, after warm-up);
-- **memory**: GPU memory per loaded avatar (``torch.cuda.max_memory_allocated`` around
-  ``avatar.api.load``), or parameter bytes on CPU;
-- **render**: composited head+torso frames/s at 256 and 512 px (batch 1 and batched), and the
-  number of concurrent 25 fps streams one device sustains (batched fps / 25).
+- **build**: which hash-grid backends and extensions load here (Triton, tiny-cuda-nn, nerfacc's CUDA
+  extension, which JIT-builds on first use; its build time) and Triton vs PyTorch agreement;
+- **encoding**: hash-grid points/s, forward and forward+backward (table + input gradient), per
+  backend (``torch``, ``triton``, ``tcnn`` when importable) on the preset's head grid;
+- **data**: dataset size on disk and the one-time decode of its frames;
+- **train**: head then torso NeRF (``gpu-full``) for a fixed wall time (2/3 and 1/3 of ``--minutes``):
+  steps/s in the steady state, peak GPU memory, validation PSNR (full frame, face box) on the
+  dataset's validation tail after that time;
+- **render**: GPU memory per loaded avatar, composited head+torso frames/s at 256 and 512 px
+  (batch 1 and batched, per hash-grid backend) and concurrent 25 fps streams per device (best fps / 25);
+- **onboard**: extrapolated ``gpu-full`` onboarding time of 5 minutes of video: preprocessing at the
+  rate recorded in the dataset's manifest (measured where the dataset was made) + the preset's head
+  and torso steps at the measured steps/s.
 
-Usage (on the GPU machine, after ``pip install -e .[cuda]``, see docs/GPU.md)::
+Usage::
 
-    python -m bench.bench_gpu                   # gpu-full preset: hours (onboarding dominates)
-    python -m bench.bench_gpu --skip-onboard --store DIR   # reuse an onboarded store (keep_work)
-    python -m bench.bench_gpu --quick           # tiny sizes, any device: checks that it runs
+    python -m bench.bench_gpu --dataset DIR --minutes 4     # on the GPU host (see docs/GPU.md, gpu_check.sh)
+    python -m bench.bench_gpu --dataset DIR --quick         # tiny preset/sizes on any device (tests, CPU)
 
-All timings are medians of ``--runs`` after a warm-up run (which pays JIT/autotuning).
+Timings are medians of ``--runs`` after a warm-up run (which pays JIT/autotuning).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -42,9 +44,8 @@ from bench.common import commit as _commit
 from bench.common import machine as _machine
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("AVATAR_TEST_DATA", ROOT.parent / "shared" / "data"))
-VIDEO = DATA / "speakers" / "acosta_cnn_71s.mp4"
 STREAM_FPS = 25
+ONBOARD_MINUTES = 5.0
 
 log = logging.getLogger("bench_gpu")
 
@@ -186,86 +187,120 @@ def bench_encoding(t: Table, device: torch.device, preset: str, n_points: int, r
         t.add("encoding", f"{name} fwd+bwd, table+x grad", n_points / sec, "points/s")
 
 
-# ----------------------------------------------------------------------------- pipeline stages
-def ensure_generator(t: Table, store, generator: Path | None, quick: bool) -> Path:
-    """The shared generator: ``generator`` if given, the store's if trained, else train one (timed)."""
-    from recipes.train_generator import train_generator
-
-    if generator is not None:
-        return generator
-    if (store.generator_dir / "config.json").is_file():
-        return store.generator_dir
-    preset = "smoke" if quick else "gpu"
-    t0 = time.perf_counter()
-    train_generator(DATA / "corpus", store.generator_dir, preset=preset, progress=True)
-    t.add("onboard", f"shared generator training ({preset})", time.perf_counter() - t0, "s", "once per deployment")
-    return store.generator_dir
-
-
-def bench_onboard(t: Table, store, video: Path, preset: str, generator: Path) -> None:
-    from avatar.pipeline.onboard import onboard
-
-    t0 = time.perf_counter()
-    onboard(video, "bench", store=store, preset=preset, generator=generator, overwrite=True, keep_work=True)
-    total = time.perf_counter() - t0
-    stages = store.manifest("bench").get("stage_seconds", {})
-    t.add("onboard", f"onboard {video.name} ({preset}), total", total, "s", "preprocessing included")
-    for k, v in stages.items():
-        t.add("onboard", f"  stage {k}", float(v), "s")
-
-
-def bench_training(t: Table, dataset: Path, preset: str, steps: int, device: torch.device) -> None:
-    """Head NeRF steps/s in the steady state (between the first and last progress callbacks)."""
-    from avatar.nerf.trainer import train_nerf
-
-    stamps: list[tuple[float, float]] = []
-    with tempfile.TemporaryDirectory(prefix="bench_nerf_") as tmp:
-        train_nerf(dataset, tmp, part="head", preset=preset, steps=steps, progress=False,
-                   callback=lambda frac, msg: stamps.append((time.perf_counter(), frac)), device=str(device))
-    if len(stamps) < 3:
-        t.add("train", f"head steps/s ({preset})", "n/a", "", f"only {len(stamps)} progress callbacks")
-        return
-    (t0, f0), (t1, f1) = stamps[len(stamps) // 10 or 1], stamps[-1]  # skip the first 10% (warm-up)
-    t.add("train", f"head NeRF steps/s ({preset})", (f1 - f0) * steps / max(t1 - t0, 1e-9), "steps/s",
-          f"{steps} steps")
-
-
-def bench_render(t: Table, store, device: torch.device, sizes: tuple[int, ...], batch: int, runs: int) -> None:
-    """Memory per loaded avatar and composited render fps; streams per device."""
-    from avatar.api import load
+# ----------------------------------------------------------------------------- training / quality / render
+def bench_data(t: Table, dataset: Path) -> None:
+    """Dataset size and the one-time decode of its frames + masks (what the trainer does at start)."""
     from avatar.data import Dataset
-    from avatar.nerf.trainer import landmark_window
 
+    ds = Dataset(dataset)
+    size = ds.nbytes_on_disk()
+    minutes = ds.n_frames / 25 / 60
+    t.add("data", f"dataset {ds.n_frames} frames at {ds.size} px", size / 2**20, "MiB",
+          f"{size / 2**20 / minutes * ONBOARD_MINUTES:,.0f} MiB per {ONBOARD_MINUTES:g} min; frames "
+          f"{ds.manifest.get('encoding', {}).get('frames', {}).get('codec', '?')}")
+    t0 = time.perf_counter()
+    ds.frames.decode_all()
+    ds.masks.decode_all()
+    sec = time.perf_counter() - t0
+    t.add("data", "decode all frames + masks once", ds.n_frames / sec, "frames/s", f"{sec:.1f} s")
+
+
+def _peak_reset(device: torch.device) -> None:
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    av = load("bench", store=store, device=str(device))
-    nerf = av.models.nerf
+
+
+def bench_train(t: Table, dataset: Path, out: Path, preset: str, seconds: float, device: torch.device) -> dict:
+    """Head then torso NeRF for ``2/3`` and ``1/3`` of ``seconds``; returns {part: steps/s}."""
+    from avatar.nerf.presets import get_preset
+    from avatar.nerf.trainer import train_nerf
+
+    cfg = get_preset(preset)
+    rates = {}
+    for part, share, planned in (("head", 2 / 3, cfg.train.head_steps), ("torso", 1 / 3, cfg.train.torso_steps)):
+        stamps: list[tuple[float, float]] = []
+        _peak_reset(device)
+        t0 = time.perf_counter()
+        train_nerf(dataset, out, part=part, preset=preset, progress=False, device=str(device), overwrite=True,
+                   max_seconds=seconds * share, callback=lambda frac, msg: stamps.append((time.perf_counter(), frac)))
+        wall = time.perf_counter() - t0
+        done = json.loads((out / part / "metrics.json").read_text())["steps"]
+        if len(stamps) >= 3:
+            (a, fa), (b, fb) = stamps[len(stamps) // 10 or 1], stamps[-1]  # skip the first 10% (warm-up)
+            rate = (fb - fa) * planned / max(b - a, 1e-9)
+        else:
+            rate = done / max(wall, 1e-9)
+        rates[part] = rate
+        note = f"{done} steps in {wall:.0f} s (incl. decode, warm-up, save)"
+        t.add("train", f"{part} NeRF steps/s ({preset})", rate, "steps/s", note)
+        if device.type == "cuda":
+            t.add("train", f"{part} training peak GPU memory", torch.cuda.max_memory_allocated(device) / 2**30, "GiB")
+    return rates
+
+
+@torch.no_grad()
+def bench_quality(t: Table, dataset: Path, out: Path, device: torch.device, max_frames: int) -> None:
+    """Validation PSNR (full frame and face box, tracked landmarks + poses of the validation tail)."""
+    from avatar.data import Dataset
+    from avatar.nerf import load_nerf
+    from avatar.nerf.evaluate import psnr
+    from avatar.nerf.trainer import face_box, landmark_window
+
+    ds = Dataset(dataset)
+    nerf = load_nerf(out, device=str(device))
+    nerf.set_background(np.asarray(ds.background))
+    val = np.asarray(ds.val_range)
+    val = val[np.unique(np.linspace(0, len(val) - 1, min(max_frames, len(val))).round().astype(int))]
+    win = landmark_window(ds.n_frames, val, nerf.window)
+    lm, pose, blink = (torch.from_numpy(np.asarray(a)[i]) for a, i in ((ds.lm3d, win), (ds.pose, val), (ds.blink, val)))
+    full, face = [], []
+    for j in range(0, len(val), 4):
+        imgs = nerf.render(lm[j : j + 4], pose[j : j + 4], blink[j : j + 4]).cpu().numpy()
+        for k, f in enumerate(val[j : j + 4]):
+            gt = ds.frames[int(f)]
+            x0, y0, x1, y1 = face_box(np.asarray(ds.lm2d[f]), ds.size)
+            full.append(psnr(imgs[k], gt))
+            face.append(psnr(imgs[k][y0:y1, x0:x1], gt[y0:y1, x0:x1]))
+    t.add("quality", "validation PSNR, full frame", float(np.mean(full)), "dB", f"{len(val)} frames of the tail, after the timed training")
+    t.add("quality", "validation PSNR, face box", float(np.mean(face)), "dB")
+
+
+def bench_render(t: Table, dataset: Path, out: Path, device: torch.device, sizes: tuple[int, ...], batch: int,
+                 runs: int) -> float:
+    """Memory per loaded avatar, composited render fps per size and batch; returns the best fps at the
+    largest size."""
+    from avatar.data import Dataset
+    from avatar.nerf import load_nerf
+    from avatar.nerf.trainer import landmark_window
+
+    _peak_reset(device)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    nerf = load_nerf(out, device=str(device))
     if device.type == "cuda":
         t.add("memory", "GPU memory per loaded avatar (peak)", (torch.cuda.max_memory_allocated(device) - before) / 2**20,
-              "MiB", "torch.cuda.max_memory_allocated around avatar.api.load")
-    n_bytes = sum(p.numel() * p.element_size() for m in (av.models.generator, av.models.postnet, nerf.head, nerf.torso)
-                  if isinstance(m, torch.nn.Module) for p in list(m.parameters()) + list(m.buffers()))
-    t.add("memory", "avatar weights (params + buffers)", n_bytes / 2**20, "MiB")
-
-    ds = Dataset(store.work_dir("bench") / "dataset")
+              "MiB", "torch.cuda.max_memory_allocated around load_nerf")
+    n_bytes = sum(p.numel() * p.element_size() for m in (nerf.head, nerf.torso) if m is not None
+                  for p in list(m.parameters()) + list(m.buffers()))
+    t.add("memory", "NeRF weights (params + buffers)", n_bytes / 2**20, "MiB")
+    ds = Dataset(dataset)
+    nerf.set_background(np.asarray(ds.background))
     idx = np.arange(min(batch, ds.n_frames))
     win = landmark_window(ds.n_frames, idx, nerf.window)
-    lm = torch.from_numpy(np.asarray(ds.lm3d)[win])          # [B, W, 68, 3]
-    pose = torch.from_numpy(np.asarray(ds.pose)[idx])       # [B, 4, 4]
-    blink = torch.from_numpy(np.asarray(ds.blink)[idx])     # [B]
+    lm = torch.from_numpy(np.asarray(ds.lm3d)[win]).to(device)      # [B, W, 68, 3]
+    pose = torch.from_numpy(np.asarray(ds.pose)[idx]).to(device)    # [B, 4, 4]
+    blink = torch.from_numpy(np.asarray(ds.blink)[idx]).to(device)  # [B]
+    best = 0.0
     for size in sizes:
         best = 0.0
         for b in sorted({1, len(idx)}):
             sec = _timed(lambda b=b: nerf.render(lm[:b], pose[:b], blink[:b], size=size), runs, device)
-            fps = b / sec
-            best = max(best, fps)
-            t.add("render", f"head+torso {size} px, batch {b}", fps, "frames/s", f"{nerf.n_samples} samples/ray, "
-                  f"hash grid {_grid_backends(nerf)}")
+            best = max(best, b / sec)
+            t.add("render", f"head+torso {size} px, batch {b}", b / sec, "frames/s",
+                  f"{nerf.n_samples} samples/ray, hash grid {_grid_backends(nerf)}")
         t.add("render", f"concurrent {STREAM_FPS} fps streams at {size} px", best / STREAM_FPS, "streams",
               "best fps / 25 (render only; audio->landmarks excluded)")
-    # the same render with each other hash-grid backend the encoding module accepts
     b, size = len(idx), sizes[-1]
     for backend in ("torch", "triton", "tcnn"):
         if backend == _grid_backends(nerf) or not _set_grid_backend(nerf, backend, device):
@@ -273,6 +308,29 @@ def bench_render(t: Table, store, device: torch.device, sizes: tuple[int, ...], 
         sec = _timed(lambda: nerf.render(lm[:b], pose[:b], blink[:b], size=size), runs, device)
         t.add("render", f"head+torso {size} px, batch {b}", b / sec, "frames/s", f"hash grid {backend}")
     _set_grid_backend(nerf, "auto", device)
+    return best
+
+
+def onboarding_estimate(t: Table, dataset: Path, preset: str, rates: dict) -> None:
+    """Extrapolated onboarding of ``ONBOARD_MINUTES`` of video with ``preset``."""
+    from avatar.data import Dataset
+    from avatar.nerf.presets import get_preset
+
+    ds = Dataset(dataset)
+    cfg = get_preset(preset)
+    frames = ONBOARD_MINUTES * 60 * 25
+    pre = ds.manifest.get("elapsed_s")
+    pre_s = pre / ds.n_frames * frames if pre else None
+    head_s = cfg.train.head_steps / max(rates["head"], 1e-9)
+    torso_s = cfg.train.torso_steps / max(rates["torso"], 1e-9)
+    if pre_s is not None:
+        t.add("onboard", f"preprocess {ONBOARD_MINUTES:g} min of video", pre_s / 60, "min",
+              f"dataset's own rate ({pre:.0f} s for {ds.n_frames} frames, on the host that made it)")
+    t.add("onboard", f"head NeRF, {cfg.train.head_steps:,} steps", head_s / 60, "min", "at the measured steps/s")
+    t.add("onboard", f"torso NeRF, {cfg.train.torso_steps:,} steps", torso_s / 60, "min", "at the measured steps/s")
+    total = head_s + torso_s + (pre_s or 0.0)
+    t.add("onboard", f"{preset} onboarding of {ONBOARD_MINUTES:g} min (extrapolated)", total / 60, "min",
+          "preprocess + head + torso (postnet: seconds)" if pre_s is not None else "NeRFs only (no preprocessing time in the manifest)")
 
 
 def _grid_modules(nerf):
@@ -306,16 +364,18 @@ def _set_grid_backend(nerf, backend: str, device: torch.device) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (cpu-smoke preset); runs on CPU in minutes")
+    ap.add_argument("--dataset", type=Path, required=True, help="preprocessed dataset directory (avatar preprocess)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="wall time of head + torso training (default 6, or 0.1 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="cpu-smoke preset and tiny sizes; runs on CPU in seconds")
+    ap.add_argument("--preset", default=None, help="NeRF preset (default gpu-full, or cpu-smoke with --quick)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median)")
-    ap.add_argument("--video", type=Path, default=VIDEO, help="speaker video to onboard")
-    ap.add_argument("--store", type=Path, default=None, help="avatar store (default: a temp dir, removed)")
-    ap.add_argument("--generator", type=Path, default=None, help="shared generator bundle (default: train one)")
-    ap.add_argument("--skip-onboard", action="store_true",
-                    help="reuse avatar 'bench' (and its work/bench/dataset) already in --store")
-    ap.add_argument("--train-steps", type=int, default=None, help="head steps timed for steps/s")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    ap.add_argument("--runs", type=int, default=None, help="timed runs per measurement (median; default 3, 1 with --quick)")
+    ap.add_argument("--batch", type=int, default=None, help="frames per batched render (default 8, 2 with --quick)")
+    ap.add_argument("--out", type=Path, default=None, help="keep the trained NeRFs here (default: a temp dir)")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md", help="markdown file to append to")
+    ap.add_argument("--no-results", action="store_true", help="print only; do not append to --results")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -323,51 +383,55 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible; use --device cpu --quick", file=sys.stderr)
         return 2
-    if args.skip_onboard and args.store is None:
-        print("error: --skip-onboard needs --store (the store holding avatar 'bench')", file=sys.stderr)
-        return 2
-    if not args.skip_onboard and not args.video.is_file():
-        print(f"error: video {args.video} not found; pass --video or set AVATAR_TEST_DATA", file=sys.stderr)
+    if not (args.dataset / "manifest.json").is_file():
+        print(f"error: {args.dataset} is not a dataset (no manifest.json); make one with `avatar preprocess`",
+              file=sys.stderr)
         return 2
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     quick = args.quick
-    preset = "cpu-smoke" if quick else "gpu-full"
+    preset = args.preset or ("cpu-smoke" if quick else "gpu-full")
+    minutes = args.minutes if args.minutes is not None else (0.1 if quick else 6.0)
+    runs = args.runs or (1 if quick else 3)
+    batch = args.batch or (2 if quick else 8)
     n_points = (1 << 12 if device.type == "cpu" else 1 << 16) if quick else 1 << 20
-    sizes = (64, 128) if quick else (256, 512)
-    batch = 2 if quick else 8
-    steps = args.train_steps or (40 if quick else 500)
+    from avatar.data import Dataset
 
-    from avatar.store import AvatarStore
+    S = Dataset(args.dataset).size
+    sizes = (max(16, S // 2), S) if quick else (256, 512)
 
     t = Table()
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"bench_gpu: {_machine(device)}; preset {preset}; commit {_commit()}", flush=True)
+    print(f"bench_gpu: {_machine(device)}; preset {preset}; {minutes:g} min training; commit {_commit()}", flush=True)
     tmp = None
-    store_root = args.store
-    if store_root is None:
+    out = args.out
+    if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench_gpu_")
-        store_root = Path(tmp.name) / "store"
-    store = AvatarStore(store_root)
+        out = Path(tmp.name)
     try:
         ok = check_build(t, device)
-        bench_encoding(t, device, preset, n_points, args.runs, ok)
-        if not args.skip_onboard:
-            gen = ensure_generator(t, store, args.generator, quick)
-            bench_onboard(t, store, args.video, preset, gen)
-        bench_training(t, store.work_dir("bench") / "dataset", preset, steps, device)
-        bench_render(t, store, device, sizes, batch, args.runs)
+        bench_encoding(t, device, preset, n_points, runs, ok)
+        bench_data(t, args.dataset)
+        rates = bench_train(t, args.dataset, out, preset, minutes * 60, device)
+        bench_quality(t, args.dataset, out, device, max_frames=4 if quick else 16)
+        bench_render(t, args.dataset, out, device, sizes, batch, runs)
+        onboarding_estimate(t, args.dataset, preset, rates)
     finally:
         if tmp is not None:
             tmp.cleanup()
 
     header = (f"\n## bench_gpu{' --quick' if quick else ''} ({started})\n\n"
-              f"machine: {_machine(device)}; commit {_commit()}; preset {preset}; median of {args.runs} runs "
-              f"after a warm-up\n\n")
-    with open(args.results, "a") as f:
-        f.write(header + t.markdown() + "\n")
-    print(f"\nappended to {args.results}")
+              f"machine: {_machine(device)}; commit {_commit()}; preset {preset}; dataset {args.dataset.name} "
+              f"({S} px); {minutes:g} min of training; median of {runs} runs after a warm-up\n\n")
+    print("\n" + header + t.markdown())
+    if args.json is not None:
+        args.json.write_text(json.dumps([dict(zip(("section", "item", "value", "unit", "note"), r)) for r in t.rows],
+                                        indent=1) + "\n")
+    if not args.no_results:
+        with open(args.results, "a") as f:
+            f.write(header + t.markdown() + "\n")
+        print(f"\nappended to {args.results}")
     return 0
 
 

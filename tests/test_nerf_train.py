@@ -41,8 +41,16 @@ def _slice(src: Path, dst: Path, seconds: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def dataset(data_dir, tmp_path_factory) -> Path:
-    """A real dataset: 3 s of acosta_cnn_71s.mp4 through ``avatar preprocess`` at 64 px."""
+def dataset(request, tmp_path_factory) -> Path:
+    """A real dataset: 3 s of acosta_cnn_71s.mp4 through ``avatar preprocess`` at 64 px, or the
+    already preprocessed dataset ``$AVATAR_TEST_DATASET`` (the GPU bundle's, on hosts without the
+    preprocessing stack or the source media)."""
+    env = os.environ.get("AVATAR_TEST_DATASET")
+    if env:
+        if not (Path(env) / "manifest.json").is_file():
+            pytest.fail(f"AVATAR_TEST_DATASET={env} is not a dataset directory")
+        return Path(env)
+    data_dir = request.getfixturevalue("data_dir")
     from avatar.pipeline.preprocess import PreprocessConfig, preprocess
 
     tmp = tmp_path_factory.mktemp("nerf_data")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
 from avatar.data.dataset import Dataset
@@ -39,6 +38,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     similarity", IEEE TIP 2004, Eq. 13: Gaussian window sigma 1.5 (11 x 11), K1 0.01, K2 0.03,
     L 255, sample covariances (as skimage's ``gaussian_weights=True, use_sample_covariance=False``).
     """
+    from scipy.ndimage import gaussian_filter  # lazy: a render/training host may lack SciPy (bench_gpu)
+
     a, b = a.astype(np.float64), b.astype(np.float64)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     vals = []

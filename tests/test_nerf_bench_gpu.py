@@ -1,0 +1,28 @@
+"""`python -m bench.bench_gpu --dataset DIR --quick` runs end to end on CPU and reports every section."""
+from __future__ import annotations
+
+import json
+import math
+
+from synthetic_dataset import make_dataset
+
+
+def test_bench_gpu_quick_on_cpu(tmp_path):
+    from bench.bench_gpu import main
+
+    ds = make_dataset(tmp_path / "ds", n_frames=30, size=32)
+    results, rows_json = tmp_path / "RESULTS.md", tmp_path / "rows.json"
+    assert main(["--dataset", str(ds), "--quick", "--minutes", "0.05", "--device", "cpu", "--results", str(results),
+                 "--json", str(rows_json), "--out", str(tmp_path / "model")]) == 0
+    rows = json.loads(rows_json.read_text())
+    sections = {r["section"] for r in rows}
+    assert {"build", "encoding", "data", "train", "quality", "memory", "render", "onboard"} <= sections
+    by_item = {r["item"]: r for r in rows}
+    assert float(by_item["validation PSNR, full frame"]["value"]) > 5
+    assert any(r["item"].startswith("head+torso 32 px, batch 2") for r in rows)
+    assert math.isfinite(float(by_item["cpu-smoke onboarding of 5 min (extrapolated)"]["value"].replace(",", "")))
+    steps = json.loads((tmp_path / "model" / "head" / "metrics.json").read_text())["steps"]
+    assert 1 <= steps <= 40  # the wall-time budget (2 s for the head) or the preset's 40 steps
+    text = results.read_text()
+    assert "## bench_gpu --quick" in text and "| train | head NeRF steps/s (cpu-smoke)" in text
+    assert main(["--dataset", str(tmp_path / "nope"), "--quick", "--no-results"]) == 2
