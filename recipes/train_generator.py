@@ -1,13 +1,14 @@
 """Recipe: train the shared audio2motion generator + landmark SyncNet on a corpus directory.
 
-``avatar train-generator CORPUS_DIR --out DIR [--preset cpu|gpu] [--features mel|hubert] [--hubert PATH]``
+``avatar train-generator CORPUS_DIR [CORPUS_DIR ...] --out DIR [--model tcn|vae-flow] [--preset cpu|gpu]
+[--features mel|hubert] [--hubert PATH]``
 
-1. Every clip of CORPUS_DIR (``*.mp4`` with audio, or ``NAME.mp4`` + ``NAME.wav``) is preprocessed
+1. Every clip of every CORPUS_DIR (``*.mp4``/``.mov``/... with audio, or ``NAME.mp4`` + ``NAME.wav``) is preprocessed
    at a small frame size (only landmarks and audio features are used) into
    ``DIR/cache/<name>-<sha256[:12]>``. Resumable: cached clips are skipped; clips that fail with a
    user error (no face, no audio, ...) are skipped with a warning naming them.
-2. SyncNet, then generator training (:func:`avatar.motion.train.train_generator`), streaming windows
-   from the memory-mapped datasets (an LRS3-sized corpus never sits in RAM).
+2. SyncNet, then the audio2motion model (:func:`avatar.motion.train.train_generator`): ``tcn``
+   (:mod:`avatar.motion.regression`, the default) or GeneFace's ``vae-flow``.
 3. The bundle (weights, configs, stats, metrics) is written atomically into DIR; ``DIR/cache`` is
    kept for later runs and for postnet training (``--corpus-cache``).
 """
@@ -52,6 +53,19 @@ def find_clips(corpus: Path) -> list[tuple[Path, Path | None]]:
     return clips
 
 
+def _upgrade_cached(dataset: Path) -> None:
+    """Convert a cached dataset of an older format in place (the corpus cache is ours to rewrite)."""
+    from avatar.data.dataset import Dataset, DatasetOutdated
+
+    try:
+        Dataset(dataset)
+    except DatasetOutdated:
+        from avatar.data.convert import convert_v1
+
+        log.info("converting cached %s to the current dataset format", dataset.name)
+        convert_v1(dataset, progress=False)
+
+
 def prepare_corpus(corpus: Path, cache: Path, features: str = "mel", hubert: str | None = None,
                    progress: bool = True, size: int = CACHE_SIZE) -> tuple[list[Path], list[str]]:
     """Preprocess every clip into ``cache`` (skipping cached ones). Returns (dataset dirs, skipped names)."""
@@ -69,6 +83,7 @@ def prepare_corpus(corpus: Path, cache: Path, features: str = "mel", hubert: str
         out = cache / key
         if (out / "manifest.json").is_file():
             log.info("[%d/%d] %s: cached", i, len(clips), video.name)
+            _upgrade_cached(out)
             done.append(out)
             continue
         log.info("[%d/%d] preprocessing %s%s", i, len(clips), video.name, f" + {audio.name}" if audio else "")
@@ -83,12 +98,13 @@ def prepare_corpus(corpus: Path, cache: Path, features: str = "mel", hubert: str
     return done, skipped
 
 
-def train_generator(corpus: str | Path, out: str | Path, preset: str = "cpu", features: str = "mel",
+def train_generator(corpus: str | Path | list, out: str | Path, preset: str = "cpu", features: str = "mel",
                     hubert: str | None = None, overwrite: bool = False, progress: bool = True,
-                    steps: int | None = None, size: int = CACHE_SIZE) -> Path:
-    """Corpus directory -> generator bundle in ``out`` (see module docstring).
+                    steps: int | None = None, size: int = CACHE_SIZE, model: str | None = None) -> Path:
+    """Corpus directory (or several) -> generator bundle in ``out`` (see module docstring).
 
-    ``steps`` overrides the preset's generator steps; ``size`` is the cached datasets' frame side.
+    ``steps`` overrides the preset's training steps; ``size`` is the cached datasets' frame side;
+    ``model`` ("tcn" or "vae-flow") overrides the preset's audio2motion model.
 
     Raises: OutputExists (a bundle is already there and not ``overwrite``), InvalidInput (bad
     corpus / preset / features), FeatureMismatch, TrainingDiverged.
@@ -96,7 +112,10 @@ def train_generator(corpus: str | Path, out: str | Path, preset: str = "cpu", fe
     from avatar.motion.train import PRESETS
     from avatar.motion.train import train_generator as train
 
-    corpus, out = Path(corpus), Path(out)
+    corpora = [Path(c) for c in (corpus if isinstance(corpus, (list, tuple)) else [corpus])]
+    out = Path(out)
+    if not corpora:
+        raise InvalidInput("give at least one corpus directory")
     if preset not in PRESETS:
         raise InvalidInput(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if features not in ("mel", "hubert"):
@@ -106,21 +125,31 @@ def train_generator(corpus: str | Path, out: str | Path, preset: str = "cpu", fe
     if (out / "config.json").exists() and not overwrite:
         raise OutputExists(f"{out} already holds a generator; choose another --out or pass --overwrite")
     cfg = PRESETS[preset]
+    if model is not None:
+        if model not in ("tcn", "vae-flow"):
+            raise InvalidInput(f"--model must be tcn or vae-flow, got {model!r}")
+        cfg = replace(cfg, model=model)
     if steps is not None:
-        cfg = replace(cfg, steps=int(steps))
+        cfg = replace(cfg, steps=int(steps), regression_fit=replace(cfg.regression_fit, steps=int(steps)))
     cache = out / "cache"
     # the cache lives beside the bundle files: keep it out of the atomic swap, then put it back
     staging = out.parent / f".{out.name}.cache"
     if staging.exists() and not cache.exists():
         out.mkdir(parents=True, exist_ok=True)
         os.replace(staging, cache)
-    datasets, skipped = prepare_corpus(corpus, cache, features, hubert, progress, size)
+    datasets, skipped = [], []
+    for c in corpora:
+        find_clips(c)  # fail fast on a missing/empty directory, before any preprocessing
+    for c in corpora:
+        d, s = prepare_corpus(c, cache, features, hubert, progress, size)
+        datasets += d
+        skipped += s
     out.mkdir(parents=True, exist_ok=True)
     os.replace(cache, staging)
     datasets = [staging / d.name for d in datasets]
     try:
         train(datasets, out, cfg, overwrite=True, progress=progress, hubert_path=hubert,
-              extra_metrics={"corpus": str(corpus), "skipped_clips": skipped})
+              extra_metrics={"corpus": [str(c) for c in corpora], "skipped_clips": skipped})
     finally:
         if (out / "cache").exists():
             shutil.rmtree(out / "cache")

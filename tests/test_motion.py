@@ -45,7 +45,8 @@ def trained(data_dir, tmp_path_factory, caplog_module=None):
         (corpus / name).symlink_to(data_dir / "corpus" / name)
     (corpus / "broken.mp4").write_bytes(b"this is not a video")
     out = root / "gen"
-    train_generator(corpus, out, preset="smoke", progress=False, size=64)
+    # GeneFace's VAE + flow generator: the documented alternative to the default tcn (tests/test_lipsync.py)
+    train_generator(corpus, out, preset="smoke", progress=False, size=64, model="vae-flow")
     return out, sorted(p for p in (out / "cache").iterdir() if (p / "manifest.json").is_file())
 
 

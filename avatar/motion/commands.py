@@ -12,10 +12,12 @@ def _train_generator(args: argparse.Namespace) -> int:
     from recipes.train_generator import train_generator
 
     out = train_generator(args.corpus, args.out, preset=args.preset, features=args.features, hubert=args.hubert,
-                          overwrite=args.overwrite, steps=args.steps)
-    metrics = json.loads((out / "metrics.json").read_text())
-    print(f"generator bundle: {out}  (syncnet val acc {metrics['syncnet_val_acc']:.3f}, "
-          f"val mouth LMD {metrics['val_mouth_lmd']:.4f}, {metrics['train_seconds']:.0f} s)")
+                          overwrite=args.overwrite, steps=args.steps, model=args.model)
+    m = json.loads((out / "metrics.json").read_text())
+    print(f"generator bundle: {out} ({m.get('model', 'vae-flow')}, {m['train_seconds']:.0f} s)\n"
+          f"  held-out mouth-opening r {m['val_open_r']:.3f} (Pearson r of predicted vs real lip opening; 0 = no "
+          f"lip-sync, 1 = perfect)\n  held-out mouth LMD {m['val_mouth_lmd']:.4f} vs {m['val_mean_shape_mouth_lmd']:.4f} "
+          f"for the constant mean shape (lower is better; equal means the mouth does not follow the audio)")
     return 0
 
 
@@ -46,6 +48,8 @@ def _eval_motion(args: argparse.Namespace) -> int:
         rows["tracked (reference)"] = {"sync_conf": r["tracked"]["sync_conf"]}
         print(f"self-driven, validation tail of {args.dataset} ({r['frames']} frames)")
         print(format_table(rows, ["mouth_lmd", "lmd", "mouth_lmd_px", "lmd_px", "mouth_open_r", "sync_conf"]))
+    if args.clips:
+        report["clips"] = _eval_clips(gen, args)
     if args.audio:
         mean = Dataset(args.dataset).lm3d_mean if args.dataset else None
         rows = {}
@@ -62,14 +66,66 @@ def _eval_motion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clip_datasets(paths: list[Path], cache: Path, gen) -> list[Path]:
+    """Dataset dirs for ``paths`` (dataset dirs as they are; videos and directories of videos are
+    preprocessed into ``cache``, 128 px, once)."""
+    from recipes.train_generator import prepare_corpus
+
+    out = []
+    for p in paths:
+        if (p / "manifest.json").is_file():
+            out.append(p)
+        elif p.is_dir():
+            out += prepare_corpus(p, cache, gen.feature_kind, gen.hubert_path, progress=False)[0]
+        else:
+            import shutil
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as one:
+                shutil.copy2(p, Path(one) / p.name)
+                if p.with_suffix(".wav").is_file() and p.suffix != ".wav":
+                    shutil.copy2(p.with_suffix(".wav"), Path(one) / p.with_suffix(".wav").name)
+                out += prepare_corpus(Path(one), cache, gen.feature_kind, gen.hubert_path, progress=False)[0]
+    return out
+
+
+def _eval_clips(gen, args: argparse.Namespace) -> dict:
+    """Whole-clip lip-sync of speakers (videos or datasets) next to the baselines; prints a table."""
+    import tempfile
+
+    from avatar.motion.metrics import evaluate_clip, format_table, silence_check
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = args.cache or Path(tmp)
+        rows = {}
+        for d in _clip_datasets(args.clips, cache, gen):
+            r = evaluate_clip(gen, d, postnet=args.postnet, part=args.part)
+            r.update(silence_check(gen, d, postnet=args.postnet))
+            rows[d.name[:40]] = r
+    keys = ["frames", "open_r", "energy_r", "mouth_lmd", "mean_shape_mouth_lmd", "lmd_ratio", "open_std_ratio", "silence_z"]
+    rows_mean = {k: float(np.nanmean([r[k] for r in rows.values()])) for k in keys}
+    table = dict(rows)
+    table["mean"] = rows_mean
+    print(f"whole-clip lip-sync ({args.part}): open_r = Pearson r of predicted vs real mouth opening; energy_r = the "
+          "audio-energy baseline's r; lmd_ratio = mouth LMD / the constant mean shape's (< 1 beats it); silence_z = "
+          "|opening on digital silence - the person's quiet frames| / their std (<= 1 is right)")
+    print(format_table(table, keys))
+    return {"per_clip": rows, "mean": rows_mean}
+
+
 def register(subparsers) -> None:
     """Add ``train-generator``, ``train-postnet`` and ``eval-motion`` to the ``avatar`` CLI."""
     p = subparsers.add_parser(
         "train-generator", help="train the shared audio2motion generator + landmark SyncNet on a corpus",
         description="Preprocess every clip of CORPUS_DIR (mp4 with audio, or mp4 + same-named wav) into "
                     "OUT/cache (resumable; failing clips are skipped with a warning), train the landmark SyncNet, "
-                    "then the GeneFace VAE+flow generator, and write the bundle atomically into OUT.")
-    p.add_argument("corpus", type=Path, metavar="CORPUS_DIR", help="directory of talking-head clips")
+                    "then the audio2motion model (tcn by default, or GeneFace's VAE+flow), and write the bundle "
+                    "atomically into OUT.")
+    p.add_argument("corpus", type=Path, nargs="+", metavar="CORPUS_DIR",
+                   help="directories of talking-head clips (several are pooled)")
+    p.add_argument("--model", default=None, choices=["tcn", "vae-flow"],
+                   help="audio2motion model (default tcn: generalises to unseen speakers; vae-flow: GeneFace's "
+                        "VAE with flow prior, which needs an LRS3-sized corpus)")
     p.add_argument("--out", type=Path, required=True, help="generator bundle directory")
     p.add_argument("--preset", default="cpu", choices=["smoke", "cpu", "gpu"],
                    help="cpu: small model, ~10-15 min on 2 cores for the sample corpus; gpu: GeneFace sizes and schedule")
@@ -96,10 +152,17 @@ def register(subparsers) -> None:
         "eval-motion", help="print audio-to-motion metrics (LMD, mouth-opening r, SyncNet confidence)",
         description="Self-driven metrics on a dataset's validation tail (generator, +postnet, +LLE) and/or "
                     "metrics on arbitrary driving audio (SyncNet confidence, mouth opening vs audio energy).")
-    p.add_argument("--generator", type=Path, required=True, help="generator bundle directory")
+    p.add_argument("--generator", type=Path, required=True, help="generator bundle directory (or an avatar's generator/)")
     p.add_argument("--dataset", type=Path, default=None, help="the person's dataset")
     p.add_argument("--postnet", type=Path, default=None, help="postnet bundle directory")
     p.add_argument("--audio", nargs="*", default=[], help="driving audio files (any format/rate)")
+    p.add_argument("--clips", nargs="*", type=Path, default=[],
+                   help="talking clips of speakers the generator never saw (videos, directories of videos, or "
+                        "datasets): whole-clip mouth-opening r and mouth LMD next to the energy and mean-shape "
+                        "baselines")
+    p.add_argument("--part", default="all", choices=["all", "val"],
+                   help="for --clips: the whole clip (unseen speakers) or the validation tail (onboarded person)")
+    p.add_argument("--cache", type=Path, default=None, help="for --clips: keep the preprocessed clips here")
     p.add_argument("--lle-blend", type=float, default=0.25, help="blend of the LLE variant (0 = skip)")
     p.add_argument("--temperature", type=float, default=1.0, help="generator sampling temperature")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")

@@ -188,6 +188,7 @@ class Audio2Motion:
         Args:
             features: float32 [F, D] un-normalised audio features at 50 Hz.
             temperature: scale of the prior noise (0 = the flow's mode given the audio; 1 = as trained).
+                Regression models (``model == "tcn"``) are deterministic and ignore it and ``seed``.
             seed: seeds the prior noise; same inputs + seed -> same output.
             feature_kind: if given, checked against :attr:`feature_kind`.
             start_frame: absolute video-frame index of ``features[0:2]`` (may be negative). The latent
@@ -209,6 +210,8 @@ class Audio2Motion:
         n = features.shape[0] // 2
         if n < 1:
             raise ClipTooShort(f"audio gives {features.shape[0]} feature frames; at least 2 (40 ms of audio) are needed")
+        if not self.stochastic:
+            return self._predict_regression(features[: 2 * n], int(start_frame), int(chunk_frames))
         s = self.config.stride
         start_frame = int(start_frame)
         lead = start_frame % s                      # frames before start_frame in its latent cell
@@ -231,6 +234,41 @@ class Audio2Motion:
         return out[lead: lead + n].reshape(n, 68, 3)
 
 
+    def _predict_regression(self, features: np.ndarray, start_frame: int, chunk_frames: int) -> np.ndarray:
+        """Deterministic models (:class:`avatar.motion.regression.TCNGenerator`): the causal input
+        transform over the whole array (absolute positions from ``start_frame``), then the net in
+        chunks with :attr:`context_frames` of real context each side. float32 [n, 68, 3]."""
+        from avatar.motion.regression import transform_features
+
+        n = features.shape[0] // 2
+        x = torch.from_numpy(transform_features(features, self.config, start=2 * start_frame)).to(self.device)
+        x = self.net.normalize_inputs(x)
+        ctx = self.context_frames
+        step = max(1, int(chunk_frames))
+        out = np.empty((n, EXPR_DIM), dtype=np.float32)
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            a0, b0 = max(0, a - ctx), min(n, b + ctx)
+            y = self.net.infer(x[2 * a0: 2 * b0][None])[0]
+            out[a:b] = y[a - a0: b - a0].cpu().numpy()
+        return out.reshape(n, 68, 3)
+
+    @property
+    def history_frames(self) -> int:
+        """Video frames of past audio the input transform of a frame looks at (0 for vae-flow)."""
+        return self.config.history_frames() if hasattr(self.config, "history_frames") else 0
+
+    @property
+    def stochastic(self) -> bool:
+        """True for the VAE + flow generator (temperature and seed matter); False for regression models."""
+        return bool(getattr(self.net, "stochastic", True))
+
+    @property
+    def model(self) -> str:
+        """The audio2motion model kind: "vae-flow" (GeneFace) or "tcn" (:mod:`avatar.motion.regression`)."""
+        return getattr(self.config, "model", "vae-flow")
+
+
 def load_generator(root: str | Path, device: str | torch.device | None = None) -> Audio2Motion:
     """Load a generator bundle written by ``avatar train-generator``.
 
@@ -248,11 +286,18 @@ def load_generator(root: str | Path, device: str | torch.device | None = None) -
     cfg = read_json(root, CONFIG, _HINT)
     stats = MotionStats.from_dict(read_json(root, STATS, _HINT))
     try:
-        gcfg = from_dict(GeneratorConfig, cfg["generator"])
+        gdict = dict(cfg["generator"])
+        if gdict.get("model", "vae-flow") == "tcn":
+            from avatar.motion.regression import RegressionConfig, TCNGenerator
+
+            gcfg, make = from_dict(RegressionConfig, gdict), TCNGenerator
+        else:
+            gdict.pop("model", None)
+            gcfg, make = from_dict(GeneratorConfig, gdict), VAEFlowGenerator
         scfg = from_dict(SyncNetConfig, cfg["syncnet"])
     except (KeyError, InvalidInput, TypeError) as e:
         raise BundleCorrupt(f"{root / CONFIG} is not a generator config ({e}); {_HINT}") from e
-    net = load_module(VAEFlowGenerator(gcfg), root / GENERATOR_FILE, _HINT)
+    net = load_module(make(gcfg), root / GENERATOR_FILE, _HINT)
     sync = load_module(LandmarkSyncNet(scfg), root / SYNCNET_FILE, _HINT)
     return Audio2Motion(net, stats, sync, device)
 

@@ -150,6 +150,76 @@ def evaluate_audio(generator: Audio2Motion | str | Path, wav: np.ndarray, postne
             "open_std": float(opening.std()), "motion": float(speed)}
 
 
+def evaluate_clip(generator: Audio2Motion | str | Path, dataset: str | Path, postnet=None, part: str = "all") -> dict:
+    """Lip-sync of a whole clip of a speaker, next to the two trivial baselines.
+
+    The generator (and optional postnet) is driven by the clip's own audio; the prediction is
+    compared with the tracked landmarks over ``part`` ("all": the whole clip, the measure for
+    speakers the generator never saw; "val": the validation tail, for the onboarded person).
+
+    Baselines: the person's constant mean shape (mouth LMD of a zero expression) and the audio
+    RMS-energy envelope as mouth opening (its Pearson r with the real opening).
+
+    Returns:
+        {"frames", "open_r" (Pearson r of predicted vs real inner-lip opening), "energy_r",
+        "mouth_lmd", "mean_shape_mouth_lmd" (canonical units), "lmd_ratio" (mouth_lmd /
+        mean_shape_mouth_lmd), "open_std_ratio" (predicted / real opening std)}.
+    Raises: FeatureMismatch, InvalidInput (fewer than 8 frames in ``part``).
+    """
+    from avatar.audio import audio_energy
+    from avatar.motion.postnet import Postnet, load_postnet
+
+    gen = generator if isinstance(generator, Audio2Motion) else load_generator(generator)
+    ds = Dataset(dataset)
+    feats = np.asarray(ds.features, dtype=np.float32)
+    gen.stats.check_features(feats[:2], ds.feature_kind)
+    rng = {"val": ds.val_range, "all": range(0, ds.n_frames)}.get(part)
+    if rng is None or len(rng) < 8:
+        raise InvalidInput(f"{dataset}: the {part} part has too few frames for evaluation")
+    pred = gen.predict(feats, temperature=0.0, seed=0)
+    if postnet is not None:
+        pn = postnet if isinstance(postnet, Postnet) else load_postnet(postnet, device=gen.device)
+        pred = pn.apply(pred)
+    sl = slice(rng.start, rng.stop)
+    mean = np.asarray(ds.lm3d_mean, np.float32)
+    gt = np.asarray(ds.lm3d[sl], np.float32) - mean
+    p = pred[sl]
+    real, pr = mouth_opening(gt + mean), mouth_opening(p + mean)
+    energy = audio_energy(np.asarray(ds.audio, np.float32), ds.n_frames)[sl]
+    m_lmd, base = lmd(p, gt, MOUTH), lmd(np.zeros_like(gt), gt, MOUTH)
+    return {"frames": len(rng), "open_r": pearson(pr, real), "energy_r": pearson(energy, real),
+            "mouth_lmd": m_lmd, "mean_shape_mouth_lmd": base, "lmd_ratio": m_lmd / max(base, 1e-12),
+            "open_std_ratio": float(pr.std() / max(real.std(), 1e-12))}
+
+
+def silence_check(generator: Audio2Motion | str | Path, dataset: str | Path, postnet=None, seconds: float = 3.0) -> dict:
+    """Mouth opening on digital silence vs the person's own silent frames.
+
+    The person's silent frames are those whose audio RMS energy is in the lowest 10 % of the clip
+    (pauses). Returns {"silence_open_mean", "person_silent_open_mean", "person_silent_open_std",
+    "silence_z" (|difference| / std; the target is <= 1)}.
+    """
+    from avatar.audio import audio_energy, extract_features
+    from avatar.motion.postnet import Postnet, load_postnet
+
+    gen = generator if isinstance(generator, Audio2Motion) else load_generator(generator)
+    ds = Dataset(dataset)
+    mean = np.asarray(ds.lm3d_mean, np.float32)
+    n = int(seconds * 25)
+    feats = extract_features(np.zeros(n * 640, np.float32), gen.feature_kind, hubert_path=gen.hubert_path, n_frames=n)
+    expr = gen.predict(feats, temperature=0.0, seed=0)
+    if postnet is not None:
+        pn = postnet if isinstance(postnet, Postnet) else load_postnet(postnet, device=gen.device)
+        expr = pn.apply(expr)
+    sil = mouth_opening(expr + mean)[n // 3:]  # past the edge of the window
+    energy = audio_energy(np.asarray(ds.audio, np.float32), ds.n_frames)
+    quiet = energy <= np.percentile(energy, 10)
+    real = mouth_opening(np.asarray(ds.lm3d, np.float32))[quiet]
+    std = float(real.std()) + 1e-9
+    return {"silence_open_mean": float(sil.mean()), "person_silent_open_mean": float(real.mean()),
+            "person_silent_open_std": std, "silence_z": float(abs(sil.mean() - real.mean()) / std)}
+
+
 def format_table(rows: dict[str, dict], keys: list[str]) -> str:
     """Plain-text table: one row per entry of ``rows``, one column per key."""
     w = max(len(r) for r in rows) + 2

@@ -26,6 +26,7 @@ from avatar.data.dataset import MOUTH
 from avatar.errors import InvalidInput, TrainingDiverged
 from avatar.motion.bundle import CONFIG, METRICS, STATS, MotionStats, save_module, write_json
 from avatar.motion.data import Corpus
+from avatar.motion.regression import RegressionConfig, RegressionTrainConfig
 from avatar.motion.generator import (GENERATOR_FILE, SYNCNET_FILE, Audio2Motion, GeneratorConfig,
                                      VAEFlowGenerator, generator_config_dict)
 from avatar.motion.syncnet import VIDEO_WIN, LandmarkSyncNet, SyncNetConfig, sync_loss
@@ -38,7 +39,11 @@ class TrainGeneratorConfig:
     """Everything that defines a generator training run (stored in the bundle's config.json)."""
 
     preset: str = "cpu"
+    model: str = "tcn"          # "tcn" (avatar.motion.regression, the default: it generalises to unseen
+                                # speakers, see bench/RESULTS.md) or "vae-flow" (GeneFace's generator)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
+    regression_fit: RegressionTrainConfig = field(default_factory=RegressionTrainConfig)
     syncnet: SyncNetConfig = field(default_factory=SyncNetConfig)
     window: int = 64            # video frames per training window (multiple of generator.stride)
     batch: int = 16
@@ -65,6 +70,8 @@ PRESETS: dict[str, TrainGeneratorConfig] = {
     "smoke": TrainGeneratorConfig(
         preset="smoke",
         generator=GeneratorConfig(hidden=32, enc_layers=2, dec_layers=2, flow_blocks=2, flow_layers=2, flow_hidden=16, cond_dim=32),
+        regression=RegressionConfig(hidden=32, n_basis=8),
+        regression_fit=RegressionTrainConfig(steps=40, batch=4, window=32, eval_every=20),
         syncnet=SyncNetConfig(hidden=32, embed=64), window=32, batch=4, syncnet_steps=40, syncnet_batch=32,
         steps=40, eval_every=20, lr=2e-3, sync_threshold=0.0),
     # the small real corpus on 2 CPU cores (make demo): ~10-15 min
@@ -219,6 +226,82 @@ def generator_val(net: VAEFlowGenerator, val: Corpus, stats: MotionStats, device
             "val_mse": float(mses / n), "val_open_r": pearson(np.concatenate(op), np.concatenate(og))}
 
 
+
+def _train_vae_flow(train: Corpus, val: Corpus, cfg: TrainGeneratorConfig, gcfg: GeneratorConfig, stats: MotionStats,
+                    syncnet: LandmarkSyncNet, syncnet_acc: float, device, progress: bool, writer, callback,
+                    hubert_path: str | None) -> tuple[VAEFlowGenerator, dict]:
+    """GeneFace's VAE + flow generator (module docstring loss); checkpoint chosen on the held-out
+    tails' mouth-opening r. Returns (net with the best weights, metrics)."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)
+    net = VAEFlowGenerator(gcfg).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    fm, fs, em, es = (torch.tensor(np.asarray(x, np.float32), device=device) for x in
+                      (stats.feature_mean, stats.feature_std, stats.expr_mean, stats.expr_std))
+    sync_on = syncnet_acc > cfg.sync_threshold
+    if not sync_on:
+        log.warning("SyncNet held-out accuracy %.3f <= %.2f: generator trained without the sync loss",
+                    syncnet_acc, cfg.sync_threshold)
+    best, best_state, first = math.inf, None, None
+    silence = silence_features(train.feature_kind, hubert_path) if cfg.silence_prob > 0 else None
+    bar = tqdm(range(1, cfg.steps + 1), desc="generator", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        _decay(opt, cfg.lr, cfg.lr_final_ratio, step, cfg.steps)
+        f, e = train.windows(rng, cfg.batch, cfg.window, silence, cfg.silence_prob)
+        ft = (torch.from_numpy(f).to(device) - fm) / fs
+        et = (torch.from_numpy(e).to(device).flatten(2) - em) / es
+        terms = generator_loss(net, ft, et, cfg, syncnet if sync_on else None, es, em)
+        _check_finite(terms["total"], "generator", step)
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+        if first is None:
+            first = {k: float(v.detach()) for k, v in terms.items()}
+        if step % 10 == 0:
+            for k, v in terms.items():
+                writer.add_scalar(f"generator/{k}", float(v.detach()), step)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            ev = generator_val(net, val, stats, device)
+            for k, v in ev.items():
+                writer.add_scalar(f"generator/{k}", v, step)
+            bar.set_postfix(loss=f"{terms['total'].item():.3f}", val_open_r=f"{ev['val_open_r']:.3f}",
+                            val_lmd=f"{ev['val_mouth_lmd']:.4f}")
+            score = -ev["val_open_r"] if np.isfinite(ev["val_open_r"]) else ev["val_mse"]
+            if best_state is None or score < best:
+                best, best_ev, best_step = score, ev, step
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            if callback:
+                callback(0.3 + 0.7 * step / cfg.steps, f"generator step {step}, val open r {ev['val_open_r']:.3f}")
+    net.load_state_dict(best_state)
+    last = {k: float(v.detach()) for k, v in terms.items()}
+    metrics = {f"first_{k}": v for k, v in first.items()}
+    metrics.update({f"last_{k}": v for k, v in last.items()})
+    metrics.update(best_ev)
+    metrics.update({"best_step": best_step, "steps": cfg.steps, "sync_loss_on": sync_on,
+                    "clips": len(train.clips), "train_frames": train.n_frames})
+    return net, metrics
+
+
+def _train_regression(datasets: list, cfg: TrainGeneratorConfig, device, progress: bool, writer, callback,
+                      feature_kind: str, hubert_path: str | None):
+    """The :mod:`avatar.motion.regression` generator on whole clips; about ``heldout_fraction`` of the
+    clips (whole clips: other speakers) choose the checkpoint. Returns (net, metrics, config)."""
+    from avatar.motion.regression import build_generator, clips_from_datasets, fit, split_heldout
+
+    clips = clips_from_datasets(datasets, "all")
+    rcfg = replace(cfg.regression, feature_dim=int(clips[0].features.shape[1]), energy=cfg.regression.energy and feature_kind == "mel")
+    fit_cfg = replace(cfg.regression_fit, seed=cfg.seed)
+    train, held = split_heldout(clips, fit_cfg.heldout_fraction)
+    log.info("audio2motion (tcn): %d training clips (%.1f min), %d held-out clips (%.1f min) for checkpoint selection",
+             len(train), sum(len(c) for c in train) / 1500, len(held), sum(len(c) for c in held) / 1500)
+    net = build_generator(train, rcfg, device)
+    silence = silence_features(feature_kind, hubert_path) if fit_cfg.silence_prob > 0 else None
+    cb = (lambda f, msg: callback(0.3 + 0.7 * f, msg)) if callback else None
+    m = fit(net, train, held, fit_cfg, silence, progress=progress, desc="audio2motion", callback=cb, writer=writer)
+    m.update({"clips": len(train), "heldout_clips": len(held), "train_frames": int(sum(len(c) for c in train))})
+    return net, m, rcfg
+
 def train_generator(datasets: list[str | Path], out: str | Path, cfg: TrainGeneratorConfig, overwrite: bool = False,
                     progress: bool = True, hubert_path: str | None = None, extra_metrics: dict | None = None,
                     callback: Callable | None = None) -> Path:
@@ -234,6 +317,8 @@ def train_generator(datasets: list[str | Path], out: str | Path, cfg: TrainGener
         OutputExists, InvalidInput (no usable clip), FeatureMismatch (mixed features),
         TrainingDiverged (NaN losses).
     """
+    if cfg.model not in ("tcn", "vae-flow"):
+        raise InvalidInput(f"unknown audio2motion model {cfg.model!r}; choose tcn or vae-flow")
     out = check_output_dir(out, overwrite)
     if cfg.window % cfg.generator.stride:
         raise InvalidInput(f"window {cfg.window} must be a multiple of the stride {cfg.generator.stride}")
@@ -260,59 +345,23 @@ def train_generator(datasets: list[str | Path], out: str | Path, cfg: TrainGener
     with atomic_dir(out, overwrite=overwrite) as tmp, cpu_threads(cfg.cpu_threads if device.type == "cpu" else 0):
         writer = SummaryWriter(str(tmp / "runs"))
         syncnet, metrics = train_syncnet(train, val, cfg, stats, device, progress, writer, callback)
-        torch.manual_seed(cfg.seed)
-        rng = np.random.default_rng(cfg.seed + 1)
-        net = VAEFlowGenerator(gcfg).to(device)
-        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-        fm, fs, em, es = (torch.tensor(x, device=device) for x in (fm_np, fs_np, em_np, es_np))
-        sync_on = metrics["syncnet_val_acc"] > cfg.sync_threshold
-        if not sync_on:
-            log.warning("SyncNet held-out accuracy %.3f <= %.2f: generator trained without the sync loss",
-                        metrics["syncnet_val_acc"], cfg.sync_threshold)
-        best, best_state, first = math.inf, None, None
-        silence = silence_features(train.feature_kind, hubert_path) if cfg.silence_prob > 0 else None
-        bar = tqdm(range(1, cfg.steps + 1), desc="generator", disable=not progress, dynamic_ncols=True)
-        for step in bar:
-            _decay(opt, cfg.lr, cfg.lr_final_ratio, step, cfg.steps)
-            f, e = train.windows(rng, cfg.batch, cfg.window, silence, cfg.silence_prob)
-            ft = (torch.from_numpy(f).to(device) - fm) / fs
-            et = (torch.from_numpy(e).to(device).flatten(2) - em) / es
-            terms = generator_loss(net, ft, et, cfg, syncnet if sync_on else None, es, em)
-            _check_finite(terms["total"], "generator", step)
-            opt.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            opt.step()
-            if first is None:
-                first = {k: float(v.detach()) for k, v in terms.items()}
-            if step % 10 == 0:
-                for k, v in terms.items():
-                    writer.add_scalar(f"generator/{k}", float(v.detach()), step)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                ev = generator_val(net, val, stats, device)
-                for k, v in ev.items():
-                    writer.add_scalar(f"generator/{k}", v, step)
-                bar.set_postfix(loss=f"{terms['total'].item():.3f}", val_open_r=f"{ev['val_open_r']:.3f}",
-                                val_lmd=f"{ev['val_mouth_lmd']:.4f}")
-                score = -ev["val_open_r"] if np.isfinite(ev["val_open_r"]) else ev["val_mse"]
-                if best_state is None or score < best:
-                    best, best_ev, best_step = score, ev, step
-                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                if callback:
-                    callback(0.3 + 0.7 * step / cfg.steps, f"generator step {step}, val open r {ev['val_open_r']:.3f}")
-        net.load_state_dict(best_state)
-        last = {k: float(v.detach()) for k, v in terms.items()}
-        metrics.update({f"first_{k}": v for k, v in first.items()})
-        metrics.update({f"last_{k}": v for k, v in last.items()})
-        metrics.update(best_ev)
-        metrics.update({"best_step": best_step, "steps": cfg.steps, "sync_loss_on": sync_on, "heldout_val": heldout,
-                        "clips": len(train.clips), "train_frames": train.n_frames,
-                        "train_seconds": round(time.perf_counter() - t0, 1), "device": str(device)})
+        if cfg.model == "tcn":
+            net, gen_metrics, gcfg_out = _train_regression(datasets, cfg, device, progress, writer, callback,
+                                                           train.feature_kind, hubert_path)
+        elif cfg.model == "vae-flow":
+            net, gen_metrics = _train_vae_flow(train, val, cfg, gcfg, stats, syncnet, metrics["syncnet_val_acc"],
+                                               device, progress, writer, callback, hubert_path)
+            gcfg_out = gcfg
+        else:
+            raise InvalidInput(f"unknown audio2motion model {cfg.model!r}; choose tcn or vae-flow")
+        metrics.update(gen_metrics)
+        metrics.update({"model": cfg.model, "heldout_val": heldout, "train_seconds": round(time.perf_counter() - t0, 1),
+                        "device": str(device)})
         metrics.update(extra_metrics or {})
         writer.close()
         save_module(net, tmp / GENERATOR_FILE)
         save_module(syncnet, tmp / SYNCNET_FILE)
-        write_json(tmp, CONFIG, generator_config_dict(gcfg, scfg, cfg))
+        write_json(tmp, CONFIG, generator_config_dict(gcfg_out, scfg, cfg))
         write_json(tmp, STATS, stats.to_dict())
         write_json(tmp, METRICS, metrics)
     log.info("generator bundle written to %s (val mouth-opening r %.3f, mouth LMD %.4f vs mean shape %.4f, "

@@ -1,6 +1,7 @@
 """``make demo``: the whole product on real input with the CPU preset.
 
-1. train the shared generator on ``DATA/corpus`` and the emotion model on ``DATA/emotion``
+1. train the shared generator on ``DATA/corpus`` + ``DATA/corpus2`` (when present) and the emotion
+   model on ``DATA/emotion``
    (each skipped when the demo store already has it),
 2. onboard ``DATA/speakers/acosta_cnn_71s.mp4`` as avatar ``acosta``,
 3. render ``DATA/audio/eng.wav`` (English) and ``DATA/audio/dreamtalk_German1.wav`` (German),
@@ -53,8 +54,9 @@ def run_demo(data: Path, out: Path, preset: str = "cpu-small") -> int:
 
     t0 = time.perf_counter()
     if not (store.generator_dir / "config.json").is_file():
-        print(f"[demo] training the shared generator on {data / 'corpus'} (CPU preset)")
-        train_generator(data / "corpus", store.generator_dir, preset="cpu")
+        corpora = [d for d in (data / "corpus", data / "corpus2") if d.is_dir()]
+        print(f"[demo] training the shared generator on {', '.join(str(c) for c in corpora)} (CPU preset)")
+        train_generator(corpora, store.generator_dir, preset="cpu")
     times["train_generator"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -38,7 +38,8 @@ from avatar.pipeline.controls import BlinkSchedule, PoseReplay, apply_eyes
 log = logging.getLogger(__name__)
 
 BLOCK = 8        # frames per motion block (0.32 s)
-CTX_LEFT = 24    # frames of audio context before a block (0.96 s)
+CTX_LEFT = 24    # frames of audio context before a block (0.96 s); more when the generator's input
+                 # transform looks further back (Audio2Motion.history_frames, e.g. a 2 s sliding CMN)
 CTX_RIGHT = 12   # frames of audio context after a block (0.48 s)
 MAX_STRENGTH = 1.5
 #: the 8 MEAD emotion labels (EAT / EAMM)
@@ -53,6 +54,8 @@ class RenderOptions:
         emotion: one of the 8 MEAD labels (``neutral`` = none).
         emotion_strength: 0 (none) .. 1 (typical) .. 1.5.
         emotion_video: optional reference video for an EAMM-style emotion (overrides ``emotion``).
+        emotion_neutral_video: optional neutral video of the reference video's person: the expression
+            is measured against it (else a neutral segment of the reference or a shared estimate).
         still: hold the mean head pose.
         blink: natural blinks on/off.
         blink_rate: blinks per minute (None = the person's own rate).
@@ -67,6 +70,7 @@ class RenderOptions:
     emotion: str = "neutral"
     emotion_strength: float = 1.0
     emotion_video: str | None = None
+    emotion_neutral_video: str | None = None
     still: bool = False
     blink: bool = True
     blink_rate: float | None = None
@@ -171,7 +175,8 @@ class MotionEngine:
         """
         f0 = b * BLOCK
         f1 = f0 + BLOCK if total_frames is None else min(f0 + BLOCK, total_frames)
-        w0, w1 = f0 - CTX_LEFT, f0 + BLOCK + CTX_RIGHT
+        ctx_left = max(CTX_LEFT, self.m.generator.history_frames + self.m.generator.context_frames)
+        w0, w1 = f0 - ctx_left, f0 + BLOCK + CTX_RIGHT
         window = np.zeros((w1 - w0) * SAMPLES_PER_FRAME, dtype=np.float32)
         s0, s1 = w0 * SAMPLES_PER_FRAME, w1 * SAMPLES_PER_FRAME
         a0, a1 = max(s0, 0), min(s1, len(audio))
@@ -183,7 +188,7 @@ class MotionEngine:
         )
         expr = self.m.postnet.apply(expr)
         lm3d = self.m.lm3d_mean[None] + expr
-        lm3d = lm3d[CTX_LEFT : CTX_LEFT + (f1 - f0)]
+        lm3d = lm3d[ctx_left : ctx_left + (f1 - f0)]
         if self.options.lle_blend > 0:
             lm3d = self.m.lle(lm3d, blend=self.options.lle_blend)
         frames = np.arange(f0, f1)
@@ -262,7 +267,7 @@ class StreamSession:
         Raises:
             InvalidInput: unknown or bad values, or options that cannot change mid-stream.
         """
-        allowed = {"emotion", "emotion_strength", "emotion_video", "lle_blend"}
+        allowed = {"emotion", "emotion_strength", "emotion_video", "emotion_neutral_video", "lle_blend"}
         fixed = set(changes) - allowed
         if fixed:
             raise InvalidInput(f"option(s) {sorted(fixed)} cannot change mid-stream; only {sorted(allowed)} can")

@@ -1,0 +1,180 @@
+"""Lip-sync on speakers the shared audio2motion never saw, next to the trivial baselines.
+
+    .venv/bin/python -m bench.bench_lipsync --data ../shared/data [--model tcn] [--seeds 3] [--folds 4]
+
+What it measures (whole clips, :func:`avatar.motion.metrics.evaluate_clip`):
+
+1. **Leave-one-speaker-out folds** of the corpora (``corpus/`` + ``corpus2/``): the clips are
+   grouped by speaker (file-name heuristics, :func:`speaker_group`), the groups split into
+   ``--folds`` folds; each fold's clips (>= 3 s) are evaluated with a generator trained on the
+   other folds.
+2. **Unseen speakers** (``speakers/*.mp4``, never in a corpus): a generator trained on all
+   corpora, evaluated on each whole clip; then the same clip's validation tail after per-person
+   fine-tuning on its training part (the onboarding path).
+3. **Silence**: mouth opening on 3 s of digital silence vs the person's own quiet frames.
+4. **Languages**: Pearson r of the mouth opening vs the audio energy for every file in ``audio/``.
+
+Each number is the median over ``--seeds`` training seeds. Baselines beside every r and LMD:
+the person's mean shape (mouth LMD of a zero expression) and the audio RMS-energy envelope (its
+r with the real mouth opening). Prints tables and appends them to ``bench/RESULTS.md``.
+Clips are preprocessed once into ``--cache`` (128 px; only landmarks and audio are used).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import re
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import append_results, markdown_table
+from bench.common import commit as _commit
+from bench.common import machine as _machine
+
+log = logging.getLogger("bench_lipsync")
+
+
+def speaker_group(name: str) -> str:
+    """Speaker identity of a corpus clip from its file name (clips of one person share a group)."""
+    n = re.sub(r"-[0-9a-f]{12}(-[0-9a-f]{12})?-(mel|hubert)$", "", name).split("__")[-1]
+    m = re.match(r"MEAD_([MW]\d{3})", n)
+    if m:
+        return m.group(1)
+    for person in ("andrew", "feifeili", "reagan"):
+        if n.startswith(person):
+            return person
+    return n
+
+
+def _fmt(x: float) -> str:
+    return "nan" if x != x else f"{x:.3f}"
+
+
+def _median(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _train(datasets: list[Path], out: Path, model: str, steps: int | None, seed: int, preset: str) -> Path:
+    from avatar.motion.train import PRESETS, train_generator
+
+    cfg = replace(PRESETS[preset], model=model, seed=seed, syncnet_steps=min(PRESETS[preset].syncnet_steps, 200))
+    if steps:
+        cfg = replace(cfg, steps=steps, regression_fit=replace(cfg.regression_fit, steps=steps))
+    return train_generator(datasets, out, cfg, overwrite=True, progress=False)
+
+
+def main(argv=None) -> int:
+    from avatar.motion.metrics import evaluate_audio, evaluate_clip, silence_check
+    from recipes.train_generator import prepare_corpus
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "avatar-bench-lipsync")
+    ap.add_argument("--model", default="tcn", choices=["tcn", "vae-flow"])
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--folds", type=int, default=4)
+    ap.add_argument("--corpora", default="corpus,corpus2")
+    ap.add_argument("--min-seconds", type=float, default=3.0, help="shortest fold clip evaluated")
+    ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--label", default="", help="a note for the results heading (e.g. the lever tried)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    t_start = time.time()
+
+    corpus = []
+    for name in args.corpora.split(","):
+        done, _ = prepare_corpus(args.data / name, args.cache / name, progress=False)
+        corpus += done
+    speakers, _ = prepare_corpus(args.data / "speakers", args.cache / "speakers", progress=False)
+    groups = sorted({speaker_group(d.name) for d in corpus})
+    perm = np.random.default_rng(0).permutation(groups)
+    folds = [set(perm[i:: args.folds]) for i in range(args.folds)]
+    from avatar.data.dataset import Dataset
+
+    long_enough = {d: Dataset(d).n_frames >= args.min_seconds * 25 for d in corpus}
+    fold_rows: dict[str, list[dict]] = {}
+    spk_rows: dict[str, list[dict]] = {}
+    tail_rows: dict[str, list[dict]] = {}
+    sil_rows: dict[str, list[dict]] = {}
+    lang_rows: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for seed in range(args.seeds):
+            for k, fold in enumerate(folds):
+                train = [d for d in corpus if speaker_group(d.name) not in fold]
+                gen = _train(train, tmp / f"fold{k}", args.model, args.steps, seed, args.preset)
+                for d in corpus:
+                    if speaker_group(d.name) in fold and long_enough[d]:
+                        fold_rows.setdefault(d.name, []).append(evaluate_clip(gen, d))
+                log.info("seed %d fold %d done", seed, k)
+            gen = _train(corpus, tmp / "all", args.model, args.steps, seed, args.preset)
+            for d in speakers:
+                spk_rows.setdefault(d.name, []).append(evaluate_clip(gen, d))
+                sil_rows.setdefault(d.name, []).append(silence_check(gen, d))
+                from avatar.motion.regression import finetune_generator
+
+                person = finetune_generator(gen, d, tmp / f"person-{d.name}", preset=args.preset, overwrite=True,
+                                            progress=False)
+                tail_rows.setdefault(d.name, []).append(
+                    {**evaluate_clip(person, d, part="val"), "shared_r": evaluate_clip(gen, d, part="val")["open_r"]})
+            from avatar.media import load_audio
+
+            for wav in sorted((args.data / "audio").glob("*.wav")):
+                r = evaluate_audio(gen, load_audio(wav), temperature=0.0, lm3d_mean=Dataset(speakers[0]).lm3d_mean)
+                lang_rows.setdefault(wav.name, []).append(r["open_energy_r"])
+
+    def med(rows: list[dict], key: str) -> float:
+        return _median([r[key] for r in rows])
+
+    def short(name: str) -> str:
+        return re.sub(r"-[0-9a-f]{12}.*$", "", name)[-40:]
+
+    fold_table = [{"clip": short(n), "s": f"{rows[0]['frames'] / 25:.0f}", "r": _fmt(med(rows, "open_r")),
+                   "energy r": _fmt(med(rows, "energy_r")), "LMD / mean shape": _fmt(med(rows, "lmd_ratio")),
+                   "std ratio": _fmt(med(rows, "open_std_ratio"))} for n, rows in sorted(fold_rows.items())]
+    fr = [med(rows, "open_r") for rows in fold_rows.values()]
+    fe = [med(rows, "energy_r") for rows in fold_rows.values()]
+    fl = [med(rows, "lmd_ratio") for rows in fold_rows.values()]
+    spk_table = []
+    for n, rows in sorted(spk_rows.items()):
+        t, s = tail_rows[n], sil_rows[n]
+        spk_table.append({"clip": short(n), "r": _fmt(med(rows, "open_r")), "energy r": _fmt(med(rows, "energy_r")),
+                          "LMD": _fmt(med(rows, "mouth_lmd")), "mean-shape LMD": _fmt(med(rows, "mean_shape_mouth_lmd")),
+                          "std ratio": _fmt(med(rows, "open_std_ratio")),
+                          "tail r shared": _fmt(med(t, "shared_r")), "tail r person": _fmt(med(t, "open_r")),
+                          "tail energy r": _fmt(med(t, "energy_r")),
+                          "silence z": _fmt(med(s, "silence_z"))})
+    lang_table = [{"audio": n, "open-energy r": _fmt(_median(v))} for n, v in sorted(lang_rows.items())]
+    summary = (f"LOSO folds ({len(fold_rows)} clips >= {args.min_seconds:.0f} s, {len(groups)} speakers, {args.folds} folds): "
+               f"mean r {_fmt(float(np.nanmean(fr)))} vs energy baseline {_fmt(float(np.nanmean(fe)))}; "
+               f"r > energy on {sum(a > b for a, b in zip(fr, fe))}/{len(fr)} clips; "
+               f"mouth LMD / mean-shape LMD {_fmt(float(np.nanmean(fl)))} (mean of clips). "
+               f"Unseen speakers: mean r {_fmt(float(np.nanmean([med(r, 'open_r') for r in spk_rows.values()])))}.")
+    text = "\n".join([
+        f"\n## Lip-sync on unseen speakers ({args.model}{', ' + args.label if args.label else ''}) — "
+        f"{datetime.date.today()}, commit {_commit()}",
+        f"Machine: {_machine()}. `python -m bench.bench_lipsync --model {args.model} --seeds {args.seeds} "
+        f"--folds {args.folds}{' --steps ' + str(args.steps) if args.steps else ''}`; medians of {args.seeds} seed(s); "
+        f"{time.time() - t_start:.0f} s in all.", "", summary, "",
+        "Speakers outside every corpus (whole clip; then the validation tail after per-person fine-tuning):", "",
+        markdown_table(spk_table, list(spk_table[0])), "",
+        "Driving audio (no ground truth): mouth opening vs audio energy:", "",
+        markdown_table(lang_table, ["audio", "open-energy r"]), "",
+        "<details><summary>LOSO clips</summary>", "", markdown_table(fold_table, list(fold_table[0])), "", "</details>", ""])
+    print(text)
+    if not args.no_append:
+        append_results(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
