@@ -61,7 +61,7 @@ PRESETS: dict[str, OnboardPreset] = {
     "gpu-full": OnboardPreset(size=512, nerf="gpu-full", postnet="gpu"),
 }
 
-STAGES = ["preprocess", "postnet", "head", "torso", "bundle"]
+STAGES = ["preprocess", "motion", "postnet", "head", "torso", "bundle"]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -190,6 +190,7 @@ def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset
     clean_stale_temps(work, "dataset")  # .dataset.tmp-* of a killed preprocess
     if "preprocess" not in state.get("done", []):
         check_free_space(work, estimate_work_bytes(video, p.size), f"onboarding {name!r}")
+    motion_dir = work / "generator"  # the shared audio2motion fine-tuned on this person
     postnet_dir = work / "postnet"
     nerf_dir = work / "nerf"
 
@@ -209,10 +210,17 @@ def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset
         cfg = PreprocessConfig(size=p.size, audio_features=gen.feature_kind, hubert_path=gen.hubert_path)
         preprocess(video, dataset_dir, cfg, audio=audio, overwrite=True, progress=progress is None)
 
+    def do_motion(cb):
+        from avatar.motion.regression import finetune_generator
+
+        finetune_generator(gen_dir, dataset_dir, motion_dir, preset=p.postnet, overwrite=True,
+                           progress=progress is None, callback=cb, cancel=cancel)
+
     def do_postnet(cb):
         from avatar.motion.postnet import train_postnet
 
-        train_postnet(dataset_dir, gen_dir, postnet_dir, preset=p.postnet, overwrite=True,
+        train_postnet(dataset_dir, motion_dir, postnet_dir, preset=p.postnet, overwrite=True,
+                      corpus_cache=gen_dir / "cache" if (gen_dir / "cache").is_dir() else None,
                       progress=progress is None, callback=cb, cancel=cancel)
 
     def do_nerf(part):
@@ -224,12 +232,13 @@ def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset
         return fn
 
     run("preprocess", do_preprocess)
+    run("motion", do_motion)
     run("postnet", do_postnet)
     run("head", do_nerf("head"))
     run("torso", do_nerf("torso"))
     check_cancel()
     t0 = time.perf_counter()
-    out = _assemble(store, name, dataset_dir, gen_dir, postnet_dir, nerf_dir, p, preset, video, sha, state, overwrite)
+    out = _assemble(store, name, dataset_dir, motion_dir, postnet_dir, nerf_dir, p, preset, video, sha, state, overwrite)
     state["times"]["bundle"] = round(time.perf_counter() - t0, 1)
     _stage_progress(progress, "bundle")(1.0, str(out))
     if not keep_work:
@@ -249,7 +258,7 @@ def _assemble(store: AvatarStore, name: str, dataset_dir: Path, gen_dir: Path, p
     step = max(1, len(lm3d_train) // p.lle_ref)
     blink = BlinkModel.fit(lm3d_train, eye_aspect_ratio(lm3d_train))
     metrics = {}
-    for sub in (postnet_dir / "metrics.json", nerf_dir / "head" / "metrics.json", nerf_dir / "torso" / "metrics.json"):
+    for sub in (gen_dir / "metrics.json", postnet_dir / "metrics.json", nerf_dir / "head" / "metrics.json", nerf_dir / "torso" / "metrics.json"):
         if sub.is_file():
             prefix = sub.parent.name
             for k, v in json.loads(sub.read_text()).items():
