@@ -76,16 +76,17 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lle", type=float, default=0.0, help="LLE projection blend onto the person's landmarks (GeneFace++), 0..1")
 
 
-def _mp4_estimate_bytes(audio: Path, size: int | None) -> int:
-    """Upper estimate of the MP4 ``avatar render`` writes (bytes): 1/10 of the raw RGB frames + 1 MB."""
+def _mp4_estimate_bytes(audio: Path, size: int | None, store: AvatarStore, name: str) -> int:
+    """Upper estimate of the MP4 ``avatar render`` writes (bytes): 1/10 of the raw RGB frames + 1 MB,
+    at ``size`` or else the avatar's own size."""
     from avatar.errors import AvatarError
     from avatar.media import probe
 
     try:
         seconds = probe(audio).duration_s or 0.0
+        side = size or int(store.manifest(name)["size"])
     except AvatarError:
-        return 0  # the render reports the bad audio
-    side = size or 512
+        return 0  # the render reports the bad audio or avatar
     return int(seconds * 25 * side * side * 3 / 10) + (1 << 20)
 
 
@@ -95,7 +96,7 @@ def cmd_render(args) -> int:
 
     opts = options_from_args(args)
     # the output path and the disk space are checked before the avatar is loaded and anything rendered
-    check_output_file(args.out, _mp4_estimate_bytes(args.audio, args.size))
+    check_output_file(args.out, _mp4_estimate_bytes(args.audio, args.size, _store(args), args.avatar))
     av = load(args.avatar, store=_store(args))
     res = av.render_to_mp4(args.audio, args.out, opts, progress=True)
     print(f"wrote {res['path']}: {res['frames']} frames, {res['seconds']:.2f} s, {res['render_fps']:.1f} frames/s")
