@@ -62,15 +62,16 @@ def _fmt(x, nd=2):
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{nd}f}"
 
 
-def loso(tracks, runs: int, steps: int | None):
-    """Per held-out person: model rows + baselines. Returns {speaker: {label: row}}, train times."""
+def loso(tracks, runs: int, steps: int | None, **cfg_kw):
+    """Per held-out person: model rows + baselines. Returns {speaker: {label: row}}, train times.
+    ``cfg_kw`` overrides :class:`avatar.motion.emotion.EmotionConfig` fields."""
     from avatar.motion import emotion as E
 
     out, times = {}, []
     for held in [st for st in tracks if any(lab != "neutral" for lab in st.clips)]:
         per_seed = []
         for seed in range(runs):
-            cfg = E.EmotionConfig(holdout=held.speaker, seed=seed)
+            cfg = E.EmotionConfig(holdout=held.speaker, seed=seed, **cfg_kw)
             if steps:
                 cfg.steps = steps
             net, m = E.train_on(tracks, cfg)
@@ -163,7 +164,23 @@ def reference_table(rows) -> list[str]:
         c = np.array([r[4] for r in rs])
         lines.append(f"| {kind} | {len(rs)} | {c.mean():.3f} | {c.min():.2f} | {int((c >= 0.7).sum())}/{len(c)} | "
                      f"{np.mean([r[5] for r in rs]):.2f} | {np.mean([r[6] for r in rs]):.2f} |")
+    lines += ["", "Per label (mean cosine / size ratio with proportions retargeting; references):", "",
+              "| label | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    labels = list(dict.fromkeys(r[1] for r in rows))
+    for label in labels:
+        cells = []
+        for kind in kinds:
+            rs = [r for r in rows if r[1] == label and r[2] == kind]
+            cells.append(f"{np.mean([r[4] for r in rs]):.2f} / {np.mean([r[5] for r in rs]):.2f} "
+                         f"({', '.join(sorted({_short(r[3]) for r in rs}))})" if rs else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _short(stem: str) -> str:
+    from avatar.motion import emotion as E
+
+    return E.speaker_of(stem) if "MEAD_" in stem or "_front_" in stem else stem
 
 
 def _load_old(rev: str):
@@ -232,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--before-commit", default="d9ae493")
     ap.add_argument("--no-before", action="store_true")
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--no-neutral-weight", type=float, default=None, help="EmotionConfig.no_neutral_weight override")
+    ap.add_argument("--no-symmetric", action="store_true", help="train on the raw (not symmetrised) displacements")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -241,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     track_s = time.perf_counter() - t0
     n_clips = sum(len(v) for v in listing.values())
 
-    res, times = loso(tracks, args.runs, args.steps)
+    kw = {"symmetric": not args.no_symmetric}
+    if args.no_neutral_weight is not None:
+        kw["no_neutral_weight"] = args.no_neutral_weight
+    res, times = loso(tracks, args.runs, args.steps, **kw)
     ref_rows = reference_rows(tracks, clips, res)
 
     labels = E.LABELS[1:]
@@ -250,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
              f"Machine: {machine()}. {n_clips} labelled MEAD clips, {len(tracks)} persons "
              f"({persons}; * = recorded neutral clip); "
              f"tracking {track_s:.1f} s (cache {args.cache}). Category model: {args.runs} seed(s) per held-out person, "
-             f"training {np.median(times):.1f} s median. Canonical units (outer-eye-corner distance = 1); cosine and size on "
+             f"training {np.median(times):.1f} s median, config overrides {kw}. Canonical units (outer-eye-corner distance = 1); cosine and size on "
              "brows + eyes + mouth corners.\n",
              "**After: leave-one-person-out, truth against a recorded neutral clip (M030, W009)**\n"]
     lines += loso_table(res, labels, estimated=False)

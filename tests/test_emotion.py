@@ -288,7 +288,7 @@ def test_reference_video_transfers_direction_and_size(trained, tracks, data_dir)
     real = _real(st, "surprised")
     for neutral in (str(data_dir / "emotion" / "M030_front_neutral_level1_001.mp4"), None):
         models.__dict__.pop("_emotion_ref_cache", None)
-        opts = SimpleNamespace(emotion="neutral", emotion_strength=1.0, emotion_video=ref, emotion_neutral_video=neutral)
+        opts = RenderOptions(emotion_video=ref, emotion_neutral_video=neutral)
         f = E.build_emotion_delta(models, opts)
         disp = next(iter(models._emotion_ref_cache.values()))
         d = disp.mean(0)

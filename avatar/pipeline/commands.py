@@ -49,6 +49,7 @@ def options_from_args(args):
     opts = RenderOptions(
         emotion=args.emotion, emotion_strength=args.emotion_strength,
         emotion_video=str(args.emotion_video) if args.emotion_video else None,
+        emotion_neutral_video=str(args.emotion_neutral_video) if getattr(args, "emotion_neutral_video", None) else None,
         still=args.still, blink=not args.no_blink, blink_rate=args.blink_rate, temperature=args.temperature,
         seed=args.seed, size=args.size, head_speed=args.head_speed, head_amplitude=args.head_amplitude,
         lle_blend=args.lle,
@@ -65,6 +66,8 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--emotion", default="neutral", help=f"emotion label: {', '.join(EMOTIONS)} (default neutral)")
     g.add_argument("--emotion-strength", type=float, default=1.0, help="0 = none, 1 = typical, up to 1.5")
     g.add_argument("--emotion-video", type=Path, default=None, help="reference video whose expression is transferred (EAMM-style)")
+    g.add_argument("--emotion-neutral-video", type=Path, default=None,
+                   help="a neutral clip of the --emotion-video person (the expression is measured against it)")
     g.add_argument("--still", action="store_true", help="fixed head (no pose replay)")
     g.add_argument("--no-blink", action="store_true", help="disable blinks")
     g.add_argument("--blink-rate", type=float, default=None, help="blinks per minute (default: the person's own)")
