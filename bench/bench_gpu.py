@@ -113,14 +113,13 @@ def check_build(t: Table, device: torch.device) -> dict[str, bool]:
         ok["tcnn"] = False
         t.add("build", "tinycudann", "missing", "", f"{type(e).__name__}: {e}"[:80])
     if device.type == "cuda":
-        t0 = time.perf_counter()
-        try:
-            from nerfacc.cuda._backend import _C
+        from avatar.nerf.cuda_sampler import _extension_error
 
-            state = "ok" if _C is not None else "failed to build"
-        except Exception as e:
-            state = f"failed ({type(e).__name__})"
-        t.add("build", "nerfacc CUDA extension", state, "", f"load/JIT build {time.perf_counter() - t0:.0f} s")
+        t0 = time.perf_counter()
+        err = _extension_error()  # the check the renderer/trainer use (honours AVATAR_NO_NERFACC)
+        state = "ok" if err is None else "unavailable: PyTorch sampler"
+        t.add("build", "nerfacc CUDA extension", state, "",
+              f"load/JIT build {time.perf_counter() - t0:.0f} s" + ("" if err is None else f"; {err}"[:100]))
     else:
         t.add("build", "nerfacc CUDA extension", "n/a", "", "no GPU: the pure-PyTorch sampler is used")
     return ok

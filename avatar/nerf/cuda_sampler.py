@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable
 
 import nerfacc
@@ -38,7 +39,10 @@ _warned = False
 
 @functools.cache
 def _extension_error() -> str | None:
-    """None when nerfacc's CUDA extension is importable, else why not (cached: it may JIT-build)."""
+    """None when nerfacc's CUDA extension is importable, else why not (cached: it may JIT-build).
+    ``AVATAR_NO_NERFACC=1`` disables it without trying (e.g. after a failed or too slow JIT build)."""
+    if os.environ.get("AVATAR_NO_NERFACC", "") not in ("", "0"):
+        return "disabled by AVATAR_NO_NERFACC"
     try:
         from nerfacc.cuda._backend import _C
     except Exception as e:  # build/import failure of the extension: any error means "unusable"
