@@ -7,7 +7,7 @@ Each configuration runs in a fresh process (OpenMP reads ``OMP_WAIT_POLICY`` onc
   OpenMP threads sleep: ``OMP_WAIT_POLICY=PASSIVE``);
 - ``spin``: the same thread count with OpenMP's default spin-waiting (``OMP_WAIT_POLICY=ACTIVE``,
   what torch did before);
-- ``1 thread``.
+- ``1 thread`` (``AVATAR_THREADS=1``, the documented override).
 
 Each is timed alone and while one other process burns a core (a Python busy loop), interleaved in
 one run, so ratios are comparable even on a shared machine. Rendering: ``--frames`` frames at
@@ -38,8 +38,8 @@ import avatar.runtime
 import numpy as np, torch
 from avatar.nerf import load_nerf
 from avatar.runtime import configure_threads
-model, size, frames, batch, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-configure_threads(int(threads) if threads != "auto" else None)
+model, size, frames, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+configure_threads()  # what every stage calls (AVATAR_THREADS, affinity, quota)
 nerf = load_nerf(model, device="cpu")
 W = nerf.window
 g = torch.Generator().manual_seed(0)
@@ -60,15 +60,15 @@ bat = frames / (time.perf_counter() - t)
 print(json.dumps({"one": one, "batched": bat, "threads": torch.get_num_threads()}))
 '''
 
-CONFIGS = {"runtime": {"OMP_WAIT_POLICY": "PASSIVE", "threads": "auto"},
-           "spin": {"OMP_WAIT_POLICY": "ACTIVE", "threads": "auto"},
-           "1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "threads": "1"}}
+CONFIGS = {"runtime": {"OMP_WAIT_POLICY": "PASSIVE"},
+           "spin": {"OMP_WAIT_POLICY": "ACTIVE"},
+           "1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "AVATAR_THREADS": "1"}}
 
 
 def _run(model: str, size: int, frames: int, batch: int, cfg: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "AVATAR_THREADS")}
-    env.update(OMP_WAIT_POLICY=cfg["OMP_WAIT_POLICY"], PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", WORKER, model, str(size), str(frames), str(batch), cfg["threads"]],
+    env.update(cfg, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", WORKER, model, str(size), str(frames), str(batch)],
                        env=env, capture_output=True, text=True, timeout=1800)
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
