@@ -63,8 +63,10 @@ class RegressionConfig:
 
     model: str = "tcn"
     feature_dim: int = 80         # raw feature dimension (80 log-mel bins, or HuBERT's)
+    cmn: bool = True              # subtract the causal sliding mean per bin (else: raw features, normalised
+                                  # only by the corpus statistics)
     energy: bool = True           # append the relative log-energy channel (log-mel features only)
-    cmn_window: int = 100         # feature frames (2 s) of the causal sliding mean
+    cmn_window: int = 100         # feature frames (2 s) of the causal sliding mean / energy peak
     hidden: int = 128
     kernel: int = 3
     dilations: tuple[int, ...] = (1, 2, 4, 4)
@@ -85,7 +87,7 @@ class RegressionConfig:
 
     def history_frames(self) -> int:
         """Video frames of past audio the input transform of a frame depends on."""
-        return -(-self.cmn_window // 2)
+        return -(-self.cmn_window // 2) if (self.cmn or self.energy) else 0
 
 
 def transform_features(features: np.ndarray, cfg: RegressionConfig, start: int = 0) -> np.ndarray:
@@ -99,7 +101,8 @@ def transform_features(features: np.ndarray, cfg: RegressionConfig, start: int =
             the audio starts) are left out of every frame's statistics, so a window of a longer
             signal with ``history_frames()`` of left context transforms exactly like the whole.
     Returns:
-        float32 [F, input_dim]. Padding frames (negative index) get 0 (the mean) and the energy floor.
+        float32 [F, input_dim]. Padding frames (negative index) get 0 (the mean; raw features are kept
+        when ``cmn`` is off) and the energy floor.
     """
     f = np.asarray(features, np.float64)
     n = len(f)
@@ -109,9 +112,10 @@ def transform_features(features: np.ndarray, cfg: RegressionConfig, start: int =
     hi = np.arange(1, n + 1)
     cs = np.concatenate([np.zeros((1, f.shape[1])), np.cumsum(f, axis=0)])
     cnt = np.maximum(hi - lo, 1)[:, None]
-    out = f - (cs[hi] - cs[lo]) / cnt
+    out = f - (cs[hi] - cs[lo]) / cnt if cfg.cmn else f.copy()
     pad = idx < 0
-    out[pad] = 0.0
+    if cfg.cmn:
+        out[pad] = 0.0
     if cfg.energy:
         e = np.log10(np.sum(np.power(10.0, f), axis=1) + 1e-12)
         mx = _running_max(np.where(pad, -np.inf, e), cfg.cmn_window)
@@ -210,7 +214,7 @@ def fit_basis(exprs: list[np.ndarray], n_basis: int, max_rows: int = 50_000) -> 
 class RegressionTrainConfig:
     """A training (or per-person fine-tuning) run of :class:`TCNGenerator`."""
 
-    steps: int = 3000
+    steps: int = 1500             # ~4 min on one CPU core for the 9 min of corpus + corpus2
     batch: int = 16
     window: int = 64              # video frames per training window
     lr: float = 2e-3
