@@ -132,3 +132,15 @@ def test_person_box_from_masks(scene):
     expect = torch.tensor([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=torch.float32) / ds.size
     torch.testing.assert_close(box, expect)
     assert 0 < float(box[0]) and float(box[3]) == 1.0  # the synthetic torso reaches the bottom edge
+
+
+def test_torso_saved_before_person_box_loads_with_whole_frame(scene, tmp_path):
+    from avatar.nerf.model import atomic_save, load_torso, part_info, write_json_atomic
+
+    ds, cfg, _, torso, _ = scene
+    state = {k: v for k, v in torso.state_dict().items() if k != "person_box"}
+    atomic_save(state, tmp_path / "model.safetensors")
+    write_json_atomic(part_info(cfg, ds), tmp_path / "config.json")
+    old, _ = load_torso(tmp_path)
+    assert old.person_box.tolist() == [0.0, 0.0, 1.0, 1.0]
+    torch.testing.assert_close(old.field.grid.table, torso.field.grid.table)
