@@ -138,7 +138,10 @@ def test_checkpoint_round_trip_bit_exact(dataset, tmp_path):
     assert torch.equal(torch.rand(3, generator=gen2), expect_gen) and torch.equal(torch.rand(3), expect_torch)
 
 
-def test_kill_and_resume_reaches_same_step(dataset, tmp_path):
+def test_kill_and_resume_reaches_same_step(dataset, tmp_path, monkeypatch):
+    # bit-exact comparisons need one CPU thread (the order of multi-threaded float reductions varies);
+    # AVATAR_THREADS is what the trainer's configure_threads() follows, here and in the subprocess
+    monkeypatch.setenv("AVATAR_THREADS", "1")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "avatar.cli", "train-nerf", str(dataset), "--out", str(out), "--part", "head",
            "--preset", "cpu-smoke", "--steps", "40", "--seed", "3"]

@@ -7,7 +7,8 @@ per-pixel MSE with extra weight in the mouth box, opacity entropy (``weights_ent
 ambient regulariser (|ambient coordinate| outside the face box). Adam with separate learning rates
 for hash tables and MLPs. Checkpoints (model + optimiser + step + RNG states, safetensors) are
 written atomically every ``ckpt_every`` steps; rerunning the same command resumes from the last
-one and reaches the same final step. Training is deterministic for a given seed.
+one and reaches the same final step. Training is deterministic for a given seed on one device (bit for
+bit on CPU with one thread, ``AVATAR_THREADS=1``: multi-threaded float reductions vary in order).
 """
 from __future__ import annotations
 
