@@ -64,11 +64,12 @@ print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", 
 PYEOF
 if [ "${VENV:-}" = none ]; then
     PYX="$PY"
-else
-    if [ ! -x .venv/bin/python ]; then
-        "$PY" -m venv --system-site-packages .venv || { say "python -m venv failed"; exit 2; }
-    fi
+elif [ -x .venv/bin/python ] || "$PY" -m venv --system-site-packages .venv; then
     PYX="$HERE/.venv/bin/python"
+else  # e.g. Debian's python3 without python3-venv: install into the host environment instead
+    say "python -m venv failed; installing into $PY's own environment"
+    rm -rf .venv
+    PYX="$PY"
 fi
 say "installing from ./wheels (offline)"
 "$PYX" -m pip install -q --no-index --find-links wheels nerfacc==0.5.3 safetensors tqdm pyyaml platformdirs ninja \

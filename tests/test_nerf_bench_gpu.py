@@ -26,3 +26,22 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
     text = results.read_text()
     assert "## bench_gpu --quick" in text and "| train | head NeRF steps/s (cpu-smoke)" in text
     assert main(["--dataset", str(tmp_path / "nope"), "--quick", "--no-results"]) == 2
+
+
+def test_gpu_bundle_script_and_code(tmp_path):
+    """The bundle's gpu_check.sh is valid bash that installs offline, and its code/ holds what the GPU
+    check runs (the full bundle needs the media, mediapipe and PyPI: `make gpu-bundle`)."""
+    import subprocess
+
+    from bench import gpu_bundle
+
+    script = tmp_path / "gpu_check.sh"
+    script.write_text(gpu_bundle.GPU_CHECK)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = gpu_bundle.GPU_CHECK
+    assert "--no-index --find-links wheels" in text and "pytest -q -m cuda" in text and "bench.bench_gpu" in text
+    gpu_bundle._copy_code(tmp_path / "code")
+    for f in ("avatar/nerf/inference.py", "bench/bench_gpu.py", "tests/test_nerf_cuda.py", "tests/synthetic_dataset.py",
+              "pyproject.toml"):
+        assert (tmp_path / "code" / f).is_file(), f
+    assert gpu_bundle.LIMIT_BYTES == 60 * 2**20
