@@ -300,6 +300,27 @@ def test_reference_video_transfers_direction_and_size(trained, tracks, data_dir)
         assert np.linalg.norm(out - lm, axis=-1)[:, 48:68].mean() < 0.05  # mouth LMD vs neutral
 
 
+def test_neutral_estimate_from_shared_statistics(tracks, data_dir):
+    """Without any neutral clip of W009, her displacement measured against the shared-statistics
+    neutral (M030 + W015 neutral shapes, M030's expression directions) points like the one measured
+    against her recorded neutral, better than against the aligned template alone."""
+    w015 = data_dir / "corpus2" / "filby89+spectre__MEAD_W015_level_1_neutral_030.mp4"
+    if not w015.is_file():
+        pytest.skip(f"{w015} not present")
+    (lm,), _ = E.canonicalise_speaker([E.track_clip(w015)])
+    by = {s.speaker: s for s in tracks}
+    m030, w009 = by["M030"], by["W009"]
+    stats = E.build_neutral_stats([m030.neutral_mean, lm.mean(0)], [_real(m030, lab) for lab in ("happy", "surprised")])
+    basis = stats.id_basis.reshape(len(stats.id_basis), -1)
+    assert basis.shape == (1, 204) and np.allclose(basis @ basis.T, 1.0, atol=1e-5)
+    full, template_only = [], []
+    for label in ("happy", "surprised"):
+        real, clip_mean = _real(w009, label), w009.clips[label][0].mean(0)
+        full.append(E.cosine(clip_mean - E.estimate_neutral(clip_mean, stats), real))
+        template_only.append(E.cosine(clip_mean - E.estimate_neutral(clip_mean, stats.template), real))
+    assert np.mean(full) >= 0.7 and np.mean(full) > np.mean(template_only), (full, template_only)
+
+
 def test_reference_neutral_segment(tracks, data_dir):
     """A clip that starts neutral and then shows the emotion is measured against its own neutral
     segment; a clip that holds one expression throughout is not (its least expressive frames are
