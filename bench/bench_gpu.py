@@ -267,7 +267,7 @@ def bench_quality(t: Table, dataset: Path, out: Path, device: torch.device, max_
 
 
 def bench_render(t: Table, dataset: Path, out: Path, device: torch.device, sizes: tuple[int, ...], batch: int,
-                 runs: int) -> float:
+                 runs: int, compile_: bool = False) -> float:
     """Memory per loaded avatar, composited render fps per size and batch; returns the best fps at the
     largest size."""
     from avatar.data import Dataset
@@ -307,6 +307,18 @@ def bench_render(t: Table, dataset: Path, out: Path, device: torch.device, sizes
         sec = _timed(lambda: nerf.render(lm[:b], pose[:b], blink[:b], size=size), runs, device)
         t.add("render", f"head+torso {size} px, batch {b}", b / sec, "frames/s", f"hash grid {backend}")
     _set_grid_backend(nerf, "auto", device)
+    if compile_:
+        try:
+            t0 = time.perf_counter()
+            nerf.compile()
+            nerf.render(lm[:b], pose[:b], blink[:b], size=size)
+            _sync(device)
+            ct = time.perf_counter() - t0
+            sec = _timed(lambda: nerf.render(lm[:b], pose[:b], blink[:b], size=size), runs, device)
+            t.add("render", f"head+torso {size} px, batch {b}, torch.compile", b / sec, "frames/s",
+                  f"compile + first render {ct:.0f} s")
+        except Exception as e:  # a compiler failure must not cost the rest of the table
+            t.add("render", f"head+torso {size} px, batch {b}, torch.compile", "failed", "", f"{type(e).__name__}: {e}"[:100])
     return best
 
 
@@ -375,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md", help="markdown file to append to")
     ap.add_argument("--no-results", action="store_true", help="print only; do not append to --results")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    ap.add_argument("--compile", action="store_true", help="also time the render with torch.compile'd fields")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -414,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_data(t, args.dataset)
         rates = bench_train(t, args.dataset, out, preset, minutes * 60, device)
         bench_quality(t, args.dataset, out, device, max_frames=4 if quick else 16)
-        bench_render(t, args.dataset, out, device, sizes, batch, runs)
+        bench_render(t, args.dataset, out, device, sizes, batch, runs, compile_=args.compile)
         onboarding_estimate(t, args.dataset, preset, rates)
     finally:
         if tmp is not None:

@@ -144,3 +144,21 @@ def test_torso_saved_before_person_box_loads_with_whole_frame(scene, tmp_path):
     old, _ = load_torso(tmp_path)
     assert old.person_box.tolist() == [0.0, 0.0, 1.0, 1.0]
     torch.testing.assert_close(old.field.grid.table, torso.field.grid.table)
+
+
+@pytest.mark.slow
+def test_compiled_fields_render_the_same(scene):
+    """``AvatarNerf.compile()`` (torch.compile of the field MLPs) renders the same frames (Inductor may
+    reorder float operations: within 1/255)."""
+    ds, cfg, head, torso, (lm, pose, blink) = scene
+    from avatar.nerf.model import build_head, build_torso
+
+    head2 = build_head(cfg, len(ds.train_range), head.field.aabb)
+    head2.load_state_dict(head.state_dict())
+    torso2 = build_torso(cfg, len(ds.train_range), ds.size)
+    torso2.load_state_dict(torso.state_dict())
+    ref = _nerf(ds, cfg, head, torso).render(lm, pose, blink)
+    nerf = _nerf(ds, cfg, head2, torso2)
+    nerf.compile()
+    out = nerf.render(lm, pose, blink)
+    assert (out.int() - ref.int()).abs().max() <= 1

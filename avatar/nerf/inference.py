@@ -50,6 +50,19 @@ class AvatarNerf:
         self.chunk = int(chunk) if chunk else (CHUNK_CUDA if self.device.type == "cuda" else CHUNK_CPU)
         self._background: torch.Tensor | None = (self.torso.background.clone() if self.torso is not None else None)
 
+    def compile(self, **kwargs) -> None:
+        """``torch.compile`` the head field's and the torso field's ``forward`` / ``density`` (MLPs fused by
+        Inductor; the hash grid stays as it is when its backend is an extension). Opt-in: the first
+        renders pay the compilation (tens of seconds); shapes vary with the number of samples, hence
+        ``dynamic=True``. ``kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``).
+        State-dict keys are unchanged."""
+        kwargs.setdefault("dynamic", True)
+        f = self.head.field
+        f.forward = torch.compile(f.forward, **kwargs)
+        f.density = torch.compile(f.density, **kwargs)
+        if self.torso is not None:
+            self.torso.field.forward = torch.compile(self.torso.field.forward, **kwargs)
+
     def set_background(self, background) -> None:
         """Default background plate: uint8 [S, S, 3] (numpy or tensor, any S; resized as needed)."""
         self._background = self._as_image(background)
