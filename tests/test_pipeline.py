@@ -177,9 +177,9 @@ def test_onboard_resumes_after_interruption(tiny_avatar, tmp_path):
         onboard(clip, "resumed", store=store, preset="cpu-smoke", progress=progress, cancel=cancel)
     assert not store.exists("resumed"), "a cancelled onboarding must not leave a bundle"
     state = json.loads((store.work_dir("resumed") / "state.json").read_text())
-    assert state["done"] == ["preprocess", "postnet"]
+    assert state["done"] == ["preprocess", "motion", "postnet"]
     seen.clear()
     onboard(clip, "resumed", store=store, preset="cpu-smoke", progress=progress)
     assert ("preprocess", 1.0) in seen and ("postnet", 1.0) in seen
     assert store.exists("resumed")
-    assert set(store.manifest("resumed")["stage_seconds"]) >= {"preprocess", "postnet", "head", "torso"}
+    assert set(store.manifest("resumed")["stage_seconds"]) >= {"preprocess", "motion", "postnet", "head", "torso"}
