@@ -28,7 +28,7 @@ from torch import nn
 from avatar.data.dataset import MOUTH
 from avatar.errors import BundleCorrupt, InvalidInput
 
-from .geometry import (ASYMMETRIC, EVAL_POINTS, MOVABLE, MOVABLE_MASK, SPEECH, causal_windows, cosine, norm,
+from .geometry import (ASYMMETRIC, MOVABLE, MOVABLE_MASK, SPEECH, causal_windows, cosine, norm,
                        region_scale, speech_features, symmetrize)
 from .neutral import MAX_IDENTITY, NeutralStats, build_neutral_stats, estimate_neutral
 from .schedule import LABELS

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .geometry import EVAL_POINTS, STABLE, similarity_fit
+from .geometry import EVAL_POINTS, similarity_fit
 
 #: at most this many identity directions are kept
 MAX_IDENTITY = 4
