@@ -64,6 +64,27 @@ def _sync(gen: Audio2Motion, feats: np.ndarray, expr: np.ndarray) -> dict:
     return sync_confidence(gen.syncnet, fn, torch.from_numpy(np.ascontiguousarray(expr, dtype=np.float32)))
 
 
+def _open_eval(generator, dataset, part: str):
+    """(generator, dataset, features float32 [2N, D], frame range of ``part``) for an evaluation.
+
+    Raises: FeatureMismatch, InvalidInput (unknown part or fewer than 8 frames in it)."""
+    gen = generator if isinstance(generator, Audio2Motion) else load_generator(generator)
+    ds = Dataset(dataset)
+    feats = np.asarray(ds.features, dtype=np.float32)
+    gen.stats.check_features(feats[:2], ds.feature_kind)
+    rng = {"val": ds.val_range, "all": range(0, ds.n_frames)}.get(part)
+    if rng is None or len(rng) < 8:
+        raise InvalidInput(f"{dataset}: the {part} part has too few frames for evaluation")
+    return gen, ds, feats, rng
+
+
+def _postnet(postnet, gen: Audio2Motion):
+    """A loaded postnet, or the bundle at ``postnet`` loaded on the generator's device."""
+    from avatar.motion.postnet import Postnet, load_postnet
+
+    return postnet if isinstance(postnet, Postnet) else load_postnet(postnet, device=gen.device)
+
+
 def evaluate_motion(generator: Audio2Motion | str | Path, dataset: str | Path, postnet=None, lle_blend: float = 0.25,
                     temperature: float = 1.0, seed: int = 0, part: str = "val") -> dict:
     """Self-driven metrics of the person's clip (see module docstring).
@@ -79,15 +100,7 @@ def evaluate_motion(generator: Audio2Motion | str | Path, dataset: str | Path, p
         lmd_px, mouth_open_r, sync_conf, sync_offset.
     Raises: FeatureMismatch (dataset features differ from the generator's), InvalidInput.
     """
-    from avatar.motion.postnet import Postnet, load_postnet
-
-    gen = generator if isinstance(generator, Audio2Motion) else load_generator(generator)
-    ds = Dataset(dataset)
-    feats_all = np.asarray(ds.features, dtype=np.float32)
-    gen.stats.check_features(feats_all[:2], ds.feature_kind)
-    rng = {"val": ds.val_range, "all": range(0, ds.n_frames)}.get(part)
-    if rng is None or len(rng) < 8:
-        raise InvalidInput(f"{dataset}: the {part} part has too few frames for evaluation")
+    gen, ds, feats_all, rng = _open_eval(generator, dataset, part)
     mean = np.asarray(ds.lm3d_mean, np.float32)
     gt_expr = np.asarray(ds.lm3d, np.float32) - mean
     pred_all = gen.predict(feats_all, temperature=temperature, seed=seed)  # whole clip: real context
@@ -99,8 +112,7 @@ def evaluate_motion(generator: Audio2Motion | str | Path, dataset: str | Path, p
     gt_px = project(mean + gt, pose, ds.head_scale, K)
     variants = {"generator": pred_all[sl]}
     if postnet is not None:
-        pn = postnet if isinstance(postnet, Postnet) else load_postnet(postnet, device=gen.device)
-        variants["generator+postnet"] = pn.apply(pred_all)[sl]
+        variants["generator+postnet"] = _postnet(postnet, gen).apply(pred_all)[sl]
     if lle_blend > 0:
         ref = gt_expr[ds.train_range.start: ds.train_range.stop]
         variants["generator+lle"] = lle_project(pred_all[sl], ref, k=10, blend=lle_blend)
@@ -129,7 +141,6 @@ def evaluate_audio(generator: Audio2Motion | str | Path, wav: np.ndarray, postne
         canonical units / frame)}.
     """
     from avatar.audio import audio_energy, extract_features
-    from avatar.motion.postnet import Postnet, load_postnet
 
     gen = generator if isinstance(generator, Audio2Motion) else load_generator(generator)
     n = len(wav) // 640
@@ -138,8 +149,7 @@ def evaluate_audio(generator: Audio2Motion | str | Path, wav: np.ndarray, postne
     feats = extract_features(wav, gen.feature_kind, hubert_path=gen.hubert_path, n_frames=n)
     expr = gen.predict(feats, temperature=temperature, seed=seed)
     if postnet is not None:
-        pn = postnet if isinstance(postnet, Postnet) else load_postnet(postnet, device=gen.device)
-        expr = pn.apply(expr)
+        expr = _postnet(postnet, gen).apply(expr)
     base = np.zeros((68, 3), np.float32) if lm3d_mean is None else np.asarray(lm3d_mean, np.float32)
     opening = mouth_opening(expr + base)
     energy = audio_energy(wav, n)
@@ -167,19 +177,11 @@ def evaluate_clip(generator: Audio2Motion | str | Path, dataset: str | Path, pos
     Raises: FeatureMismatch, InvalidInput (fewer than 8 frames in ``part``).
     """
     from avatar.audio import audio_energy
-    from avatar.motion.postnet import Postnet, load_postnet
 
-    gen = generator if isinstance(generator, Audio2Motion) else load_generator(generator)
-    ds = Dataset(dataset)
-    feats = np.asarray(ds.features, dtype=np.float32)
-    gen.stats.check_features(feats[:2], ds.feature_kind)
-    rng = {"val": ds.val_range, "all": range(0, ds.n_frames)}.get(part)
-    if rng is None or len(rng) < 8:
-        raise InvalidInput(f"{dataset}: the {part} part has too few frames for evaluation")
+    gen, ds, feats, rng = _open_eval(generator, dataset, part)
     pred = gen.predict(feats, temperature=0.0, seed=0)
     if postnet is not None:
-        pn = postnet if isinstance(postnet, Postnet) else load_postnet(postnet, device=gen.device)
-        pred = pn.apply(pred)
+        pred = _postnet(postnet, gen).apply(pred)
     sl = slice(rng.start, rng.stop)
     mean = np.asarray(ds.lm3d_mean, np.float32)
     gt = np.asarray(ds.lm3d[sl], np.float32) - mean
@@ -200,7 +202,6 @@ def silence_check(generator: Audio2Motion | str | Path, dataset: str | Path, pos
     "silence_z" (|difference| / std; the target is <= 1)}.
     """
     from avatar.audio import audio_energy, extract_features
-    from avatar.motion.postnet import Postnet, load_postnet
 
     gen = generator if isinstance(generator, Audio2Motion) else load_generator(generator)
     ds = Dataset(dataset)
@@ -209,8 +210,7 @@ def silence_check(generator: Audio2Motion | str | Path, dataset: str | Path, pos
     feats = extract_features(np.zeros(n * 640, np.float32), gen.feature_kind, hubert_path=gen.hubert_path, n_frames=n)
     expr = gen.predict(feats, temperature=0.0, seed=0)
     if postnet is not None:
-        pn = postnet if isinstance(postnet, Postnet) else load_postnet(postnet, device=gen.device)
-        expr = pn.apply(expr)
+        expr = _postnet(postnet, gen).apply(expr)
     sil = mouth_opening(expr + mean)[n // 3:]  # past the edge of the window
     energy = audio_energy(np.asarray(ds.audio, np.float32), ds.n_frames)
     quiet = energy <= np.percentile(energy, 10)

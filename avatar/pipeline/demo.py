@@ -63,8 +63,9 @@ def run_demo(data: Path, out: Path, preset: str = "cpu-small") -> int:
     if not (store.emotion_dir / "config.json").is_file():
         from avatar.motion.emotion import train_emotion
 
-        print(f"[demo] training the shared emotion model on {data / 'emotion'}")
-        train_emotion(data / "emotion", store.emotion_dir)
+        print(f"[demo] training the shared emotion model on {data / 'emotion'} + the MEAD clips of {data / 'corpus2'}")
+        # the MEAD clips of corpus2 add speakers (the other corpus2 clips carry no emotion label and are skipped)
+        train_emotion([d for d in (data / "emotion", data / "corpus2") if d.is_dir()], store.emotion_dir)
     times["train_emotion"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
