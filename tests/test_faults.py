@@ -30,7 +30,7 @@ import soundfile as sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from avatar.errors import AvatarNotFound, BundleCorrupt, InvalidInput, ResourceLimit
+from avatar.errors import BundleCorrupt, InvalidInput, ResourceLimit
 from service import avatar_pb2 as pb
 from service.client import AvatarClient
 from service.server import AvatarServer, ServerConfig
