@@ -35,13 +35,23 @@ def _serve(args) -> int:
     tokens = load_tokens(args.tokens_file)
     use_json_logs(logging.DEBUG if args.debug else logging.INFO)
     server = AvatarServer(cfg, tokens).start()
+    web = None
+    if args.web is not None:  # the browser console (service/web.py), same store, tokens and host
+        from service.server import http_host
+        from service.web import WebServer
+
+        web = WebServer(server.servicer, tokens, host=http_host(cfg.host), port=args.web,
+                        tls_cert=cfg.tls_cert, tls_key=cfg.tls_key).start()
     log.info("server config", extra={"fields": {"config": to_dict(cfg), "tokens": len(tokens)}})
-    print(json.dumps({"event": "listening", "port": server.port, "metrics_port": server.metrics_port}), flush=True)
+    print(json.dumps({"event": "listening", "port": server.port, "metrics_port": server.metrics_port,
+                      **({"web_port": web.port, "web_url": web.url} if web else {})}), flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     log.info("shutting down")
+    if web is not None:
+        web.stop()
     server.stop(grace=5.0)
     return 0
 
@@ -210,6 +220,9 @@ def register(sub) -> None:
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS, with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key")
     p.add_argument("--device", default=None, help="torch device for rendering (default: cuda if available)")
+    p.add_argument("--web", type=int, default=None, metavar="PORT",
+                   help="also serve the browser console (avatars, onboarding, render, live WebRTC) on this HTTP "
+                        "port of the same host, same tokens (0 = any free port; needs the [web] extra)")
     p.add_argument("--config", type=Path, default=None,
                    help="JSON file of ServerConfig limits (max_audio_s, max_streams, idle_timeout_s, cache_size, "
                         "max_jobs, max_message_mb, max_video_mb, ...)")
