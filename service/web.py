@@ -225,15 +225,22 @@ def encode_png(frame: np.ndarray) -> bytes:
 
 
 # ---- live WebRTC session ------------------------------------------------------------------------
+class SessionClosed(Exception):
+    """Raised inside a live session's render thread once the session was closed."""
+
+
 class _Timed:
     """Wraps a callable: adds its wall time to ``stats[key]`` (seconds), counts calls in
     ``stats[key + "_calls"]``, and records the first call's duration in ``stats["first_" + key]`` and
-    its end (``time.monotonic()``) in ``marks[key]``."""
+    its end (``time.monotonic()``) in ``marks[key]``. Raises :class:`SessionClosed` before the call
+    once ``stop`` is set (so a closed session stops within one frame's work)."""
 
-    def __init__(self, fn, stats: dict, marks: dict, key: str):
-        self.fn, self.stats, self.marks, self.key = fn, stats, marks, key
+    def __init__(self, fn, stats: dict, marks: dict, key: str, stop: threading.Event):
+        self.fn, self.stats, self.marks, self.key, self.stop = fn, stats, marks, key, stop
 
     def __call__(self, *a, **kw):
+        if self.stop.is_set():
+            raise SessionClosed
         t = time.perf_counter()
         try:
             return self.fn(*a, **kw)
@@ -304,8 +311,9 @@ class LiveSession:
                             "state": "new", "error": ""}
         self.t: dict[str, float] = {"created": time.monotonic()}  # first-frame stage marks (monotonic s)
         # per-stage timing of the first frame: wrap this session's own engines (instance attributes)
-        self.session.motion.block = _Timed(self.session.motion.block, self.stats, self.t, "motion_s")
-        self.session.frames.frame = _Timed(self.session.frames.frame, self.stats, self.t, "nerf_s")
+        self._stop = threading.Event()
+        self.session.motion.block = _Timed(self.session.motion.block, self.stats, self.t, "motion_s", self._stop)
+        self.session.frames.frame = _Timed(self.session.frames.frame, self.stats, self.t, "nerf_s", self._stop)
         self.pc = RTCPeerConnection()
         self.video = FrameTrack(self)
         self.audio_out = PlayoutAudioTrack(self)
@@ -386,14 +394,24 @@ class LiveSession:
                         self.t["first_push_done"] = time.monotonic()
                     self.stats["frames_rendered"] = i + 1
                     self.loop.call_soon_threadsafe(self._frames.put_nowait, (i, frame))
+        except SessionClosed:
+            pass
+        except RuntimeError as e:
+            if not self.loop.is_closed():  # else: the server stopped under us
+                log.exception("live session %s failed", self.sid)
+                self.stats["error"] = f"render failed: {type(e).__name__}: {e}"
         except Exception as e:  # report on the page, never kill the server
             log.exception("live session %s failed", self.sid)
             self.stats["error"] = f"render failed: {type(e).__name__}: {e}"
         finally:
             self.stats["state"] = "ended"
-            self.loop.call_soon_threadsafe(self._frames.put_nowait, None)
             if self._on_end:
                 self._on_end()
+            if not self.loop.is_closed():
+                try:
+                    self.loop.call_soon_threadsafe(self._frames.put_nowait, None)
+                except RuntimeError:
+                    pass
 
     def take_audio(self, i: int) -> np.ndarray:
         """Remove and return the input audio of frame ``i`` (float32 [640]; zeros where none)."""
@@ -413,17 +431,21 @@ class LiveSession:
         self._consumer = asyncio.ensure_future(self.consume(track))
 
     async def close(self) -> None:
-        """Stop everything (idempotent): peer connection, consumer, render thread."""
+        """Stop everything (idempotent): peer connection, consumer, and the render thread (within
+        one frame's work; waited for up to 10 s, so its render slot is free when this returns)."""
         if self._ended:
             return
         self._ended = True
-        self.stats["state"] = "closed" if self.stats["state"] != "ended" else "ended"
+        self._stop.set()
         self._inbox.put(None)
         if self._consumer is not None:
             self._consumer.cancel()
         await self.pc.close()
         self.video.stop()
         self.audio_out.stop()
+        if self._thread.is_alive():
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        self.stats["state"] = "closed"
 
     def snapshot(self) -> dict:
         """JSON-able statistics: counters, fps, and the first frame's stages in seconds.
@@ -571,7 +593,7 @@ class WebApp:
         self.app[_WEB] = self
         r = self.app.router
         r.add_get("/", self.index)
-        r.add_get("/favicon.ico", lambda _req: web.Response(status=204))
+        r.add_get("/favicon.ico", self.favicon)
         r.add_static("/static/", STATIC, show_index=False)
         r.add_get("/api/info", self.info)
         r.add_get("/api/avatars", self.avatars)
@@ -597,6 +619,10 @@ class WebApp:
     async def index(self, request: web.Request) -> web.StreamResponse:
         """The console page."""
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def favicon(self, request: web.Request) -> web.Response:
+        """No icon (204), so browsers do not log a 404."""
+        return web.Response(status=204)
 
     async def info(self, request: web.Request) -> web.Response:
         """Server facts the page shows: device, limits, presets."""

@@ -1,0 +1,397 @@
+"""The browser console of ``avatar serve --web`` (service/web.py) with the session's tiny real avatar.
+
+Fast tests drive the JSON API through aiohttp's test client, and a live WebRTC session through an
+aiortc peer in the test (speech in, video + audio out). The ``slow`` test opens the page in a real
+headless Chromium (Debian's /usr/bin/chromium, `make test-browser`) with a fake microphone fed
+from audio/eng.wav: it plays a rendered MP4, runs a live session until 25 frames were shown, and
+saves a screenshot to /tmp/avatar_web_console.png.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytest.importorskip("aiohttp", reason="the web console needs the [web] extra: pip install -e '.[web]'")
+pytest.importorskip("aiortc", reason="the web console needs the [web] extra: pip install -e '.[web]'")
+
+from aiohttp import FormData  # noqa: E402
+from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
+
+from service.server import AvatarServer, ServerConfig  # noqa: E402
+from service.web import WebApp, WebServer  # noqa: E402
+
+ADMIN = "web-admin-token-0123456789"
+RENDER = "web-render-token-0123456789"
+TOKENS = {ADMIN: frozenset({"admin"}), RENDER: frozenset({"render"})}
+SCREENSHOT = Path("/tmp/avatar_web_console.png")
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _auth(token: str = ADMIN) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_avatar):
+    """A gRPC server object (not listening) whose servicer the web app shares; 2 render slots."""
+    cfg = ServerConfig(store=str(tiny_avatar[0]), host="127.0.0.1", port=0, metrics_port=None, max_streams=2,
+                       max_audio_s=30.0, cache_size=2, job_cancel_grace_s=1.0)
+    srv = AvatarServer(cfg, TOKENS)
+    yield srv
+    srv.servicer.close()
+    srv.metrics.close()
+
+
+@pytest.fixture(scope="session")
+def speech(data_dir) -> np.ndarray:
+    """0.6 s of real English speech, float32 mono 16 kHz (15 frames; eng.wav is near-silent before 2.5 s)."""
+    from avatar.media import load_audio
+
+    return load_audio(data_dir / "audio" / "eng.wav")[48000:48000 + 9600]
+
+
+def _wav(x: np.ndarray, sr: int = 16000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def run_client(server, body):
+    """Run ``await body(client)`` against a fresh WebApp on ``server``'s servicer (aiohttp test client)."""
+    async def main():
+        app = WebApp(server.servicer, TOKENS)
+        async with TestClient(TestServer(app.app)) as client:
+            client.webapp = app
+            return await body(client)
+    return asyncio.run(main())
+
+
+def _active(server) -> float:
+    return server.metrics.active_streams._value.get()
+
+
+# ---- auth and pages ------------------------------------------------------------------------------
+def test_page_is_public_and_the_api_needs_a_token_with_its_scope(server):
+    async def body(c):
+        r = await c.get("/")
+        assert r.status == 200 and "Avatar console" in await r.text()
+        r = await c.get("/static/app.js")
+        assert r.status == 200 and "RTCPeerConnection" in await r.text()
+        r = await c.get("/api/avatars")
+        assert r.status == 401 and "Bearer" in (await r.json())["error"]
+        r = await c.get("/api/avatars", headers={"Authorization": "Basic abc"})
+        assert r.status == 401
+        r = await c.get("/api/avatars", headers=_auth("not-a-known-token-0000000000"))
+        assert r.status == 403 and "unknown token" in (await r.json())["error"]
+        # a render-only token may list but not onboard nor see jobs
+        assert (await c.get("/api/avatars", headers=_auth(RENDER))).status == 200
+        r = await c.post("/api/onboard", headers=_auth(RENDER), data=FormData({"name": "x"}))
+        assert r.status == 403 and "onboard" in (await r.json())["error"]
+        assert (await c.get("/api/jobs/abc", headers=_auth(RENDER))).status == 403
+        assert (await c.post("/api/webrtc/offer", json={})).status == 401
+        info = await (await c.get("/api/info", headers=_auth())).json()
+        assert info["device"] == "cpu" or info["device"].startswith("cuda")
+        assert "cpu-smoke" in info["presets"]
+    run_client(server, body)
+
+
+# ---- avatars -------------------------------------------------------------------------------------
+def test_list_and_preview(server, tiny_avatar):
+    import cv2
+
+    name = tiny_avatar[1]
+
+    async def body(c):
+        avatars = (await (await c.get("/api/avatars", headers=_auth())).json())["avatars"]
+        info = next(a for a in avatars if a["name"] == name)
+        assert info["size"] > 0 and info["fps"] == 25
+        r = await c.get(f"/api/avatars/{name}/preview.png", headers=_auth(RENDER))
+        assert r.status == 200 and r.content_type == "image/png"
+        png = await r.read()
+        img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+        assert img.shape == (info["size"], info["size"], 3)
+        assert img.astype(np.float32).std() > 2.0  # a rendered face, not a blank image
+        assert await (await c.get(f"/api/avatars/{name}/preview.png", headers=_auth())).read() == png  # cached
+        r = await c.get("/api/avatars/nobody/preview.png", headers=_auth())
+        assert r.status == 404 and (await r.json())["code"] == "NOT_FOUND"
+        assert (await c.get("/api/avatars/..%2Fx/preview.png", headers=_auth())).status == 400
+        return png
+    run_client(server, body)
+    assert _active(server) == 0  # the preview's render slot was released
+
+
+# ---- render an uploaded audio file ---------------------------------------------------------------
+def test_render_upload_returns_an_mp4_of_the_avatar(server, tiny_avatar, speech, tmp_path):
+    from avatar import api
+    from avatar.media import iter_video_frames, load_audio
+
+    name = tiny_avatar[1]
+
+    async def body(c):
+        fd = FormData()
+        fd.add_field("avatar", name)
+        fd.add_field("options", json.dumps({"seed": 3, "still": True}))
+        fd.add_field("audio", _wav(speech), filename="speech.wav", content_type="audio/wav")
+        r = await c.post("/api/render", data=fd, headers=_auth(RENDER))
+        assert r.status == 200, await r.text()
+        assert r.content_type == "video/mp4"
+        assert int(r.headers["X-Frames"]) == round(len(speech) / 640)
+        return await r.read()
+    data = run_client(server, body)
+    out = tmp_path / "web.mp4"
+    out.write_bytes(data)
+    frames = np.stack(list(iter_video_frames(out)))
+    ref = np.stack(list(api.load(name, store=tiny_avatar[0]).render(speech, api.RenderOptions(seed=3, still=True))))
+    assert frames.shape == ref.shape
+    # the same frames as the Python API, up to H.264 coding
+    assert np.abs(frames.astype(np.float32) - ref.astype(np.float32)).mean() < 6.0
+    audio = load_audio(out)
+    assert abs(len(audio) - len(speech)) < 1600 and np.abs(audio).max() > 0.5 * np.abs(speech).max()  # muxed in
+    assert _active(server) == 0
+
+
+def test_render_errors(server, tiny_avatar, speech):
+    name = tiny_avatar[1]
+
+    async def post(c, fields, audio=True):
+        fd = FormData(default_to_multipart=True)
+        for k, v in fields.items():
+            fd.add_field(k, v)
+        if audio:
+            fd.add_field("audio", _wav(speech), filename="s.wav")
+        r = await c.post("/api/render", data=fd, headers=_auth())
+        return r.status, (await r.json())["error"]
+
+    async def body(c):
+        status, msg = await post(c, {"avatar": name, "options": json.dumps({"temperature": 9})})
+        assert status == 400 and "temperature" in msg
+        status, msg = await post(c, {"avatar": name, "options": json.dumps({"emotion_video": "/etc/passwd"})})
+        assert status == 400 and "unknown render option" in msg
+        status, msg = await post(c, {"avatar": name, "options": "{not json"})
+        assert status == 400 and "JSON" in msg
+        status, msg = await post(c, {"avatar": "nobody"})
+        assert status == 404
+        status, msg = await post(c, {"avatar": name}, audio=False)
+        assert status == 400 and "audio" in msg
+        fd = FormData()
+        fd.add_field("avatar", name)
+        fd.add_field("audio", b"this is not audio at all", filename="x.wav")
+        r = await c.post("/api/render", data=fd, headers=_auth())
+        body = await r.json()
+        assert r.status == 400 and str(server.servicer.spool) not in body["error"]  # no server paths
+        r = await c.post("/api/render", data=b"{}", headers={**_auth(), "Content-Type": "application/json"})
+        assert r.status == 400
+    run_client(server, body)
+    assert _active(server) == 0
+
+
+# ---- onboarding ----------------------------------------------------------------------------------
+def test_onboard_submit_poll_and_cancel(server, tiny_avatar, data_dir, tmp_path):
+    from conftest import make_clip
+
+    clip = make_clip(data_dir, tmp_path / "clip.mp4", seconds=1.0)
+
+    async def submit(c, name, preset="cpu-smoke", overwrite="0"):
+        fd = FormData()
+        fd.add_field("name", name)
+        fd.add_field("preset", preset)
+        fd.add_field("overwrite", overwrite)
+        fd.add_field("video", clip.read_bytes(), filename="clip.mp4", content_type="video/mp4")
+        r = await c.post("/api/onboard", data=fd, headers=_auth())
+        return r.status, await r.json()
+
+    async def body(c):
+        status, err = await submit(c, tiny_avatar[1])
+        assert status == 409 and "overwrite" in err["error"]
+        status, err = await submit(c, "webnew", preset="turbo")
+        assert status == 400 and "preset" in err["error"]
+        status, err = await submit(c, "bad/name")
+        assert status == 400
+        status, job = await submit(c, "webnew")
+        assert status == 202 and job["avatar"] == "webnew" and job["state"] in ("QUEUED", "RUNNING")
+        assert "video" not in job
+        r = await c.get(f"/api/jobs/{job['job_id']}", headers=_auth())
+        assert r.status == 200 and (await r.json())["job_id"] == job["job_id"]
+        r = await c.post(f"/api/jobs/{job['job_id']}/cancel", headers=_auth())
+        assert r.status == 200
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60:
+            state = (await (await c.get(f"/api/jobs/{job['job_id']}", headers=_auth())).json())["state"]
+            if state not in ("QUEUED", "RUNNING"):
+                break
+            await asyncio.sleep(0.3)
+        assert state == "CANCELLED"
+        assert (await c.get("/api/jobs/nope", headers=_auth())).status == 404
+    run_client(server, body)
+    assert not (Path(tiny_avatar[0]) / "avatars" / "webnew").exists()
+
+
+# ---- live WebRTC, with an aiortc peer as the browser ----------------------------------------------
+def test_webrtc_offer_errors(server, tiny_avatar):
+    async def body(c):
+        r = await c.post("/api/webrtc/offer", data=b"nope", headers=_auth())
+        assert r.status == 400
+        r = await c.post("/api/webrtc/offer", json={"avatar": tiny_avatar[1], "sdp": "v=0\r\nm=video 9 x\r\n"},
+                         headers=_auth())
+        assert r.status == 400 and "audio" in (await r.json())["error"]
+        r = await c.post("/api/webrtc/offer", json={"avatar": "nobody", "sdp": "m=audio"}, headers=_auth())
+        assert r.status == 404
+        assert (await c.get("/api/webrtc/nope/stats", headers=_auth())).status == 404
+    run_client(server, body)
+    assert _active(server) == 0
+
+
+def test_webrtc_session_returns_video_and_the_speech(server, tiny_avatar, data_dir):
+    """An aiortc peer sends 3 s of speech in real time; it gets >= 8 video frames of the avatar's size
+    and an audio track that carries the speech back; the stats name every first-frame stage."""
+    from aiortc import AudioStreamTrack, RTCPeerConnection, RTCSessionDescription
+    import av
+    import fractions
+
+    from avatar.media import load_audio
+
+    speech48 = load_audio(data_dir / "audio" / "eng.wav", sr=48000)[48000 * 3:48000 * 6]
+
+    class Speech(AudioStreamTrack):
+        """20 ms packets of 48 kHz stereo s16 speech at real-time pace (what a browser's Opus decodes to)."""
+
+        def __init__(self):
+            super().__init__()
+            self.i = 0
+
+        async def recv(self):
+            await super().recv()  # paces 20 ms packets at real time; we replace its 8 kHz silence
+            n = 960
+            x = speech48[self.i * n:(self.i + 1) * n]
+            x = np.pad(x, (0, n - len(x)))
+            pcm = (np.repeat(x[:, None], 2, axis=1) * 32767).astype(np.int16).reshape(1, -1)
+            out = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+            out.sample_rate, out.pts, out.time_base = 48000, self.i * n, fractions.Fraction(1, 48000)
+            self.i += 1
+            return out
+
+    async def body(c):
+        pc = RTCPeerConnection()
+        pc.addTrack(Speech())
+        pc.addTransceiver("video", direction="recvonly")
+        got = {"video": [], "audio": [], "streams": set()}
+
+        @pc.on("track")
+        def on_track(track):
+            async def read():
+                while True:
+                    try:
+                        f = await track.recv()
+                    except Exception:
+                        return
+                    got[track.kind].append(f.to_ndarray() if track.kind == "audio" else f.to_ndarray(format="rgb24"))
+            asyncio.ensure_future(read())
+
+        await pc.setLocalDescription(await pc.createOffer())
+        r = await c.post("/api/webrtc/offer", headers=_auth(RENDER),
+                         json={"avatar": tiny_avatar[1], "sdp": pc.localDescription.sdp, "type": "offer",
+                               "options": {"still": True}})
+        assert r.status == 200, await r.text()
+        answer = await r.json()
+        # one MediaStream id for both tracks (a=msid), so browsers lip-sync them
+        msids = {line.split()[0] for line in answer["sdp"].splitlines() if line.startswith("a=msid:")}
+        assert len(msids) == 1
+        assert _active(server) == 1
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        t0 = time.monotonic()
+        while len(got["video"]) < 8 and time.monotonic() - t0 < 60:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        stats = await (await c.get(f"/api/webrtc/{answer['session']}/stats", headers=_auth())).json()
+        closed = await (await c.post(f"/api/webrtc/{answer['session']}/close", headers=_auth())).json()
+        await pc.close()
+        return got, stats, closed, answer
+
+    got, stats, closed, answer = run_client(server, body)
+    size = answer["size"]
+    assert len(got["video"]) >= 8
+    assert all(f.shape == (size, size, 3) for f in got["video"])
+    assert np.stack(got["video"]).astype(np.float32).std() > 2.0
+    audio = np.concatenate([a.reshape(-1) for a in got["audio"]]).astype(np.float32) / 32768
+    assert np.sqrt(np.mean(audio ** 2)) > 0.005  # the speech came back (silence before the first frame)
+    st = stats["stages"]
+    for k in ("connect", "lookahead_wait", "motion", "nerf", "rest_of_block", "pacing_send", "audio_in_to_frame_out"):
+        assert st[k] is not None and st[k] >= 0, k
+    # the engine needs BLOCK + CTX_RIGHT = 20 frames (0.8 s) of audio before frame 0
+    assert 0.7 < st["lookahead_wait"] < 3.0
+    assert st["audio_in_to_frame_out"] >= st["lookahead_wait"] + st["nerf"]
+    assert stats["frames_sent"] >= 8 and stats["render_fps"] > 0 and closed["frames_sent"] >= 8
+    for _ in range(50):
+        if _active(server) == 0:
+            break
+        time.sleep(0.1)
+    assert _active(server) == 0  # the session's render slot was released
+
+
+# ---- a real browser --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_browser_plays_an_mp4_and_a_live_webrtc_session(server, tiny_avatar, data_dir, tmp_path):
+    """Headless Debian Chromium with a fake microphone (eng.wav): render + play an MP4, then a live
+    session until >= 25 frames were shown with an audio track; saves SCREENSHOT."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: `make test-browser` installs Debian's chromium")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the python package playwright")
+    from avatar.media import load_audio
+
+    mic = tmp_path / "mic.wav"
+    sf.write(mic, load_audio(data_dir / "audio" / "eng.wav", sr=48000)[48000 * 3:], 48000, subtype="PCM_16")
+    clip = tmp_path / "hello.wav"
+    sf.write(clip, load_audio(data_dir / "audio" / "eng.wav")[48000:64000], 16000, subtype="PCM_16")
+    web = WebServer(server.servicer, TOKENS, host="127.0.0.1", port=0).start()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+             f"--use-file-for-fake-audio-capture={mic}"]
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=flags, headless=True)
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(web.url)
+            page.fill("#token", RENDER)
+            page.click("#token-form button")
+            page.wait_for_selector(f".card.selected[data-name='{tiny_avatar[1]}']")
+            page.wait_for_function("document.querySelector('.card img').naturalWidth > 0", timeout=60000)
+            # render an uploaded audio file and play the MP4
+            page.set_input_files("#render-audio", str(clip))
+            page.click("#render-form button")
+            page.wait_for_function("document.getElementById('render-video').readyState >= 2", timeout=120000)
+            page.wait_for_function("document.getElementById('render-video').currentTime > 0.3", timeout=30000)
+            size = page.evaluate("document.getElementById('render-video').videoWidth")
+            assert size == page.evaluate("document.querySelector('.card img').naturalWidth")
+            # the live session, microphone = the fake device playing eng.wav
+            page.click("#live-start")
+            page.wait_for_function("window.avatarLive.frames >= 25", timeout=120000)
+            page.wait_for_function("window.avatarLive.server && window.avatarLive.server.frames_sent >= 25",
+                                   timeout=10000)
+            live = page.evaluate("window.avatarLive")
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            page.click("#live-stop")
+            browser.close()
+    finally:
+        web.stop()
+    print("live session:", json.dumps(live))
+    print("screenshot:", SCREENSHOT)
+    assert not errors, errors
+    assert live["frames"] >= 25 and live["audioTracks"] >= 1 and live["videoTracks"] >= 1
+    assert live["firstFrameMs"] is not None and live["firstFrameMs"] > 0
+    assert live["server"]["stages"]["audio_in_to_frame_out"] > 0
+    assert SCREENSHOT.stat().st_size > 10_000
+    for _ in range(50):
+        if _active(server) == 0:
+            break
+        time.sleep(0.1)
+    assert _active(server) == 0
