@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 DEMO_OUT ?= demo_out
 
-.PHONY: venv demo test test-all bench proto clean gpu-bundle
+.PHONY: venv demo test test-all test-browser browser-deps bench proto clean gpu-bundle
 
 venv: $(STAMP)
 
@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0 triton==3.9.0
-	$(VPY) -m pip install -q -e '.[preprocess,serve,dev]' torch==2.13.0 triton==3.9.0
+	$(VPY) -m pip install -q -e '.[preprocess,serve,web,dev]' torch==2.13.0 triton==3.9.0
 	$(VPY) -m pip install -q --no-deps mediapipe==0.10.21
-	$(VPY) -c "import torch, mediapipe, nerfacc, av, librosa, grpc; print('environment ok: torch', torch.__version__)"
+	$(VPY) -c "import torch, mediapipe, nerfacc, av, librosa, grpc, aiohttp, aiortc; print('environment ok: torch', torch.__version__)"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -33,6 +33,15 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VPY) -m pytest -q tests
+
+# The web console in a real browser (tests/test_web.py, marked slow): Debian's chromium (never a
+# downloaded browser build) driven by Playwright's python package through /usr/bin/chromium.
+browser-deps: $(STAMP)
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium chromium-driver)
+	$(VPY) -m pip install -q -e '.[browser]'
+
+test-browser: browser-deps
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VPY) -m pytest -q -s -m slow tests/test_web.py
 
 # A <= 60 MiB folder that checks the GPU path on a bare offline GPU host: `bash gpu_bundle/gpu_check.sh`
 # there (code, a 12 s 512 px compact dataset of acosta, wheels a CUDA torch host lacks; bench/gpu_bundle.py).

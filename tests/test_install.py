@@ -65,12 +65,13 @@ def test_pyproject_groups():
     assert core["torch"].replace(" ", "") == "torch>=2.4"
     assert not set(core) & {"av", "mediapipe", "librosa", "soundfile", "grpcio", "transformers"}
     extras = meta["optional-dependencies"]
-    assert {"preprocess", "serve", "cuda", "dev"} <= set(extras)
+    assert {"preprocess", "serve", "web", "cuda", "dev"} <= set(extras)
     pre = " ".join(extras["preprocess"])
     assert "av" in pre and "librosa" in pre and "soundfile" in pre
     assert any(d.startswith("grpcio==") for d in extras["serve"])
     make = (REPO / "Makefile").read_text()
-    assert "torch==2.13.0" in make and "[preprocess,serve,dev]" in make
+    assert "torch==2.13.0" in make and "[preprocess,serve,web,dev]" in make  # make test has the web console's deps
+    assert any(d.startswith("aiortc") for d in extras["web"]) and any(d.startswith("aiohttp") for d in extras["web"])
 
 
 def test_pip_check_clean_for_declared_dependencies():
