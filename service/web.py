@@ -233,17 +233,19 @@ class _Timed:
     """Wraps a callable: adds its wall time to ``stats[key]`` (seconds), counts calls in
     ``stats[key + "_calls"]``, and records the first call's duration in ``stats["first_" + key]`` and
     its end (``time.monotonic()``) in ``marks[key]``. Raises :class:`SessionClosed` before the call
-    once ``stop`` is set (so a closed session stops within one frame's work)."""
+    once ``stop`` is set (so a closed session stops within one frame's work); passes each result to
+    ``on_result(args, result)`` if given."""
 
-    def __init__(self, fn, stats: dict, marks: dict, key: str, stop: threading.Event):
+    def __init__(self, fn, stats: dict, marks: dict, key: str, stop: threading.Event, on_result=None):
         self.fn, self.stats, self.marks, self.key, self.stop = fn, stats, marks, key, stop
+        self.on_result = on_result
 
     def __call__(self, *a, **kw):
         if self.stop.is_set():
             raise SessionClosed
         t = time.perf_counter()
         try:
-            return self.fn(*a, **kw)
+            out = self.fn(*a, **kw)
         finally:
             dt = time.perf_counter() - t
             self.stats[self.key] = self.stats.get(self.key, 0.0) + dt
@@ -251,6 +253,9 @@ class _Timed:
             if self.key not in self.marks:
                 self.stats["first_" + self.key] = dt
                 self.marks[self.key] = time.monotonic()
+        if self.on_result is not None:
+            self.on_result(a, out)
+        return out
 
 
 class MonoResampler:
@@ -313,7 +318,8 @@ class LiveSession:
         # per-stage timing of the first frame: wrap this session's own engines (instance attributes)
         self._stop = threading.Event()
         self.session.motion.block = _Timed(self.session.motion.block, self.stats, self.t, "motion_s", self._stop)
-        self.session.frames.frame = _Timed(self.session.frames.frame, self.stats, self.t, "nerf_s", self._stop)
+        self.session.frames.frame = _Timed(self.session.frames.frame, self.stats, self.t, "nerf_s", self._stop,
+                                           on_result=self._deliver)
         self.pc = RTCPeerConnection()
         self.video = FrameTrack(self)
         self.audio_out = PlayoutAudioTrack(self)
@@ -386,14 +392,8 @@ class LiveSession:
                 pending.clear()
                 if pushed == 0:
                     self.t["lookahead_filled"] = time.monotonic()
-                frames = self.session.push(chunk)
+                self.session.push(chunk)  # its frames already left one by one through _deliver
                 pushed += chunk.size
-                for frame in frames:
-                    i = self.stats["frames_rendered"]
-                    if i == 0:
-                        self.t["first_push_done"] = time.monotonic()
-                    self.stats["frames_rendered"] = i + 1
-                    self.loop.call_soon_threadsafe(self._frames.put_nowait, (i, frame))
         except SessionClosed:
             pass
         except RuntimeError as e:
@@ -412,6 +412,19 @@ class LiveSession:
                     self.loop.call_soon_threadsafe(self._frames.put_nowait, None)
                 except RuntimeError:
                     pass
+
+    def _deliver(self, args: tuple, frame: np.ndarray) -> None:
+        """Hand frame ``args[0]`` to the video track the moment the NeRF rendered it (render thread).
+
+        ``StreamSession.push`` renders every frame that became final before it returns (up to a
+        block of 8, more after a backlog); delivering each one as it is rendered keeps the video
+        smooth at the render rate instead of bursts of a block.
+        """
+        i = self.stats["frames_rendered"]
+        if args[0] != i:  # the engine renders each emitted frame once, in order
+            raise AvatarError(f"live session: frame {args[0]} rendered where frame {i} was expected")
+        self.stats["frames_rendered"] = i + 1
+        self.loop.call_soon_threadsafe(self._frames.put_nowait, (i, frame))
 
     def take_audio(self, i: int) -> np.ndarray:
         """Remove and return the input audio of frame ``i`` (float32 [640]; zeros where none)."""
@@ -452,9 +465,8 @@ class LiveSession:
 
         ``stages`` (seconds; None until reached): ``connect`` (offer received -> ICE connected),
         ``lookahead_wait`` (first input audio -> enough audio for motion block 0), ``motion`` (block 0's
-        audio features + generator + postnet), ``nerf`` (frame 0's NeRF render), ``rest_of_block``
-        (frame 0 rendered -> the engine's push returns, after the other frames that became final with
-        it), ``pacing_send`` (-> frame 0 handed to the video encoder), ``audio_in_to_frame_out``
+        audio features + generator + postnet), ``nerf`` (frame 0's NeRF render), ``pacing_send``
+        (frame 0 rendered -> handed to the video encoder), ``audio_in_to_frame_out``
         (first input audio -> frame 0 handed to the encoder: all of the above but ``connect``).
         """
         s = dict(self.stats)
@@ -471,8 +483,7 @@ class LiveSession:
             "lookahead_wait": span("audio_in", "lookahead_filled"),
             "motion": round(s["first_motion_s"], 4) if "first_motion_s" in s else None,
             "nerf": round(s["first_nerf_s"], 4) if "first_nerf_s" in s else None,
-            "rest_of_block": span("nerf_s", "first_push_done"),
-            "pacing_send": span("first_push_done", "first_frame_sent"),
+            "pacing_send": span("nerf_s", "first_frame_sent"),
             "audio_in_to_frame_out": span("audio_in", "first_frame_sent"),
         }
         if "nerf_s" in t and s["frames_rendered"] > 1:
