@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -100,6 +101,36 @@ def test_page_is_public_and_the_api_needs_a_token_with_its_scope(server):
         assert info["device"] == "cpu" or info["device"].startswith("cuda")
         assert "cpu-smoke" in info["presets"]
     run_client(server, body)
+
+
+def test_serve_command_with_web_port(tiny_avatar):
+    """`avatar serve --web 0` serves the page and the API on the gRPC host, with the same tokens, and
+    stops cleanly on SIGTERM."""
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    env = dict(os.environ, AVATAR_TOKENS=f"{RENDER}=render")
+    proc = subprocess.Popen([sys.executable, "-m", "avatar.cli", "serve", "--store", str(tiny_avatar[0]), "--port", "0",
+                             "--metrics-port", "-1", "--web", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        info = json.loads(line)
+        assert info["web_url"] == f"http://127.0.0.1:{info['web_port']}/"
+        page = urllib.request.urlopen(info["web_url"], timeout=10).read().decode()
+        assert "Avatar console" in page
+        req = urllib.request.Request(info["web_url"] + "api/avatars", headers=_auth(RENDER))
+        names = [a["name"] for a in json.loads(urllib.request.urlopen(req, timeout=10).read())["avatars"]]
+        assert tiny_avatar[1] in names
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(info["web_url"] + "api/avatars", timeout=10)
+        assert e.value.code == 401
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
 
 
 # ---- avatars -------------------------------------------------------------------------------------
