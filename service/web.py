@@ -198,7 +198,12 @@ async def _form(request: web.Request, file_field: str, spool: Path, limit: int, 
                     raise InvalidInput(f"send one '{file_field}' file")
                 path, _ = await _spool_part(part, spool, upload_suffix(part.filename), limit, what)
             elif part.name:
-                fields[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")[:4096]
+                text = b""
+                while chunk := await part.read_chunk(4096):
+                    text += chunk
+                    if len(text) > 65536:
+                        raise InvalidInput(f"form field {part.name[:32]!r} is too long (64 KiB at most)")
+                fields[part.name] = text.decode("utf-8", "replace")
     except BaseException:
         if path is not None:
             path.unlink(missing_ok=True)
@@ -595,6 +600,7 @@ class WebApp:
         self.servicer = servicer
         self.cfg = servicer.cfg
         self.max_backlog_s = max_backlog_s
+        self.connect_timeout_s = 30.0  # a live session whose ICE does not connect by then is closed
         self.sessions: dict[str, LiveSession] = {}
         self._previews: dict[tuple[str, str], bytes] = {}
         limit = max(self.cfg.max_video_mb, self.cfg.max_message_mb) * (1 << 20)
@@ -829,6 +835,12 @@ class WebApp:
             release()
             raise InvalidInput("the offer carries no audio track; send microphone or file audio")
         log.info("web live session %s: avatar %s, %d px", sid, name, live.size)
+
+        def unconnected():  # a browser that never completes ICE must not hold a render slot
+            if sid in self.sessions and "connected" not in live.t:
+                log.info("web live session %s: not connected within %.0f s; closing it", sid, self.connect_timeout_s)
+                asyncio.ensure_future(self._end(sid))
+        loop.call_later(self.connect_timeout_s, unconnected)
         return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": sid,
                                   "lookahead_s": live.lookahead_s, "size": live.size})
 

@@ -279,6 +279,41 @@ def test_webrtc_offer_errors(server, tiny_avatar):
     assert _active(server) == 0
 
 
+def test_webrtc_session_that_never_connects_frees_its_slot(server, tiny_avatar):
+    """An offer whose peer never applies the answer (no ICE) is closed after connect_timeout_s."""
+    from aiortc import AudioStreamTrack, RTCPeerConnection
+
+    async def body(c):
+        c.webapp.connect_timeout_s = 1.0
+        pc = RTCPeerConnection()
+        pc.addTrack(AudioStreamTrack())
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        r = await c.post("/api/webrtc/offer", headers=_auth(),
+                         json={"avatar": tiny_avatar[1], "sdp": pc.localDescription.sdp, "type": "offer"})
+        assert r.status == 200, await r.text()
+        sid = (await r.json())["session"]
+        assert _active(server) == 1 and sid in c.webapp.sessions
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if sid not in c.webapp.sessions and _active(server) == 0:
+                break
+        await pc.close()
+        return sid in c.webapp.sessions
+    assert run_client(server, body) is False
+    assert _active(server) == 0
+
+
+def test_form_fields_are_bounded(server, tiny_avatar):
+    async def body(c):
+        fd = FormData(default_to_multipart=True)
+        fd.add_field("avatar", tiny_avatar[1])
+        fd.add_field("options", "x" * 100_000)
+        r = await c.post("/api/render", data=fd, headers=_auth())
+        assert r.status == 400 and "too long" in (await r.json())["error"]
+    run_client(server, body)
+
+
 def test_webrtc_session_returns_video_and_the_speech(server, tiny_avatar, data_dir):
     """An aiortc peer sends 3 s of speech in real time; it gets >= 8 video frames of the avatar's size
     and an audio track that carries the speech back; the stats name every first-frame stage."""
