@@ -279,6 +279,58 @@ def test_webrtc_offer_errors(server, tiny_avatar):
     assert _active(server) == 0
 
 
+def test_mono_resampler_mixes_down_and_does_not_depend_on_packets():
+    """48 kHz stereo s16 packets (what aiortc's Opus decoder gives) -> 16 kHz mono, the same for
+    20 ms packets as for one packet, and the channel mean."""
+    import av
+
+    from service.web import MonoResampler
+
+    t = np.arange(48000) / 48000
+    left, right = 0.5 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 300 * t)
+    pcm = (np.stack([left, right], axis=1) * 32767).astype(np.int16)
+
+    def packets(step):
+        for i in range(0, len(pcm), step):
+            f = av.AudioFrame.from_ndarray(pcm[i:i + step].reshape(1, -1), format="s16", layout="stereo")
+            f.sample_rate = 48000
+            yield f
+
+    a = np.concatenate([MonoResampler()(f) for f in [*packets(48000)]])
+    r = MonoResampler()
+    b = np.concatenate([r(f) for f in packets(960)])
+    assert abs(len(a) - 16000) < 400 and len(a) == len(b)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    # the channel mean: 0.25 at 440 Hz + 0.05 at 300 Hz, at 16 kHz
+    spec = np.abs(np.fft.rfft(a * np.hanning(len(a)))) / len(a)
+    hz = np.fft.rfftfreq(len(a), 1 / 16000)
+    peak440, peak300 = spec[np.abs(hz - 440) < 3].max(), spec[np.abs(hz - 300) < 3].max()
+    assert abs(hz[spec.argmax()] - 440) < 3
+    assert 4.0 < peak440 / peak300 < 6.0
+
+
+def test_each_frame_takes_its_own_audio(server, tiny_avatar):
+    """Frame i's audio (released with it on the outgoing track) is input samples [640 i, 640 (i + 1))."""
+    from avatar.api import RenderOptions
+    from service.web import LiveSession
+
+    x = np.arange(640 * 8, dtype=np.float32)
+
+    async def body():
+        live = LiveSession("t", server.servicer.cache.get(tiny_avatar[1]), RenderOptions(),
+                           asyncio.get_running_loop(), 2.0, 30.0)
+        live._pcm = x.copy()
+        got = [live.take_audio(0), live.take_audio(1), live.take_audio(4), live.take_audio(3), live.take_audio(9)]
+        await live.close()
+        return got
+
+    f0, f1, f4, f3, f9 = asyncio.run(body())
+    np.testing.assert_array_equal(f0, x[:640])
+    np.testing.assert_array_equal(f1, x[640:1280])
+    np.testing.assert_array_equal(f4, x[2560:3200])
+    assert not f3.any() and not f9.any()  # already released / not received: silence
+
+
 def test_webrtc_session_that_never_connects_frees_its_slot(server, tiny_avatar):
     """An offer whose peer never applies the answer (no ICE) is closed after connect_timeout_s."""
     from aiortc import AudioStreamTrack, RTCPeerConnection
