@@ -456,12 +456,14 @@ def test_webrtc_session_returns_video_and_the_speech(server, tiny_avatar, data_d
 # ---- a real browser --------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_browser_plays_an_mp4_and_a_live_webrtc_session(server, tiny_avatar, data_dir, tmp_path):
-    """Headless Debian Chromium with a fake microphone (eng.wav): render + play an MP4, then a live
-    session until >= 25 frames were shown with an audio track; saves SCREENSHOT."""
+    """Headless Debian Chromium with a fake microphone (eng.wav): render + play an MP4, a live session
+    until >= 25 frames were shown with an audio track, an onboarding upload cancelled from the page;
+    saves SCREENSHOT."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found: `make test-browser` installs Debian's chromium")
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs the python package playwright")
     from avatar.media import load_audio
+    from conftest import make_clip
 
     mic = tmp_path / "mic.wav"
     sf.write(mic, load_audio(data_dir / "audio" / "eng.wav", sr=48000)[48000 * 3:], 48000, subtype="PCM_16")
@@ -479,7 +481,7 @@ def test_browser_plays_an_mp4_and_a_live_webrtc_session(server, tiny_avatar, dat
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(web.url)
-            page.fill("#token", RENDER)
+            page.fill("#token", ADMIN)  # render + onboard
             page.click("#token-form button")
             page.wait_for_selector(f".card.selected[data-name='{tiny_avatar[1]}']")
             page.wait_for_function("document.querySelector('.card img').naturalWidth > 0", timeout=60000)
@@ -496,8 +498,19 @@ def test_browser_plays_an_mp4_and_a_live_webrtc_session(server, tiny_avatar, dat
             page.wait_for_function("window.avatarLive.server && window.avatarLive.server.frames_sent >= 25",
                                    timeout=10000)
             live = page.evaluate("window.avatarLive")
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)  # the live session running
             page.click("#live-stop")
+            # onboarding from the page: upload, the job's state shows up, cancel it
+            page.set_input_files("#onboard-video", str(make_clip(data_dir, tmp_path / "talk.mp4", seconds=1.0)))
+            page.fill("#onboard-name", "browser-job")
+            page.select_option("#onboard-preset", "cpu-smoke")
+            page.click("#onboard-form button[type=submit]")
+            page.wait_for_function("/browser-job: (QUEUED|RUNNING)/.test(document.getElementById('onboard-status')"
+                                   ".textContent)", timeout=30000)
+            page.click("#onboard-cancel")
+            page.wait_for_function("/CANCELLED/.test(document.getElementById('onboard-status').textContent)",
+                                   timeout=60000)
+            page.screenshot(path=str(SCREENSHOT.with_name("avatar_web_console_onboard.png")), full_page=True)
             browser.close()
     finally:
         web.stop()
