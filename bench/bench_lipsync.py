@@ -1,6 +1,7 @@
 """Lip-sync on speakers the shared audio2motion never saw, next to the trivial baselines.
 
     .venv/bin/python -m bench.bench_lipsync --data ../shared/data [--model tcn] [--seeds 3] [--folds 4]
+    .venv/bin/python -m bench.bench_lipsync --avatar NAME --store DIR --dataset WORK/NAME/dataset   # render path
 
 What it measures (whole clips, :func:`avatar.motion.metrics.evaluate_clip`):
 
@@ -70,6 +71,41 @@ def _train(datasets: list[Path], out: Path, model: str, steps: int | None, seed:
     return train_generator(datasets, out, cfg, overwrite=True, progress=False)
 
 
+def avatar_checks(store: Path, name: str, dataset: Path, data: Path) -> str:
+    """Render-path lip-sync of an onboarded avatar (fine-tuned audio2motion + postnet, the landmarks
+    the NeRFs receive): its validation tail driven by its own audio, every driving-audio file,
+    digital silence. Returns a markdown section."""
+    from avatar.api import load
+    from avatar.audio import audio_energy
+    from avatar.data.dataset import Dataset
+    from avatar.media import load_audio
+    from avatar.motion.metrics import mouth_opening, pearson
+    from avatar.pipeline.render import landmarks_for_audio
+    from avatar.store import AvatarStore
+
+    m = load(name, store=AvatarStore(store)).models
+    ds = Dataset(dataset)
+    real = mouth_opening(np.asarray(ds.lm3d))
+    tail = slice(ds.val_range.start, ds.val_range.stop)
+    own = mouth_opening(landmarks_for_audio(m, np.asarray(ds.audio, np.float32)))
+    rows = [{"input": "own audio, validation tail", "r vs real opening": _fmt(pearson(own[tail], real[tail])),
+             "open-energy r": "", "std / real std": _fmt(float(own[tail].std() / real[tail].std()))}]
+    for wav in sorted((data / "audio").glob("*.wav")):
+        w = load_audio(wav)
+        o = mouth_opening(landmarks_for_audio(m, w))
+        rows.append({"input": wav.name, "r vs real opening": "", "open-energy r": _fmt(pearson(o, audio_energy(w, len(o)))),
+                     "std / real std": _fmt(float(o.std() / real.std()))})
+    sil = mouth_opening(landmarks_for_audio(m, np.zeros(16000 * 3, np.float32)))[25:]
+    e = audio_energy(np.asarray(ds.audio, np.float32), ds.n_frames)
+    quiet = real[e <= np.percentile(e, 10)]
+    z = abs(sil.mean() - quiet.mean()) / quiet.std()
+    return "\n".join([
+        f"\n### Render path of avatar `{name}` ({datetime.date.today()}, commit {_commit()})",
+        "Fine-tuned audio2motion + postnet, block-wise exactly as rendered (`landmarks_for_audio`). "
+        f"Digital silence: mouth opening {sil.mean():.4f} vs the person's quiet frames {quiet.mean():.4f} +- "
+        f"{quiet.std():.4f} (z = {z:.2f}).", "", markdown_table(rows, list(rows[0])), ""])
+
+
 def main(argv=None) -> int:
     from avatar.motion.metrics import evaluate_audio, evaluate_clip, silence_check
     from recipes.train_generator import prepare_corpus
@@ -86,8 +122,17 @@ def main(argv=None) -> int:
     ap.add_argument("--min-seconds", type=float, default=3.0, help="shortest fold clip evaluated")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--label", default="", help="a note for the results heading (e.g. the lever tried)")
+    ap.add_argument("--avatar", default=None, help="only the render-path checks of this onboarded avatar")
+    ap.add_argument("--store", type=Path, default=None, help="with --avatar: its store")
+    ap.add_argument("--dataset", type=Path, default=None, help="with --avatar: its dataset (work dir, --keep-work)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.avatar:
+        text = avatar_checks(args.store, args.avatar, args.dataset, args.data)
+        print(text)
+        if not args.no_append:
+            append_results(text)
+        return 0
     t_start = time.time()
 
     corpus = []
