@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from bench.common import append_results, commit, machine, markdown_table
 

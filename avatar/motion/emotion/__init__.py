@@ -42,6 +42,6 @@ __all__ = [
     "expression_energy", "expression_range", "find_emotion_model", "fit_emotion_net", "label_of", "list_clips",
     "load_emotion_model", "measure_reference", "mirror", "neutral_segment", "neutral_stats_from_tracks", "norm",
     "parse_emotion_schedule", "pingpong", "range_scale", "reference_displacement", "region_scale", "retarget_scale",
-    "save_emotion_model", "schedule_weights", "similarity_fit", "speaker_displacements", "speaker_neutral",
+    "save_emotion_model", "schedule_weights", "similarity_fit", "speaker_displacements", "speaker_neutral", "speaker_of",
     "speech_features", "symmetrize", "track_clip", "track_speakers", "train_emotion", "train_on",
 ]
