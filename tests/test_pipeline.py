@@ -103,8 +103,9 @@ def test_stream_equals_batch_any_chunking(av, speech):
 def test_bad_inputs(av, tiny_avatar, tmp_path):
     import avatar.api as api
 
-    with pytest.raises(AvatarNotFound, match="avatar onboard"):
+    with pytest.raises(AvatarNotFound, match="avatar onboard") as err:
         api.load("nobody", store=tiny_avatar[0])
+    assert "--store" in str(err.value) and str(tiny_avatar[0]) in str(err.value)  # says where it looked
     bad = tmp_path / "corrupt.wav"
     bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" * 10)
     with pytest.raises(InvalidMedia):

@@ -92,4 +92,6 @@ def run_demo(data: Path, out: Path, preset: str = "cpu-small") -> int:
     print(json.dumps(report, indent=2))
     print(f"[demo] videos: {', '.join(v['path'] for v in videos.values())}")
     print(f"[demo] real | rendered frame: {out / 'compare.png'}")
+    print(f"[demo] the avatar lives in the demo's own store; use it with --store (or AVATAR_HOME={store.root}):\n"
+          f"       avatar render --store {store.root} --avatar acosta --audio SPEECH.wav --out out.mp4")
     return 0

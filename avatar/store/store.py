@@ -98,8 +98,9 @@ class AvatarStore:
         if not path.is_file():
             have = ", ".join(self.names()) or "none"
             raise AvatarNotFound(
-                f"no avatar named {name!r} in store {self.root} (available: {have}); "
-                f"create it with `avatar onboard VIDEO --name {name}`"
+                f"no avatar named {name!r} in store {self.root} (available: {have}); pass --store DIR (or set "
+                f"AVATAR_HOME) if it was made in another store, e.g. `make demo` uses demo_out/store; or create it "
+                f"with `avatar onboard VIDEO --name {name}`"
             )
         return validate_bundle(self.avatar_dir(name), name, verify_hashes=verify_hashes)
 
