@@ -98,6 +98,8 @@ def test_stream_equals_batch_any_chunking(av, speech):
     assert len(got) == len(batch) == round(len(speech) / 640)
     assert all(np.array_equal(a, b) for a, b in zip(got, batch))
     assert 0 < session.lookahead_s <= 1.0
+    # the session dropped the audio no block needs any more (bounded memory in a live session)
+    assert session._audio_offset > 0 and session._audio_offset + len(session._audio) == len(speech)
 
 
 def test_bad_inputs(av, tiny_avatar, tmp_path):

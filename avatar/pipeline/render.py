@@ -162,7 +162,13 @@ class MotionEngine:
         self.options = options
         self._emotion = self.m.emotion_delta(options)
 
-    def block(self, b: int, audio: np.ndarray, total_frames: int | None) -> np.ndarray:
+    @property
+    def ctx_left(self) -> int:
+        """Frames of audio context before a block: CTX_LEFT, or more when the generator's input
+        transform looks further back."""
+        return max(CTX_LEFT, self.m.generator.history_frames + self.m.generator.context_frames)
+
+    def block(self, b: int, audio: np.ndarray, total_frames: int | None, offset: int = 0) -> np.ndarray:
         """Landmarks of block ``b``.
 
         Args:
@@ -170,18 +176,22 @@ class MotionEngine:
             audio: float32 [T] the audio received so far (must cover the block's right context,
                 unless ``total_frames`` is known, i.e. the audio is complete).
             total_frames: number of frames of the complete audio, or None while streaming.
+            offset: absolute sample index of ``audio[0]`` (a stream drops the samples no block needs
+                any more); ``audio`` must start at or before the block's left context.
         Returns:
             float32 [k, 68, 3] canonical landmarks for frames [b*BLOCK, b*BLOCK + k), k <= BLOCK.
         """
         f0 = b * BLOCK
         f1 = f0 + BLOCK if total_frames is None else min(f0 + BLOCK, total_frames)
-        ctx_left = max(CTX_LEFT, self.m.generator.history_frames + self.m.generator.context_frames)
+        ctx_left = self.ctx_left
         w0, w1 = f0 - ctx_left, f0 + BLOCK + CTX_RIGHT
         window = np.zeros((w1 - w0) * SAMPLES_PER_FRAME, dtype=np.float32)
         s0, s1 = w0 * SAMPLES_PER_FRAME, w1 * SAMPLES_PER_FRAME
-        a0, a1 = max(s0, 0), min(s1, len(audio))
+        a0, a1 = max(s0, offset), min(s1, offset + len(audio))
+        if s0 < offset and offset > 0:
+            raise RuntimeError(f"block {b} needs audio from sample {s0}, but the stream kept only from {offset}")
         if a1 > a0:
-            window[a0 - s0 : a1 - s0] = audio[a0:a1]
+            window[a0 - s0 : a1 - s0] = audio[a0 - offset : a1 - offset]
         feats = self.m.features(window, n_frames=w1 - w0)
         expr = self.m.generator.predict(
             feats, temperature=self.options.temperature, seed=self.options.seed, start_frame=w0
@@ -254,6 +264,7 @@ class StreamSession:
         self.motion = MotionEngine(models, options)
         self.frames = FrameEngine(models, options)
         self._audio = np.zeros(0, dtype=np.float32)
+        self._audio_offset = 0  # absolute sample index of self._audio[0] (older samples are dropped)
         self._lm3d = np.zeros((0, 68, 3), dtype=np.float32)
         self._next_block = 0
         self.frames_emitted = 0
@@ -282,7 +293,7 @@ class StreamSession:
         if pcm.size and not np.isfinite(pcm).all():
             raise InvalidInput("audio chunk contains NaN or Inf samples")
         self._audio = np.concatenate([self._audio, pcm])
-        while (self._next_block + 1) * BLOCK + CTX_RIGHT <= len(self._audio) / SAMPLES_PER_FRAME:
+        while (self._next_block + 1) * BLOCK + CTX_RIGHT <= (self._audio_offset + len(self._audio)) / SAMPLES_PER_FRAME:
             self._compute_block(None)
         return self._emit(final_len=None)
 
@@ -292,19 +303,24 @@ class StreamSession:
         Raises:
             NoAudio: no audio was pushed at all.
         """
-        if self._audio.size == 0:
+        if self._audio_offset + self._audio.size == 0:
             raise NoAudio("no audio was received; send audio chunks before ending the stream")
         self.finished = True
-        total = n_frames_for(len(self._audio))
+        total = n_frames_for(self._audio_offset + len(self._audio))
         while self._next_block * BLOCK < total:
             self._compute_block(total)
         self._lm3d = self._lm3d[:total]
         return self._emit(final_len=total)
 
     def _compute_block(self, total: int | None) -> None:
-        lm = self.motion.block(self._next_block, self._audio, total)
+        lm = self.motion.block(self._next_block, self._audio, total, offset=self._audio_offset)
         self._lm3d = np.concatenate([self._lm3d, lm])
         self._next_block += 1
+        # drop the samples no later block reads (a live session would otherwise grow without bound)
+        keep_from = max(0, (self._next_block * BLOCK - self.motion.ctx_left) * SAMPLES_PER_FRAME)
+        if keep_from - self._audio_offset >= SAMPLES_PER_FRAME * BLOCK:
+            self._audio = self._audio[keep_from - self._audio_offset:].copy()
+            self._audio_offset = keep_from
 
     def _emit(self, final_len: int | None) -> list[np.ndarray]:
         half = self.frames.window // 2
