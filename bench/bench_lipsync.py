@@ -108,6 +108,7 @@ def avatar_checks(store: Path, name: str, dataset: Path, data: Path) -> str:
 
 def main(argv=None) -> int:
     from avatar.motion.metrics import evaluate_audio, evaluate_clip, silence_check
+    from avatar.motion.regression import finetune_generator
     from recipes.train_generator import prepare_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -165,8 +166,6 @@ def main(argv=None) -> int:
             for d in speakers:
                 spk_rows.setdefault(d.name, []).append(evaluate_clip(gen, d))
                 sil_rows.setdefault(d.name, []).append(silence_check(gen, d))
-                from avatar.motion.regression import finetune_generator
-
                 person = finetune_generator(gen, d, tmp / f"person-{d.name}", preset=args.preset, overwrite=True,
                                             progress=False)
                 tail_rows.setdefault(d.name, []).append(

@@ -41,20 +41,9 @@ SLICE_S = 3.0
 
 def make_clip(data_dir: Path, clip: Path, seconds: float = SLICE_S) -> Path:
     """Write the first ``seconds`` of speakers/acosta_cnn_71s.mp4 (video + audio) to ``clip``."""
-    from avatar.media import VideoWriter, iter_video_frames, load_audio
+    from bench.bench_dataset import make_slice
 
-    src = data_dir / "speakers" / "acosta_cnn_71s.mp4"
-    n = int(seconds * 25)
-    frames = []
-    for i, f in enumerate(iter_video_frames(src)):
-        if i >= n:
-            break
-        frames.append(f)
-    audio = load_audio(src)[: n * 640]
-    with VideoWriter(clip, fps=25, size=frames[0].shape[1::-1], audio=audio, audio_rate=16000, crf=12) as w:
-        for f in frames:
-            w.write(f)
-    return clip
+    return make_slice(data_dir / "speakers" / "acosta_cnn_71s.mp4", seconds, clip)
 
 
 def build_tiny_store(root: Path, data_dir: Path) -> tuple[Path, str]:

@@ -238,8 +238,9 @@ class ClipArrays:
         self.features = np.asarray(features, np.float32)
         self.expr = np.asarray(expr, np.float32).reshape(len(expr), EXPR_DIM)
         self.mean = np.asarray(lm3d_mean, np.float32)
-        lm = self.expr.reshape(-1, 68, 3) + self.mean
-        opening = np.linalg.norm(lm[:, [61, 62, 63]] - lm[:, [67, 66, 65]], axis=-1).mean(-1)
+        from avatar.motion.metrics import mouth_opening
+
+        opening = mouth_opening(self.expr.reshape(-1, 68, 3) + self.mean)
         self.rest = self.expr[opening <= np.percentile(opening, 10)].mean(0)
 
     def __len__(self) -> int:
@@ -322,14 +323,17 @@ def predict_clip(net: TCNGenerator, features: np.ndarray, start: int = 0) -> np.
 
 def validate(net: TCNGenerator, clips: list[ClipArrays]) -> dict:
     """Mean over ``clips`` of the mouth-opening r, and mouth LMD vs the mean-shape baseline."""
-    rs, lmd, base, n = [], 0.0, 0.0, 0
+    from avatar.motion.metrics import lmd
+
+    rs, err, base, n = [], 0.0, 0.0, 0
     for c in clips:
-        p = predict_clip(net, c.features)[: len(c)]
-        rs.append(opening_r(p, c.expr, c.mean))
-        lmd += np.linalg.norm((p - c.expr).reshape(-1, 68, 3)[:, MOUTH], axis=-1).sum(0).mean()
-        base += np.linalg.norm(c.expr.reshape(-1, 68, 3)[:, MOUTH], axis=-1).sum(0).mean()
+        p = predict_clip(net, c.features)[: len(c)].reshape(-1, 68, 3)
+        gt = c.expr.reshape(-1, 68, 3)
+        rs.append(opening_r(p, gt, c.mean))
+        err += lmd(p, gt, MOUTH) * len(c)
+        base += lmd(np.zeros_like(gt), gt, MOUTH) * len(c)
         n += len(c)
-    return {"val_open_r": float(np.nanmean(rs)), "val_mouth_lmd": float(lmd / n), "val_mean_shape_mouth_lmd": float(base / n)}
+    return {"val_open_r": float(np.nanmean(rs)), "val_mouth_lmd": float(err / n), "val_mean_shape_mouth_lmd": float(base / n)}
 
 
 def _mouth_weights(cfg_weight: float) -> np.ndarray:
