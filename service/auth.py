@@ -31,6 +31,7 @@ METHOD_SCOPES = {
     "/avatar.v1.AvatarService/GetJob": "onboard",
     "/avatar.v1.AvatarService/WatchJob": "onboard",
     "/avatar.v1.AvatarService/CancelJob": "onboard",
+    "/avatar.v1.AvatarService/ListJobs": "onboard",
 }
 PUBLIC_PREFIX = "/grpc.health.v1.Health/"
 

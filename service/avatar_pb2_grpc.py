@@ -74,6 +74,11 @@ class AvatarServiceStub:
                 request_serializer=avatar_dot_v1_dot_avatar__pb2.JobRequest.SerializeToString,
                 response_deserializer=avatar_dot_v1_dot_avatar__pb2.Job.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/avatar.v1.AvatarService/ListJobs',
+                request_serializer=avatar_dot_v1_dot_avatar__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=avatar_dot_v1_dot_avatar__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class AvatarServiceServicer:
@@ -142,6 +147,14 @@ class AvatarServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobs(self, request, context):
+        """Onboarding jobs of this store (every server sharing it), newest first, including finished
+        ones (kept for 7 days, across server restarts). Scope: onboard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AvatarServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +197,11 @@ def add_AvatarServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=avatar_dot_v1_dot_avatar__pb2.JobRequest.FromString,
                     response_serializer=avatar_dot_v1_dot_avatar__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=avatar_dot_v1_dot_avatar__pb2.ListJobsRequest.FromString,
+                    response_serializer=avatar_dot_v1_dot_avatar__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +420,33 @@ class AvatarService:
             '/avatar.v1.AvatarService/CancelJob',
             avatar_dot_v1_dot_avatar__pb2.JobRequest.SerializeToString,
             avatar_dot_v1_dot_avatar__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/avatar.v1.AvatarService/ListJobs',
+            avatar_dot_v1_dot_avatar__pb2.ListJobsRequest.SerializeToString,
+            avatar_dot_v1_dot_avatar__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
