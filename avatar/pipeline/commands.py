@@ -37,7 +37,8 @@ def cmd_onboard(args) -> int:
     from avatar.pipeline.onboard import onboard
 
     out = onboard(args.video, args.name, store=_store(args), preset=args.preset, generator=args.generator,
-                  overwrite=args.overwrite, audio=args.audio, keep_work=args.keep_work)
+                  overwrite=args.overwrite, audio=args.audio, keep_work=args.keep_work,
+                  ray_address=getattr(args, "ray", None))
     print(f"avatar {args.name!r} ready: {out}")
     return 0
 
@@ -148,6 +149,10 @@ def register(sub) -> None:
     p.add_argument("--audio", type=Path, default=None, help="separate audio file for a silent video")
     p.add_argument("--overwrite", action="store_true", help="replace an existing avatar of that name")
     p.add_argument("--keep-work", action="store_true", help="keep the dataset and checkpoints after success")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the stages as Ray tasks (needs the [ray] extra and a store on storage every node "
+                        "shares): on the cluster at ADDRESS, else $RAY_ADDRESS, else a local Ray instance "
+                        "(docs/SCALE.md)")
     _add_store(p)
     p.set_defaults(func=cmd_onboard)
 

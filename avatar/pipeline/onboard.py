@@ -62,6 +62,9 @@ PRESETS: dict[str, OnboardPreset] = {
 }
 
 STAGES = ["preprocess", "motion", "postnet", "head", "torso", "bundle"]
+#: the stages each training stage reads (the Ray backend runs motion -> postnet and head -> torso side by side)
+STAGE_DEPS: dict[str, tuple[str, ...]] = {"preprocess": (), "motion": ("preprocess",), "postnet": ("motion",),
+                                          "head": ("preprocess",), "torso": ("head",)}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -82,7 +85,8 @@ def _stage_progress(progress: Progress | None, stage: str):
 
 def onboard(video: str | Path, name: str, store: AvatarStore | None = None, preset: str = "cpu-small",
             generator: str | Path | None = None, overwrite: bool = False, progress: Progress | None = None,
-            cancel=None, audio: str | Path | None = None, keep_work: bool = False) -> Path:
+            cancel=None, audio: str | Path | None = None, keep_work: bool = False,
+            ray_address: str | None = None) -> Path:
     """Onboard the speaker in ``video`` as avatar ``name``.
 
     Args:
@@ -96,6 +100,9 @@ def onboard(video: str | Path, name: str, store: AvatarStore | None = None, pres
         cancel: an Event; when set, onboarding stops at the next step (resumable).
         audio: separate audio track for a silent video.
         keep_work: keep ``work/<name>`` (dataset, checkpoints) after success.
+        ray_address: run the training stages as Ray tasks (:mod:`avatar.pipeline.distributed`) on the
+            cluster at this address ("" = ``$RAY_ADDRESS`` or a local Ray instance); None (default)
+            runs them here and never imports Ray. The work dir must be on storage every node shares.
     Returns:
         the bundle directory.
     Raises:
@@ -136,7 +143,7 @@ def onboard(video: str | Path, name: str, store: AvatarStore | None = None, pres
                             "wait for it to finish or cancel it") from None
     try:
         out = _onboard_locked(video, name, store, p, preset, gen, gen_dir, work, overwrite, progress, cancel,
-                              audio, keep_work)
+                              audio, keep_work, ray_address)
     except InvalidInput:
         # the input itself is bad (no face, no audio, too short...): rerunning cannot resume it
         shutil.rmtree(work, ignore_errors=True)
@@ -161,10 +168,9 @@ def estimate_work_bytes(video: Path, size: int) -> int:
 
 
 def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset, preset: str, gen, gen_dir: Path,
-                    work: Path, overwrite: bool, progress, cancel, audio, keep_work: bool) -> Path:
+                    work: Path, overwrite: bool, progress, cancel, audio, keep_work: bool,
+                    ray_address: str | None = None) -> Path:
     """The body of :func:`onboard`, run while holding the per-name lock."""
-    from avatar.pipeline.preprocess import PreprocessConfig, preprocess
-
     clean_stale_temps(store.avatars_dir, name)
     sha = sha256_file(video)
     state_path = work / "state.json"
@@ -186,56 +192,32 @@ def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset
             raise Cancelled(f"onboarding of {name!r} cancelled; rerun the same command to resume")
 
     save_state()
-    dataset_dir = work / "dataset"
     clean_stale_temps(work, "dataset")  # .dataset.tmp-* of a killed preprocess
     if "preprocess" not in state.get("done", []):
         check_free_space(work, estimate_work_bytes(video, p.size), f"onboarding {name!r}")
-    motion_dir = work / "generator"  # the shared audio2motion fine-tuned on this person
-    postnet_dir = work / "postnet"
-    nerf_dir = work / "nerf"
+    dataset_dir, motion_dir, postnet_dir, nerf_dir = (work / d for d in ("dataset", "generator", "postnet", "nerf"))
 
-    def run(stage: str, fn) -> None:
+    def run(stage: str) -> None:
         check_cancel()
         if stage in state.get("done", []):
             _stage_progress(progress, stage)(1.0, "done (resumed)")
             return
         t0 = time.perf_counter()
-        fn(_stage_progress(progress, stage))
+        run_stage(stage, work, video, preset, gen_dir, audio=audio, cb=_stage_progress(progress, stage), cancel=cancel,
+                  show_bars=progress is None, gen=gen)
         _stage_progress(progress, stage)(1.0, "done")
         state["times"][stage] = round(time.perf_counter() - t0, 1)
         state.setdefault("done", []).append(stage)
         save_state()
 
-    def do_preprocess(cb):
-        cfg = PreprocessConfig(size=p.size, audio_features=gen.feature_kind, hubert_path=gen.hubert_path)
-        preprocess(video, dataset_dir, cfg, audio=audio, overwrite=True, progress=progress is None)
+    if ray_address is not None:  # the stages as Ray tasks; this process only schedules and records them
+        from avatar.pipeline.distributed import run_stages
 
-    def do_motion(cb):
-        from avatar.motion.regression import finetune_generator
-
-        finetune_generator(gen_dir, dataset_dir, motion_dir, preset=p.postnet, overwrite=True,
-                           progress=progress is None, callback=cb, cancel=cancel)
-
-    def do_postnet(cb):
-        from avatar.motion.postnet import train_postnet
-
-        train_postnet(dataset_dir, motion_dir, postnet_dir, preset=p.postnet, overwrite=True,
-                      corpus_cache=gen_dir / "cache" if (gen_dir / "cache").is_dir() else None,
-                      progress=progress is None, callback=cb, cancel=cancel)
-
-    def do_nerf(part):
-        def fn(cb):
-            from avatar.nerf.trainer import train_nerf
-
-            train_nerf(dataset_dir, nerf_dir, part=part, preset=p.nerf, progress=progress is None,
-                       callback=cb, cancel=cancel)
-        return fn
-
-    run("preprocess", do_preprocess)
-    run("motion", do_motion)
-    run("postnet", do_postnet)
-    run("head", do_nerf("head"))
-    run("torso", do_nerf("torso"))
+        run_stages(ray_address, name=name, work=work, video=video, preset=preset, gen_dir=gen_dir, audio=audio,
+                   state=state, save_state=save_state, progress=progress, cancel=cancel)
+    else:
+        for stage in STAGE_DEPS:
+            run(stage)
     check_cancel()
     t0 = time.perf_counter()
     out = _assemble(store, name, dataset_dir, motion_dir, postnet_dir, nerf_dir, p, preset, video, sha, state, overwrite)
@@ -244,6 +226,46 @@ def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def run_stage(stage: str, work: Path, video: Path, preset: str, gen_dir: Path, audio: str | Path | None = None,
+              cb=None, cancel=None, show_bars: bool = False, gen=None) -> None:
+    """Run one training stage of an onboarding in ``work``: it reads the files of the stages in
+    ``STAGE_DEPS[stage]`` and writes its own (``dataset/``, ``generator/``, ``postnet/``, ``nerf/head``,
+    ``nerf/torso``), so any process that sees ``work`` can run it (a Ray task on another node).
+
+    Args:
+        cb: ``callback(fraction, message)``. cancel: an Event-like (``is_set()``), checked between steps.
+        show_bars: tqdm bars. gen: the loaded shared generator (loaded from ``gen_dir`` when None).
+    """
+    p = PRESETS[preset]
+    dataset_dir, motion_dir, postnet_dir, nerf_dir = (work / d for d in ("dataset", "generator", "postnet", "nerf"))
+    if stage == "preprocess":
+        from avatar.pipeline.preprocess import PreprocessConfig, preprocess
+
+        if gen is None:
+            from avatar.motion import load_generator
+
+            gen = load_generator(gen_dir, device="cpu")
+        cfg = PreprocessConfig(size=p.size, audio_features=gen.feature_kind, hubert_path=gen.hubert_path)
+        preprocess(video, dataset_dir, cfg, audio=audio, overwrite=True, progress=show_bars)
+    elif stage == "motion":
+        from avatar.motion.regression import finetune_generator
+
+        finetune_generator(gen_dir, dataset_dir, motion_dir, preset=p.postnet, overwrite=True,
+                           progress=show_bars, callback=cb, cancel=cancel)
+    elif stage == "postnet":
+        from avatar.motion.postnet import train_postnet
+
+        train_postnet(dataset_dir, motion_dir, postnet_dir, preset=p.postnet, overwrite=True,
+                      corpus_cache=gen_dir / "cache" if (gen_dir / "cache").is_dir() else None,
+                      progress=show_bars, callback=cb, cancel=cancel)
+    elif stage in ("head", "torso"):
+        from avatar.nerf.trainer import train_nerf
+
+        train_nerf(dataset_dir, nerf_dir, part=stage, preset=p.nerf, progress=show_bars, callback=cb, cancel=cancel)
+    else:
+        raise InvalidInput(f"unknown onboarding stage {stage!r}; one of {', '.join(STAGE_DEPS)}")
 
 
 def _assemble(store: AvatarStore, name: str, dataset_dir: Path, gen_dir: Path, postnet_dir: Path, nerf_dir: Path,
