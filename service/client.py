@@ -64,7 +64,8 @@ def job_dict(job: pb.Job) -> dict:
     """proto Job -> plain dict (state as its name, e.g. ``"RUNNING"``)."""
     return {"job_id": job.job_id, "avatar": job.avatar, "state": pb.Job.State.Name(job.state).removeprefix("STATE_"),
             "stage": job.stage, "progress": job.progress, "message": job.message, "error_code": job.error_code,
-            "error": job.error, "queue_position": job.queue_position}
+            "error": job.error, "queue_position": job.queue_position, "created_unix": job.created_unix,
+            "finished_unix": job.finished_unix}
 
 
 class FrameCall:
@@ -201,3 +202,8 @@ class AvatarClient:
 
     def cancel_job(self, job_id: str, timeout: float | None = 30) -> dict:
         return job_dict(self.stub.CancelJob(pb.JobRequest(job_id=job_id), metadata=self.metadata, timeout=timeout))
+
+    def list_jobs(self, avatar: str = "", limit: int = 0, timeout: float | None = 30) -> list[dict]:
+        """Jobs of the server's store (past ones too), newest first; ``avatar`` filters by name."""
+        resp = self.stub.ListJobs(pb.ListJobsRequest(avatar=avatar, limit=limit), metadata=self.metadata, timeout=timeout)
+        return [job_dict(j) for j in resp.jobs]

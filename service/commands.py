@@ -25,7 +25,7 @@ def _serve(args) -> int:
     from service.server import AvatarServer, ServerConfig
 
     cfg = from_dict(ServerConfig, load_json(args.config)) if args.config else ServerConfig()
-    for key in ("host", "port", "metrics_port", "device", "tls_cert", "tls_key"):
+    for key in ("host", "port", "metrics_port", "device", "tls_cert", "tls_key", "jobs", "ray_address"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -176,6 +176,14 @@ def _cmd_onboard(args) -> int:
 
 
 @_rpc_errors
+def _cmd_jobs(args) -> int:
+    with _client(args) as c:
+        for job in c.list_jobs(avatar=args.avatar or "", limit=args.limit):
+            print(json.dumps(job))
+    return 0
+
+
+@_rpc_errors
 def _cmd_job(args) -> int:
     with _client(args) as c:
         if args.cancel:
@@ -223,6 +231,11 @@ def register(sub) -> None:
     p.add_argument("--web", type=int, default=None, metavar="PORT",
                    help="also serve the browser console (avatars, onboarding, render, live WebRTC) on this HTTP "
                         "port of the same host, same tokens (0 = any free port; needs the [web] extra)")
+    p.add_argument("--jobs", choices=["local", "ray"], default=None,
+                   help="where onboarding stages run: local worker processes (default) or Ray tasks on a cluster "
+                        "(needs the [ray] extra and the store on storage every node shares; docs/SCALE.md)")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="Ray cluster for --jobs ray (default: $RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--config", type=Path, default=None,
                    help="JSON file of ServerConfig limits (max_audio_s, max_streams, idle_timeout_s, cache_size, "
                         "max_jobs, max_message_mb, max_video_mb, ...)")
@@ -274,3 +287,8 @@ def register(sub) -> None:
     p.add_argument("--watch", action="store_true")
     p.add_argument("--cancel", action="store_true")
     p.set_defaults(func=_cmd_job)
+
+    p = cs.add_parser("jobs", help="list the onboarding jobs of the server's store (past ones too), newest first")
+    p.add_argument("--avatar", default=None, help="only this avatar's jobs")
+    p.add_argument("--limit", type=int, default=0, help="at most this many (default 100)")
+    p.set_defaults(func=_cmd_jobs)

@@ -96,6 +96,9 @@ class ServerConfig:
         max_jobs / max_queued_jobs: onboarding jobs running at once / waiting.
         max_video_mb: largest onboarding upload.
         job_cancel_grace_s: seconds a cancelled onboarding worker gets before it is terminated.
+        jobs: ``local`` (onboarding stages in worker processes here) or ``ray`` (as Ray tasks on a
+            cluster, :mod:`avatar.pipeline.distributed`; the store must be on shared storage).
+        ray_address: the Ray cluster for ``jobs="ray"`` (empty: ``$RAY_ADDRESS``, else a local instance).
     """
 
     store: str = ""
@@ -115,6 +118,8 @@ class ServerConfig:
     max_queued_jobs: int = 16
     max_video_mb: int = 4096
     job_cancel_grace_s: float = 10.0
+    jobs: str = "local"
+    ray_address: str | None = None
 
     def validate(self) -> None:
         """Raises :class:`InvalidInput` on an unusable setting (including a ``device`` not present here)."""
@@ -129,6 +134,8 @@ class ServerConfig:
                      "cache_size", "max_jobs", "max_video_mb"):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"server setting {name} must be > 0, got {getattr(self, name)}")
+        if self.jobs not in ("local", "ray"):
+            raise InvalidInput(f"jobs must be local or ray, got {self.jobs!r}")
 
 
 class RpcFailure(Exception):
@@ -454,7 +461,8 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
                                               Path(tempfile.gettempdir()))}, key=len, reverse=True)
         self.jobs = jobs_mod.JobManager(cfg.store, max_running=cfg.max_jobs, max_queued=cfg.max_queued_jobs,
                                         cancel_grace_s=cfg.job_cancel_grace_s, on_change=self._job_changed,
-                                        on_success=self.cache.evict)
+                                        on_success=self.cache.evict, backend=cfg.jobs,
+                                        ray_address=cfg.ray_address)
 
     def close(self) -> None:
         """Stop onboarding workers and remove spooled uploads."""
@@ -765,8 +773,8 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
     def _job(self, job_id: str) -> jobs_mod.JobRecord:
         job = self.jobs.get(job_id)
         if job is None:
-            raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"no onboarding job {job_id!r} on this server "
-                             "(job records are kept in memory until the server restarts)")
+            raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"no onboarding job {job_id!r} on this store "
+                             "(finished jobs are kept for 7 days; ListJobs shows them)")
         return job
 
     @_rpc
@@ -781,6 +789,8 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             if not context.is_active():
                 return
             new = self.jobs.wait_change(job.job_id, job.version, timeout=0.5)
+            if new is None:  # another server's record, removed meanwhile
+                return
             if new.version != job.version:
                 job = new
                 yield job_msg(job, self.scrub)
@@ -789,6 +799,15 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
     def CancelJob(self, request, context, call):
         self._job(request.job_id)
         return job_msg(self.jobs.cancel(request.job_id), self.scrub)
+
+    @_rpc
+    def ListJobs(self, request, context, call):
+        if request.avatar:
+            from avatar.store import validate_name
+
+            validate_name(request.avatar)
+        limit = min(max(request.limit, 0) or 100, 1000)
+        return pb.ListJobsResponse(jobs=[job_msg(j, self.scrub) for j in self.jobs.list(request.avatar or None, limit)])
 
 
 def is_loopback(host: str) -> bool:
