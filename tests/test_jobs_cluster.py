@@ -1,9 +1,10 @@
 """Onboarding many speakers (issue 16): persistent jobs, one writer per avatar, the Ray backend.
 
 Fast here: the job table across restarts (JobManager and over gRPC), the per-name lock refusing a
-second writer (CLI / server / another server), Ray never imported without ``--ray``. Slow (``-m
-slow``): a cpu-smoke onboarding through a local Ray instance (``ray.init(num_cpus=2)``) with the head
-NeRF task's worker killed mid-stage, resumed by Ray's retry from the last finished stage.
+second writer (CLI / server / another server), Ray never imported without ``--ray``, and a
+cpu-smoke onboarding through a local Ray instance (``ray.init(num_cpus=2)``, about 10 s plus 6 s to
+start Ray) with the head NeRF task's worker killed mid-stage, resumed by Ray's retry from the last
+finished stage.
 """
 from __future__ import annotations
 
@@ -205,7 +206,7 @@ def test_second_writer_is_refused(tiny_avatar, tmp_path):
     lock.release()
 
 
-# ---- Ray (slow) ---------------------------------------------------------------------------------------
+# ---- Ray -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
@@ -214,7 +215,6 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.mark.slow
 def test_onboard_through_ray_with_a_worker_killed_mid_stage(ray_local, tiny_avatar, tmp_path):
     """A cpu-smoke onboarding through Ray (2 CPUs, no GPU); the head NeRF task's worker is SIGKILLed
     during its training; Ray retries the task, which resumes from the stage files: no earlier stage

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import ray
 
-from avatar.errors import AvatarError, InvalidInput
-from avatar.pipeline.onboard import PRESETS, STAGE_DEPS, Cancelled, run_stage
+from avatar.errors import AvatarError, Cancelled, InvalidInput
+from avatar.pipeline.stages import PRESETS, STAGE_DEPS, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ class _RemoteCancel:
 def _stage_task(stage: str, work: str, video: str, preset: str, gen_dir: str, audio: str | None, control,
                 num_cpus: float, *_upstream) -> float:
     """One stage on a Ray worker; ``_upstream`` are the finished upstream stages' results (ordering only)."""
+    if not ray.get_gpu_ids():  # a CPU stage on a GPU node never touches the GPUs the NeRF tasks hold
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from avatar.runtime import configure_threads
 
     configure_threads(max(1, int(num_cpus)))
@@ -192,7 +194,7 @@ def run_stages(address: str | None, *, name: str, work: Path, video: Path, prese
     cancel_deadline = None
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
             for ev in ray.get(control.drain.remote()):
                 emit(*ev)
             if cancel is not None and cancel.is_set() and cancel_deadline is None:
