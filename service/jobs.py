@@ -412,7 +412,7 @@ class JobManager:
             if job.state == QUEUED:
                 self._queue.remove(job_id)
                 self._finish(job, CANCELLED, "", "cancelled before it started")
-            else:
+            elif self._procs[job_id][2] is None:  # not already cancelling (keep the first deadline)
                 proc, event, _ = self._procs[job_id]
                 event.set()
                 self._procs[job_id] = (proc, event, time.monotonic() + self.cancel_grace_s)

@@ -70,7 +70,9 @@ def test_pyproject_groups():
     assert "av" in pre and "librosa" in pre and "soundfile" in pre
     assert any(d.startswith("grpcio==") for d in extras["serve"])
     make = (REPO / "Makefile").read_text()
-    assert "torch==2.13.0" in make and "[preprocess,serve,web,dev]" in make  # make test has the web console's deps
+    # make test has the web console's deps and Ray (tests/test_jobs_cluster.py); ray stays an optional extra
+    assert "torch==2.13.0" in make and "[preprocess,serve,web,dev,ray]" in make
+    assert any(d.startswith("ray") for d in extras["ray"]) and "ray" not in core
     assert any(d.startswith("aiortc") for d in extras["web"]) and any(d.startswith("aiohttp") for d in extras["web"])
 
 
