@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 DEMO_OUT ?= demo_out
 
-.PHONY: venv demo test test-all test-browser browser-deps bench proto clean gpu-bundle
+.PHONY: venv demo test test-all test-browser browser-deps lint proto clean gpu-bundle
 
 venv: $(STAMP)
 
@@ -30,6 +30,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VPY) -m pytest -q -m "not slow and not cuda" tests
+
+# ruff (pyflakes, pycodestyle, complexity <= 15), mypy on avatar/ (lenient: pyproject [tool.mypy]) and the
+# one-way import graph (tests/test_architecture.py); docs/ARCHITECTURE.md "Habits". .ci/run runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VPY) -m pytest -q -p no:cacheprovider tests/test_architecture.py
 
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VPY) -m pytest -q tests

@@ -20,7 +20,9 @@ import logging
 import os
 import sys
 
-from avatar.errors import AvatarError, InvalidInput
+from avatar import __version__
+from avatar.errors import AvatarError
+from avatar.runtime import check_device
 
 EX_SOFTWARE, EX_IOERR, EX_PIPE = 70, 74, 141
 
@@ -32,7 +34,6 @@ COMMAND_MODULES = [
     "avatar.pipeline.commands",
     "service.commands",
     "recipes.train_emotion",
-    "bench.commands",
 ]
 
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-identity NeRF talking-head avatars (GeneFace): preprocess, train, onboard, render, serve.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"avatar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -52,33 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module.register(sub)
     return parser
-
-
-def check_device(device: str | None) -> None:
-    """Check a ``--device`` value before any work: a torch device string whose backend exists here.
-
-    Raises:
-        InvalidInput: unparsable device, CUDA/MPS requested but unavailable, or a CUDA index beyond
-            the visible GPUs.
-    """
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise InvalidInput(f"unknown --device {device!r} ({e}); use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidInput(f"--device {device}: CUDA is not available on this machine (no GPU, driver or CUDA "
-                               "build of torch); use --device cpu or omit --device")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InvalidInput(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InvalidInput(f"--device {device}: MPS is not available here; use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise InvalidInput(f"--device {device}: unsupported device type {dev.type!r}; use cpu or cuda")
 
 
 def _os_error_message(e: OSError) -> str:

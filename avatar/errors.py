@@ -73,3 +73,11 @@ class ResourceLimit(AvatarError):
 
     exit_code = 7
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class Cancelled(AvatarError):
+    """A long job (onboarding, a training stage) was cancelled; rerun the same command to resume from
+    the last finished step. Raised by the stages themselves, so it lives here, below them."""
+
+    grpc_code = "CANCELLED"
+    exit_code = 130

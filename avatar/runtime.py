@@ -14,10 +14,16 @@ Every stage entry point (NeRF trainer, renderer, preprocess, generator training)
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported lazily: OMP_WAIT_POLICY below must be set before it loads
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -148,4 +154,62 @@ def configure_threads(n: int | None = None) -> int:
     return n
 
 
-__all__ = ["cgroup_cpu_limit", "configure_threads", "usable_cpus"]
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Temporarily set torch's intra-op CPU threads (0 = the CPUs this process may use, see
+    :func:`usable_cpus`; any n is capped at that count)."""
+    import torch
+
+    old = torch.get_num_threads()
+    configure_threads(min(n, usable_cpus()) if n > 0 else None)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# device selection: the one place that turns a user's ``--device`` / config value into a device
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The torch device for ``device``: ``None``, ``""`` or ``"auto"`` mean CUDA when available, else
+    the CPU; anything else is passed to :class:`torch.device` (unchecked; see :func:`check_device`)."""
+    import torch
+
+    if device is None or (isinstance(device, str) and device in ("", "auto")):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_device(device: str | None) -> None:
+    """Check a ``--device`` value before any work: a torch device string whose backend exists here
+    (``None`` passes: the command picks with :func:`resolve_device`).
+
+    Raises:
+        InvalidInput: unparsable device, CUDA/MPS requested but unavailable, or a CUDA index beyond
+            the visible GPUs.
+    """
+    if device is None:
+        return
+    import torch
+
+    from avatar.errors import InvalidInput
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise InvalidInput(f"unknown --device {device!r} ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInput(f"--device {device}: CUDA is not available on this machine (no GPU, driver or CUDA "
+                               "build of torch); use --device cpu or omit --device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidInput(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InvalidInput(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise InvalidInput(f"--device {device}: unsupported device type {dev.type!r}; use cpu or cuda")
+
+
+__all__ = ["cgroup_cpu_limit", "check_device", "configure_threads", "cpu_threads", "resolve_device", "usable_cpus"]

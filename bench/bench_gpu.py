@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from avatar.runtime import resolve_device
 from bench.common import commit as _commit
 from bench.common import machine as _machine
 
@@ -126,12 +127,10 @@ def check_build(t: Table, device: torch.device) -> dict[str, bool]:
 
 
 def _grid_cfg(preset: str):
-    from avatar.nerf.encoding import HashGridConfig
+    from avatar.nerf.grid import HashGridConfig
     from avatar.nerf.presets import get_preset
 
-    g = get_preset(preset).head.grid
-    return HashGridConfig(3, g.n_levels, g.n_features_per_level, g.log2_hashmap_size, g.base_resolution,
-                          g.finest_resolution)
+    return HashGridConfig.of(get_preset(preset).head.grid, 3)
 
 
 def bench_encoding(t: Table, device: torch.device, preset: str, n_points: int, runs: int,
@@ -391,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible; use --device cpu --quick", file=sys.stderr)
         return 2

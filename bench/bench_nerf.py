@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from avatar.runtime import resolve_device
 from bench.common import append_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile of the encoding")
     ap.add_argument("--no-append", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args(argv)
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(args.device)
     rows = bench_encoding(dev, args.runs, args.compile)
     rows += bench_field(dev, args.runs, args.preset)
     rows += bench_train(dev, args.runs, args.preset, args.dataset)

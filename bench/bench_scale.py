@@ -163,7 +163,8 @@ def main(argv=None) -> int:
             twice = ", ".join(s for s, n in a["attempts"].items() if n > 1) or "none"
             rows.append(f"| {a['name']} | {a['clip_s']} | {twice} | {a['equal_metrics']} / {a['metrics']} | "
                         f"{a['max_abs_diff']:.3g} ({a['worst']}) | {a['bundle_bytes'] / 2**20:.1f} | {a['work_bytes'] / 2**20:.1f} |")
-        pre = [f"| {k.removeprefix('preprocess_')} | {v['cpu_s']:.0f} | {v['wall_s']:.0f} | {v['cpu_min_per_video_min']} | {v['dataset_mb_per_video_min']} |"
+        pre = [f"| {k.removeprefix('preprocess_')} | {v['cpu_s']:.0f} | {v['wall_s']:.0f} | "
+               f"{v['cpu_min_per_video_min']} | {v['dataset_mb_per_video_min']} |"
                for k, v in result.items() if k.startswith("preprocess_")]
         text = (f"\n## bench_scale: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}\n\n"
                 f"machine: {machine()}; {args.n} cpu-smoke onboardings; local Ray instance with {args.cpus} CPUs; "

@@ -11,10 +11,11 @@ import numpy as np
 import soxr
 
 from avatar.errors import InvalidInput
+from avatar.timebase import AUDIO_RATE
 from service import avatar_pb2 as pb
 
 #: the library's audio rate (Hz); every frame covers 640 samples at this rate (25 fps)
-SAMPLE_RATE = 16000
+SAMPLE_RATE = AUDIO_RATE
 DEFAULT_JPEG_QUALITY = 90
 
 
@@ -106,3 +107,13 @@ class PcmDecoder:
         if self._resampler is None:
             return np.zeros(0, np.float32)
         return self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+def encode_pcm(x: np.ndarray, encoding: int) -> bytes:
+    """float32 mono samples in [-1, 1] -> raw little-endian bytes in ``encoding`` (``ENCODING_PCM16``:
+    clipped and scaled by 32767; ``ENCODING_FLOAT32``: as they are)."""
+    if encoding == pb.AudioFormat.ENCODING_PCM16:
+        return (np.clip(x, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    if encoding == pb.AudioFormat.ENCODING_FLOAT32:
+        return np.asarray(x, "<f4").tobytes()
+    raise InvalidInput(f"unknown audio encoding {encoding}; use ENCODING_PCM16 or ENCODING_FLOAT32")

@@ -57,6 +57,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from avatar.errors import AvatarError, AvatarNotFound, InvalidInput, InvalidMedia, NoAudio, OutputExists, ResourceLimit
+from avatar.timebase import SAMPLES_PER_FRAME
 from service import avatar_pb2 as pb
 from service import avatar_pb2_grpc as pb_grpc
 from service import jobs as jobs_mod
@@ -67,7 +68,6 @@ from service.observability import ServiceMetrics, log_access
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AvatarService"].full_name
-SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
 PUSH_SAMPLES = 8 * SAMPLES_PER_FRAME  # audio fed to a StreamSession per step (one motion block)
 _STATE = {
     jobs_mod.QUEUED: pb.Job.STATE_QUEUED, jobs_mod.RUNNING: pb.Job.STATE_RUNNING,
@@ -127,7 +127,7 @@ class ServerConfig:
             raise InvalidInput("no avatar store given: pass --store DIR (or set AVATAR_HOME)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InvalidInput("TLS needs both --tls-cert and --tls-key (PEM files)")
-        from avatar.cli import check_device
+        from avatar.runtime import check_device
 
         check_device(self.device)
         for name in ("max_message_mb", "max_audio_s", "max_streams", "idle_timeout_s", "send_timeout_s",

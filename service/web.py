@@ -60,13 +60,13 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from avatar.errors import AvatarError, InvalidInput, InvalidMedia, NoAudio, OutputExists, ResourceLimit
+from avatar.timebase import AUDIO_RATE, SAMPLES_PER_FRAME
+from avatar.timebase import FPS as _FPS
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("web_static")
-AUDIO_RATE = 16000
-SAMPLES_PER_FRAME = 640
-FPS = 25.0
+FPS = float(_FPS)
 #: HTTP status of each AvatarError.grpc_code
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "FAILED_PRECONDITION": 409,
                "RESOURCE_EXHAUSTED": 429, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401,
@@ -646,9 +646,9 @@ class WebApp:
         require(request, "render")
         from avatar.pipeline.onboard import PRESETS
 
-        import torch
+        from avatar.runtime import resolve_device
 
-        device = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = self.cfg.device or str(resolve_device())
         return web.json_response({"device": device, "max_audio_s": self.cfg.max_audio_s,
                                   "max_video_mb": self.cfg.max_video_mb, "presets": list(PRESETS),
                                   "max_backlog_s": self.max_backlog_s, "fps": FPS})

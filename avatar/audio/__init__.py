@@ -9,6 +9,7 @@ from avatar.audio.features import (
     extract_features,
     fit_to_video,
     n_feature_frames,
+    silence_features,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "extract_features",
     "fit_to_video",
     "n_feature_frames",
+    "silence_features",
 ]

@@ -37,14 +37,14 @@ from typing import Iterable
 import numpy as np
 
 from avatar.errors import InvalidInput, NoAudio
+from avatar.runtime import resolve_device
+from avatar.timebase import AUDIO_RATE, FEATURE_HOP, FEATURE_RATE, SAMPLES_PER_FRAME
 
 log = logging.getLogger(__name__)
 
 FEATURE_KINDS = ("mel", "hubert")
-AUDIO_RATE = 16_000
-FEATURE_RATE = 50
-HOP = AUDIO_RATE // FEATURE_RATE  # 320 samples = 20 ms
-SAMPLES_PER_VIDEO_FRAME = 640  # 25 fps
+HOP = FEATURE_HOP  # 320 samples = 20 ms
+SAMPLES_PER_VIDEO_FRAME = SAMPLES_PER_FRAME  # 640: 25 fps
 
 MEL_N_FFT = 1024
 MEL_WIN = 640
@@ -127,7 +127,7 @@ class _MelBackend:
     def describe(self) -> dict:
         return {"n_fft": MEL_N_FFT, "win_length": MEL_WIN, "hop_length": HOP, "n_mels": MEL_N_MELS,
                 "fmin": MEL_FMIN, "fmax": MEL_FMAX, "window": "hann", "log": "log10(max(mel_magnitude, 1e-5))",
-                "librosa": self._librosa.__version__}
+                "librosa": self._librosa.__version__}  # type: ignore[attr-defined]
 
 
 _MODEL_CACHE: dict[tuple[str, str], object] = {}
@@ -135,11 +135,9 @@ _MODEL_LOCK = threading.Lock()
 
 
 def _resolve_device(device: str | None) -> str:
-    import torch
-
     if device:
         return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device())
 
 
 class _HubertBackend:
@@ -551,3 +549,8 @@ def audio_energy(wav: np.ndarray, n_frames: int) -> np.ndarray:
         raise InvalidInput(f"n_frames must be > 0, got {n_frames}")
     x = _segment(wav, 0, int(n_frames) * SAMPLES_PER_VIDEO_FRAME).reshape(int(n_frames), SAMPLES_PER_VIDEO_FRAME)
     return np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=1)).astype(np.float32)
+
+
+def silence_features(kind: str, hubert_path: str | None = None) -> np.ndarray:
+    """Features of digital silence, float32 [D] (the middle frame of 2 s of zeros)."""
+    return extract_features(np.zeros(32000, np.float32), kind, hubert_path=hubert_path, n_frames=50)[50]

@@ -47,21 +47,22 @@ import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from avatar.errors import BundleCorrupt
+from avatar.face.contracts import (BROWS, EYES, JAW, LEFT_EYE, MASK_BACKGROUND, MASK_HEAD, MASK_TORSO,  # noqa: F401
+                                   MOUTH, NOSE, RIGHT_EYE, Intrinsics)  # the face contracts, re-exported
+from avatar.timebase import AUDIO_RATE as AUDIO_RATE  # the time base, re-exported (avatar/timebase.py)
+from avatar.timebase import FEATURE_RATE as FEATURE_RATE
+from avatar.timebase import FEATURES_PER_FRAME
+from avatar.timebase import FPS as FPS
+from avatar.timebase import SAMPLES_PER_FRAME as SAMPLES_PER_FRAME
 
 SCHEMA = "avatar.dataset/2"
 SCHEMA_V1 = "avatar.dataset/1"
-FPS = 25
-AUDIO_RATE = 16_000
-FEATURE_RATE = 50
-SAMPLES_PER_FRAME = AUDIO_RATE // FPS  # 640
-FEATURES_PER_FRAME = FEATURE_RATE // FPS  # 2
 
 #: encoded image sequences: name -> shape template of the decoded array
 IMAGES: dict[str, tuple] = {
@@ -84,32 +85,6 @@ ARRAYS: dict[str, tuple[str, tuple]] = {
     "pose": ("float32", ("N", 4, 4)),
     "face_valid": ("bool", ("N",)),
 }
-
-MASK_BACKGROUND, MASK_TORSO, MASK_HEAD = 0, 1, 2
-
-# iBUG-300W index groups (0-based)
-JAW = list(range(0, 17))
-BROWS = list(range(17, 27))
-NOSE = list(range(27, 36))
-LEFT_EYE = list(range(36, 42))   # subject's right eye in image-left position, iBUG convention
-RIGHT_EYE = list(range(42, 48))
-EYES = LEFT_EYE + RIGHT_EYE
-MOUTH = list(range(48, 68))      # the 20 mouth landmarks (outer 48-59, inner 60-67)
-
-
-@dataclass(frozen=True)
-class Intrinsics:
-    """Pinhole intrinsics in pixels of the stored frames."""
-
-    fx: float
-    fy: float
-    cx: float
-    cy: float
-
-    def matrix(self) -> np.ndarray:
-        """float64 [3, 3] camera matrix K."""
-        return np.array([[self.fx, 0, self.cx], [0, self.fy, self.cy], [0, 0, 1]], dtype=np.float64)
-
 
 class DatasetOutdated(BundleCorrupt):
     """A dataset written by an older version of the format (convertible, see the message)."""
@@ -364,7 +339,8 @@ class Dataset:
                 f"in place with `python -m avatar.data.convert {self.root}` (seconds per minute of video), "
                 "or re-run `avatar preprocess`")
         if self.manifest.get("schema") != SCHEMA:
-            raise BundleCorrupt(f"{self.root}: unknown dataset schema {self.manifest.get('schema')!r} (expected {SCHEMA}); re-run `avatar preprocess`")
+            raise BundleCorrupt(f"{self.root}: unknown dataset schema {self.manifest.get('schema')!r} "
+                                f"(expected {SCHEMA}); re-run `avatar preprocess`")
         files = [f"{name}.npy" for name in ARRAYS] + [f for name in IMAGES for f in image_files(name)]
         for fname in files:
             if not (self.root / fname).is_file():

@@ -43,7 +43,10 @@ def select_track(detections: list[np.ndarray]) -> tuple[np.ndarray, bool]:
     with_faces = [d for d in detections if len(d)]
     if not with_faces:
         return np.zeros((0, 4), np.float32), False
-    areas = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+
+    def areas(b):
+        return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+
     largest = np.stack([d[np.argmax(areas(d)), :4] for d in with_faces])
     centre = np.median((largest[:, :2] + largest[:, 2:]) / 2, axis=0)
     size = np.median(largest[:, 3] - largest[:, 1])

@@ -87,7 +87,9 @@ def eye_aspect_ratio(lm68: np.ndarray) -> np.ndarray:
     lm = np.asarray(lm68, dtype=np.float64)
 
     def ear(p):
-        d = lambda a, b: np.linalg.norm(lm[..., a, :] - lm[..., b, :], axis=-1)
+        def d(a, b):
+            return np.linalg.norm(lm[..., a, :] - lm[..., b, :], axis=-1)
+
         return (d(p[1], p[5]) + d(p[2], p[4])) / (2.0 * d(p[0], p[3]) + 1e-12)
 
     return (0.5 * (ear([36, 37, 38, 39, 40, 41]) + ear([42, 43, 44, 45, 46, 47]))).astype(np.float32)

@@ -19,7 +19,7 @@ import warnings
 import cv2
 import numpy as np
 
-from avatar.data.dataset import MASK_BACKGROUND, MASK_HEAD, MASK_TORSO
+from avatar.face.contracts import MASK_BACKGROUND, MASK_HEAD, MASK_TORSO
 from avatar.face.landmarks import FACE_OVAL, import_mediapipe
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from scipy.signal import savgol_filter
 from scipy.spatial.transform import Rotation
 
-from avatar.data.dataset import Intrinsics
+from avatar.face.contracts import Intrinsics
 from avatar.face.landmarks import MP_TO_IBUG68, RIGID_VERTICES
 
 log = logging.getLogger(__name__)

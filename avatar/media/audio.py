@@ -15,8 +15,7 @@ import soxr
 
 from avatar.errors import InvalidInput, InvalidMedia, NoAudio, ResourceLimit
 from avatar.media.video import _TRUNCATION_TOLERANCE_S, _indexed, _open, _stream_duration_s
-
-AUDIO_RATE = 16_000
+from avatar.timebase import AUDIO_RATE
 
 
 def _to_mono_float(frame: av.AudioFrame) -> np.ndarray:
@@ -88,7 +87,8 @@ def load_audio(path: str | Path, sr: int = AUDIO_RATE, max_seconds: float | None
                     rate_in = int(frame.sample_rate)
                     rs = soxr.ResampleStream(rate_in, sr, 1, dtype="float32", quality="HQ") if rate_in != sr else None
                 elif int(frame.sample_rate) != rate_in:
-                    raise InvalidMedia(f"{path}: audio sample rate changes mid-stream ({rate_in} -> {frame.sample_rate} Hz); re-export it at one rate")
+                    raise InvalidMedia(f"{path}: audio sample rate changes mid-stream ({rate_in} -> {frame.sample_rate} Hz); "
+                                       "re-export it at one rate")
                 n_in += frame.samples
                 if max_seconds is not None and n_in > max_seconds * rate_in:  # before converting it
                     raise too_long()

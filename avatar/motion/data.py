@@ -150,15 +150,19 @@ class Corpus:
 
     def fit_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Streamed per-dimension mean/std of features [D] and expression [204] (float64 sums)."""
-        fs = np.zeros(self.feature_dim); fq = np.zeros(self.feature_dim); fn = 0
-        es = np.zeros(204); eq = np.zeros(204); en = 0
+        fs, fq, fn = np.zeros(self.feature_dim), np.zeros(self.feature_dim), 0
+        es, eq, en = np.zeros(204), np.zeros(204), 0
         for c in self.clips:
             for a in range(c.start, c.stop, 2048):
                 b = min(c.stop, a + 2048)
                 f = c.feats(a, b).astype(np.float64)
                 e = c.expr(a, b).reshape(b - a, 204).astype(np.float64)
-                fs += f.sum(0); fq += (f ** 2).sum(0); fn += len(f)
-                es += e.sum(0); eq += (e ** 2).sum(0); en += len(e)
+                fs += f.sum(0)
+                fq += (f ** 2).sum(0)
+                fn += len(f)
+                es += e.sum(0)
+                eq += (e ** 2).sum(0)
+                en += len(e)
         fm, em = fs / fn, es / en
         fstd = np.sqrt(np.maximum(fq / fn - fm ** 2, 0)) + 1e-5
         estd = np.sqrt(np.maximum(eq / en - em ** 2, 0)) + 1e-5

@@ -34,6 +34,7 @@ from avatar.motion.bundle import CONFIG, METRICS, STATS, load_module, read_json,
 from avatar.motion.generator import EXPR_DIM, Audio2Motion, load_generator
 from avatar.motion.layers import leaky
 from avatar.motion.syncnet import sync_confidence, sync_loss
+from avatar.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Postnet:
     """Inference wrapper: ``apply(expr [N, 68, 3]) -> [N, 68, 3]`` (canonical units), any length."""
 
     def __init__(self, net: CNNPostNet, expr_mean, expr_std, device=None, metrics: dict | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.em = torch.as_tensor(np.asarray(expr_mean, np.float32), device=self.device)
         self.es = torch.as_tensor(np.asarray(expr_std, np.float32), device=self.device)
@@ -206,7 +207,7 @@ def train_postnet(dataset: str | Path, generator: str | Path, out: str | Path, p
     cfg = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
     if not isinstance(cfg, TrainPostnetConfig):
         raise InvalidInput(f"unknown postnet preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    from avatar.motion.train import cpu_threads, resolve_device
+    from avatar.runtime import cpu_threads
 
     device = resolve_device(cfg.device)
     with cpu_threads(cfg.cpu_threads if device.type == "cpu" else 0):
@@ -257,7 +258,7 @@ def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cach
     W = cfg.window
     for step in bar:
         if cancel is not None and cancel.is_set():
-            from avatar.pipeline.onboard import Cancelled
+            from avatar.errors import Cancelled
 
             raise Cancelled("postnet training cancelled; rerun the same command to resume")
         starts = rng.integers(tr.start, tr.stop - W + 1, cfg.batch)
@@ -273,7 +274,8 @@ def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cach
                 if cp.shape[0] < W:
                     continue
                 a = int(rng.integers(0, cp.shape[0] - W + 1))
-                xs.append(cp[a: a + W][None]); fs.append(cf[2 * a: 2 * a + 2 * W][None])
+                xs.append(cp[a: a + W][None])
+                fs.append(cf[2 * a: 2 * a + 2 * W][None])
         xall, fall = torch.cat(xs), torch.cat(fs)
         yall = net(xall)
         # discriminator (LSGAN): person's real frames -> 1, refined frames -> 0

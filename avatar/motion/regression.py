@@ -479,7 +479,8 @@ def finetune_generator(generator: str | Path, dataset: str | Path, out: str | Pa
     from avatar.data.dataset import Dataset
     from avatar.motion.bundle import METRICS, read_json, save_module, write_json
     from avatar.motion.generator import GENERATOR_FILE, load_generator
-    from avatar.motion.train import cpu_threads, silence_features
+    from avatar.audio import silence_features
+    from avatar.runtime import cpu_threads
 
     if preset not in FINETUNE_PRESETS:
         raise InvalidInput(f"unknown fine-tuning preset {preset!r}; choose one of {', '.join(FINETUNE_PRESETS)}")

@@ -8,7 +8,6 @@ held-out pairs exceeds ``sync_threshold``.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -22,8 +21,10 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from avatar.atomic import atomic_dir, check_output_dir
+from avatar.audio import silence_features
 from avatar.data.dataset import MOUTH
 from avatar.errors import InvalidInput, TrainingDiverged
+from avatar.runtime import cpu_threads, resolve_device
 from avatar.motion.bundle import CONFIG, METRICS, STATS, MotionStats, save_module, write_json
 from avatar.motion.data import Corpus
 from avatar.motion.regression import RegressionConfig, RegressionTrainConfig
@@ -85,26 +86,6 @@ PRESETS: dict[str, TrainGeneratorConfig] = {
         preset="gpu", generator=GeneratorConfig(), syncnet=SyncNetConfig(), window=128, batch=64,
         syncnet_steps=40000, syncnet_batch=256, steps=40000, eval_every=1000, lr=5e-4),
 }
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int):
-    """Temporarily set torch's intra-op CPU threads (0 = the CPUs this process may use, see
-    :func:`avatar.runtime.usable_cpus`; any n is capped at that count)."""
-    from avatar.runtime import configure_threads, usable_cpus
-
-    old = torch.get_num_threads()
-    configure_threads(min(n, usable_cpus()) if n > 0 else None)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _check_finite(loss: torch.Tensor, what: str, step: int) -> None:
@@ -174,13 +155,6 @@ def train_syncnet(train: Corpus, val: Corpus, cfg: TrainGeneratorConfig, stats: 
     return net, {"syncnet_val_acc": best["acc"], "syncnet_val_bce": best["bce"], "syncnet_steps": cfg.syncnet_steps}
 
 
-def silence_features(kind: str, hubert_path: str | None = None) -> np.ndarray:
-    """Features of digital silence, float32 [D] (the middle frame of 2 s of zeros)."""
-    from avatar.audio import extract_features
-
-    return extract_features(np.zeros(32000, np.float32), kind, hubert_path=hubert_path, n_frames=50)[50]
-
-
 def generator_loss(net: VAEFlowGenerator, feats: torch.Tensor, expr: torch.Tensor, cfg: TrainGeneratorConfig,
                    syncnet: LandmarkSyncNet | None, es: torch.Tensor, em: torch.Tensor) -> dict[str, torch.Tensor]:
     """Loss terms for normalised ``feats [B, 2W, D]`` and ``expr [B, W, 204]`` (see module docstring)."""
@@ -219,7 +193,8 @@ def generator_val(net: VAEFlowGenerator, val: Corpus, stats: MotionStats, device
         trivial += np.linalg.norm(em.reshape(68, 3)[MOUTH] - gt[:, MOUTH], axis=-1).mean() * k
         mses += (((pred.reshape(k, -1) - gt.reshape(k, -1)) / es) ** 2).mean() * k
         po, go = mouth_opening(pred + c.mean), mouth_opening(gt + c.mean)
-        op.append(po - po.mean()); og.append(go - go.mean())
+        op.append(po - po.mean())
+        og.append(go - go.mean())
         n += k
     net.train()
     return {"val_mouth_lmd": float(lmds / n), "val_mean_shape_mouth_lmd": float(trivial / n),

@@ -33,72 +33,16 @@ table trained with one backend renders identically with the other; the Triton ke
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from avatar.nerf.grid import PRIMES, GridConfig, HashGridConfig, _as_int32, level_layout
+
 log = logging.getLogger(__name__)
 
-PRIMES = (1, 2654435761, 805459861)
-
-
-def _as_int32(v: int) -> int:
-    """Two's-complement int32 with the same low 32 bits (so int32 products wrap like uint32)."""
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= (1 << 31) else v
-
-
-@dataclass
-class HashGridConfig:
-    """Hash-grid hyper-parameters (names as in tiny-cuda-nn's ``HashGrid`` encoding config)."""
-
-    dim: int = 3
-    n_levels: int = 16
-    n_features_per_level: int = 2
-    log2_hashmap_size: int = 19
-    base_resolution: int = 16
-    finest_resolution: int | None = 2048
-    per_level_scale: float | None = None
-
-    def resolved_per_level_scale(self) -> float:
-        if self.finest_resolution is not None:
-            if self.n_levels == 1:
-                return 1.0
-            return math.exp((math.log(self.finest_resolution) - math.log(self.base_resolution)) / (self.n_levels - 1))
-        if self.per_level_scale is None:
-            raise ValueError("give finest_resolution or per_level_scale")
-        return float(self.per_level_scale)
-
-    def tcnn_config(self) -> dict:
-        """The equivalent ``tinycudann.Encoding`` config."""
-        return {
-            "otype": "HashGrid",
-            "n_levels": self.n_levels,
-            "n_features_per_level": self.n_features_per_level,
-            "log2_hashmap_size": self.log2_hashmap_size,
-            "base_resolution": self.base_resolution,
-            "per_level_scale": self.resolved_per_level_scale(),
-            "interpolation": "Linear",
-        }
-
-
-def level_layout(cfg: HashGridConfig) -> tuple[list[float], list[int], list[int], list[int]]:
-    """Per level: ``scale_l`` (float32-rounded), resolution ``R_l``, rows ``T_l``, row offset."""
-    log2_b = math.log2(cfg.resolved_per_level_scale())
-    scales, res, rows, offsets = [], [], [], []
-    off = 0
-    for lvl in range(cfg.n_levels):
-        s = float(torch.tensor(2.0 ** (lvl * log2_b), dtype=torch.float32) * cfg.base_resolution - 1.0)
-        r = int(math.ceil(s)) + 1
-        t = min(-(-(r ** cfg.dim) // 8) * 8, 1 << cfg.log2_hashmap_size)
-        scales.append(s)
-        res.append(r)
-        rows.append(t)
-        offsets.append(off)
-        off += t
-    return scales, res, rows, offsets
+__all__ = ["PRIMES", "GridConfig", "HashGridConfig", "HashGridEncoding", "hashgrid_reference", "level_layout"]
 
 
 class _HashGridFunction(torch.autograd.Function):
@@ -235,7 +179,7 @@ class HashGridEncoding(nn.Module):
         if backend == "tcnn" and not _tcnn_available():
             raise ValueError("backend='tcnn' needs tinycudann and a CUDA GPU; install the [cuda] extra or use backend='torch'")
         self.backend = backend
-        self._tcnn = None
+        self._tcnn: Any = None  # tinycudann.Encoding, built on first CUDA use
 
     def _use_tcnn(self, x: torch.Tensor) -> bool:
         return self.backend == "tcnn" or (self.backend == "auto" and x.is_cuda and _tcnn_available())

@@ -14,17 +14,7 @@ import torch
 from torch import nn
 
 from avatar.nerf.encoding import HashGridEncoding
-
-
-@dataclass
-class GridConfig:
-    """Hash-grid hyper-parameters of one field (see :class:`HashGridEncoding`)."""
-
-    n_levels: int = 16
-    n_features_per_level: int = 2
-    log2_hashmap_size: int = 16
-    base_resolution: int = 16
-    finest_resolution: int = 2048
+from avatar.nerf.grid import GridConfig
 
 
 @dataclass

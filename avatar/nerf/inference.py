@@ -13,7 +13,7 @@ from avatar.errors import BundleCorrupt, InvalidInput
 from avatar.nerf.model import HeadNerf, TorsoNerf, load_head, load_torso
 from avatar.nerf.rays import box_pixel_bounds_batch, camera_rays
 from avatar.nerf.render import composite, render_head_rays
-from avatar.runtime import configure_threads
+from avatar.runtime import configure_threads, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def load_nerf(path: str | Path, device: str | torch.device | None = None, n_samp
     path = Path(path)
     if not (path / "head").is_dir():
         raise BundleCorrupt(f"{path} has no head/ NeRF; train one with `avatar train-nerf DATASET --out {path}`")
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     head, info = load_head(path / "head", dev)
     torso = None
     if (path / "torso" / "metrics.json").is_file():  # written last: the part is complete

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from avatar.errors import InvalidInput
-from avatar.nerf.fields import GridConfig, HeadConfig, TorsoConfig
+from avatar.nerf.fields import HeadConfig, TorsoConfig
+from avatar.nerf.grid import GridConfig
 
 
 @dataclass

@@ -32,17 +32,11 @@ from avatar.nerf.model import (HeadNerf, TorsoNerf, atomic_save, build_head, bui
 from avatar.nerf.presets import NerfConfig, get_preset
 from avatar.nerf.rays import box_pixel_bounds, camera_rays
 from avatar.nerf.render import composite, render_head_rays
-from avatar.runtime import configure_threads
+from avatar.runtime import configure_threads, resolve_device
 
 log = logging.getLogger(__name__)
 
 PARTS = ("head", "torso")
-
-
-def _device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def landmark_window(n_frames: int, idx: np.ndarray, window: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
@@ -335,7 +329,9 @@ def _psnr(mse: float) -> float:
     return float(-10 * math.log10(max(mse, 1e-10)))
 
 
-def _train_part(part: str, scene: _Scene, out: Path, steps: int, seed: int, progress: bool, callback, cancel,
+# noqa below: the training loop in one place (resume, budget, cancel, occupancy updates, the step, divergence,
+# logging, checkpoints); its steps are already functions, and splitting the bookkeeping would scatter the loop state
+def _train_part(part: str, scene: _Scene, out: Path, steps: int, seed: int, progress: bool, callback, cancel,  # noqa: C901
                 head_frozen: HeadNerf | None = None, max_seconds: float | None = None) -> dict:
     cfg, dev = scene.cfg, scene.device
     pdir = out / part
@@ -379,7 +375,7 @@ def _train_part(part: str, scene: _Scene, out: Path, steps: int, seed: int, prog
             break
         if cancel is not None and cancel.is_set():
             ckpt.save(step, model, opt, rng, gen, {"losses": losses})
-            from avatar.pipeline.onboard import Cancelled
+            from avatar.errors import Cancelled
             raise Cancelled(f"NeRF {part} training cancelled at step {step}; rerun to resume")
         _set_lr(opt, cfg, step, steps)
         if nerfacc_on:
@@ -417,7 +413,8 @@ def _train_part(part: str, scene: _Scene, out: Path, steps: int, seed: int, prog
     model.eval()
     if nerfacc_on:  # the PyTorch grid (CPU rendering of this model) follows the estimator
         model.occ.density = grid_from_estimator(model.estimator, render_step_size(model.field.aabb, cfg.train.n_samples))
-    metrics = {"part": part, "steps": step, "steps_planned": steps, "seed": seed, "train_psnr_last": _psnr(float(np.mean(losses[-20:]))) if losses else None,
+    metrics = {"part": part, "steps": step, "steps_planned": steps, "seed": seed,
+               "train_psnr_last": _psnr(float(np.mean(losses[-20:]))) if losses else None,
                "seconds_this_run": round(time.perf_counter() - t_start, 1), "preset": cfg.preset}
     if len(scene.val):
         metrics["val_psnr_preview"] = _val_psnr(part, model, head_frozen, scene)
@@ -572,7 +569,7 @@ def train_nerf(dataset: str | Path, out: str | Path, part: str = "all", preset: 
     if steps is not None and steps < 1:
         raise InvalidInput(f"--steps must be >= 1, got {steps}")
     cfg = get_preset(preset)
-    dev = _device(device)
+    dev = resolve_device(device)
     configure_threads()  # torch threads = CPUs this process may use (affinity, cgroup quota)
     ds = Dataset(dataset)
     scene = _Scene(ds, cfg, dev)

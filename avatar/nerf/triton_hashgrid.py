@@ -33,7 +33,7 @@ import logging
 
 import torch
 
-from avatar.nerf.encoding import HashGridConfig, level_layout
+from avatar.nerf.grid import HashGridConfig, level_layout
 
 log = logging.getLogger(__name__)
 

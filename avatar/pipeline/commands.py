@@ -110,6 +110,9 @@ def cmd_render(args) -> int:
 def cmd_list(args) -> int:
     st = _store(args)
     rows = st.list(include_broken=True)
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
     if not rows:
         print(f"no avatars in {st.root}; create one with `avatar onboard VIDEO --name NAME`")
         return 0
@@ -133,7 +136,7 @@ def cmd_delete(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from avatar.pipeline.demo import run_demo
+    from recipes.demo import run_demo
 
     return run_demo(Path(args.data), Path(args.out), preset=args.preset)
 
@@ -166,6 +169,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("list", help="list avatars in the store")
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list (broken ones with a 'broken' reason)")
     _add_store(p)
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("show", help="print an avatar's manifest")

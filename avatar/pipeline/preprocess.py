@@ -142,7 +142,7 @@ def _tool_versions(extra: dict | None = None) -> dict:
         "av": av.__version__,
         "opencv": cv2.__version__,
         "scipy": scipy.__version__,
-        "librosa": librosa.__version__,
+        "librosa": librosa.__version__,  # type: ignore[attr-defined]
         "torch": torch.__version__,
     }
     out.update(extra or {})
@@ -169,11 +169,13 @@ def _detect_crop(video: Path, info, n_frames: int, cfg: PreprocessConfig, progre
             bar.update(1)
     boxes, several = select_track(detections)
     if len(boxes) == 0:
-        raise NoFaceDetected(f"{video}: no face found in {len(detections)} sampled frames; pass a video where one face is clearly visible (frontal, well lit)")
+        raise NoFaceDetected(f"{video}: no face found in {len(detections)} sampled frames; pass a video where one face "
+                             "is clearly visible (frontal, well lit)")
     if several:
         log.info("several faces in the clip; following the largest face's track (%d of %d samples)", len(boxes), len(detections))
     crop = choose_crop(boxes, info.width, info.height, scale=cfg.crop_scale, face_y=cfg.face_y)
-    log.info("crop window x0=%d y0=%d side=%d of %dx%d (face found in %d/%d samples)", crop.x0, crop.y0, crop.side, info.width, info.height, len(boxes), len(detections))
+    log.info("crop window x0=%d y0=%d side=%d of %dx%d (face found in %d/%d samples)", crop.x0, crop.y0, crop.side,
+             info.width, info.height, len(boxes), len(detections))
     return crop, len(boxes), len(detections)
 
 

@@ -34,7 +34,8 @@ def _draw_frame(frame, labels, lm2d, pose, intr: Intrinsics, axis_len_m: float) 
     return img
 
 
-def contact_sheet(frames, masks, lm2d, poses, intr: Intrinsics, head_scale: float, path: str | Path, n: int = 12, cols: int = 4, tile: int = 256) -> None:
+def contact_sheet(frames, masks, lm2d, poses, intr: Intrinsics, head_scale: float, path: str | Path, n: int = 12,
+                  cols: int = 4, tile: int = 256) -> None:
     """Write a PNG grid of ``n`` evenly spaced frames with landmarks, head axes and mask tint.
 
     Args:

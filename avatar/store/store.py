@@ -1,6 +1,7 @@
 """Avatar store on disk: list / info / delete / paths, with name validation."""
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import re
@@ -141,7 +142,7 @@ class AvatarStore:
                     out.append({"name": name, "broken": str(e)})
         return out
 
-    def clean_stale(self, work_max_age_days: float = 7.0) -> list[Path]:
+    def clean_stale(self, work_max_age_days: float = 7.0) -> builtins.list[Path]:  # `list` is a method here
         """Remove leftovers of killed writers and abandoned onboardings (run at server start-up).
 
         Removes, where the writing process is no longer running: half-assembled bundles

@@ -27,6 +27,7 @@ from torch import nn
 
 from avatar.data.dataset import MOUTH
 from avatar.errors import BundleCorrupt, InvalidInput
+from avatar.runtime import resolve_device
 
 from .geometry import (ASYMMETRIC, MOVABLE, MOVABLE_MASK, SPEECH, causal_windows, cosine, norm,
                        region_scale, speech_features, symmetrize)
@@ -224,7 +225,7 @@ def fit_emotion_net(x, labels, y, w, stats, cfg: EmotionConfig, progress: bool =
     """Train :class:`EmotionNet` by weighted MSE on the movable points (CPU or CUDA).
 
     ``stats`` is a :class:`~.neutral.NeutralStats` (or a float [68, 3] template)."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device().type
     threads = torch.get_num_threads()
     if dev == "cpu":
         torch.set_num_threads(1)  # a small MLP: extra threads only oversubscribe shared CPUs (measured 20x slower)
