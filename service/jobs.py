@@ -520,8 +520,11 @@ class JobManager:
         if self.inputs.is_dir():  # inputs no live job refers to (a server killed between move and save)
             live = {j.video.name for j, _ in self.table.unfinished()}
             for path in self.inputs.iterdir():
-                if path.name not in live and now - path.stat().st_mtime > 3600:
-                    path.unlink(missing_ok=True)
+                try:
+                    if path.name not in live and now - path.stat().st_mtime > 3600:
+                        path.unlink(missing_ok=True)
+                except OSError:  # removed meanwhile by another server
+                    pass
 
     # ---- internals (hold self._cond) ----------------------------------------------------------
     def _changed(self, job: JobRecord) -> None:
