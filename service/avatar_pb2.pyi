@@ -52,7 +52,7 @@ class AvatarInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., fps: _Optional[float] = ..., created: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RenderOptions(_message.Message):
-    __slots__ = ("emotion", "emotion_strength", "still", "blink", "blink_rate", "temperature", "seed", "size", "head_speed", "head_amplitude")
+    __slots__ = ("emotion", "emotion_strength", "still", "blink", "blink_rate", "temperature", "seed", "size", "head_speed", "head_amplitude", "lle_blend")
     EMOTION_FIELD_NUMBER: _ClassVar[int]
     EMOTION_STRENGTH_FIELD_NUMBER: _ClassVar[int]
     STILL_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class RenderOptions(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     HEAD_SPEED_FIELD_NUMBER: _ClassVar[int]
     HEAD_AMPLITUDE_FIELD_NUMBER: _ClassVar[int]
+    LLE_BLEND_FIELD_NUMBER: _ClassVar[int]
     emotion: str
     emotion_strength: float
     still: bool
@@ -73,7 +74,8 @@ class RenderOptions(_message.Message):
     size: int
     head_speed: float
     head_amplitude: float
-    def __init__(self, emotion: _Optional[str] = ..., emotion_strength: _Optional[float] = ..., still: _Optional[bool] = ..., blink: _Optional[bool] = ..., blink_rate: _Optional[float] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., size: _Optional[int] = ..., head_speed: _Optional[float] = ..., head_amplitude: _Optional[float] = ...) -> None: ...
+    lle_blend: float
+    def __init__(self, emotion: _Optional[str] = ..., emotion_strength: _Optional[float] = ..., still: _Optional[bool] = ..., blink: _Optional[bool] = ..., blink_rate: _Optional[float] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., size: _Optional[int] = ..., head_speed: _Optional[float] = ..., head_amplitude: _Optional[float] = ..., lle_blend: _Optional[float] = ...) -> None: ...
 
 class FrameEncoding(_message.Message):
     __slots__ = ("format", "jpeg_quality")

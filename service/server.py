@@ -216,7 +216,7 @@ def render_options(msg: pb.RenderOptions):
     kw = {"still": msg.still, "seed": int(msg.seed), "size": msg.size or None}
     if msg.emotion:
         kw["emotion"] = msg.emotion
-    for name in ("emotion_strength", "blink", "blink_rate", "temperature", "head_speed", "head_amplitude"):
+    for name in ("emotion_strength", "blink", "blink_rate", "temperature", "head_speed", "head_amplitude", "lle_blend"):
         if msg.HasField(name):
             kw[name] = getattr(msg, name)
     opts = RenderOptions(**kw)
