@@ -102,6 +102,56 @@ def test_stream_equals_batch_any_chunking(av, speech):
     assert session._audio_offset > 0 and session._audio_offset + len(session._audio) == len(speech)
 
 
+def test_stream_lazy_pull_rewind_and_silence(av, speech):
+    """feed/pull (one frame per step) equals batch; silence padding makes the next frame final; after
+    rewind(k) + new audio, every frame from k + W//2 on equals the batch render of the audio kept
+    before k followed by the new audio (what a barge-in shows)."""
+    import avatar.api as api
+
+    opts = api.RenderOptions(seed=5, size=32)
+    a, b = speech[:32000], speech[32000:41000]
+    batch = list(av.render(np.concatenate([a, b]), opts))
+    s = av.stream(opts)
+    got = []
+    for i in range(0, len(a) + len(b), 2500):
+        s.feed(np.concatenate([a, b])[i:i + 2500])
+        step = s.pull()
+        got += [f for _, f in step]
+    s.end()
+    got += [f for _, f in s.pull()]
+    assert len(got) == len(batch) and all(np.array_equal(x, y) for x, y in zip(got, batch))
+
+    # silence_needed: exactly enough silence for the next frame, nothing more
+    s = av.stream(opts)
+    n = s.silence_needed()
+    s.feed(np.zeros(n - 1, np.float32))
+    assert list(s.pull()) == []
+    s.feed(np.zeros(1, np.float32))
+    it = s.pull()
+    assert next(it)[0] == 0 and s.silence_needed() == 0  # frame 1 is final too: one block of 8 was computed
+    assert [t for t, _ in it] == list(range(1, 8 - av.models.nerf.window // 2))
+    assert s.silence_needed() == 8 * 640
+
+    # rewind: speech a, frames shown up to k, then new audio b replaces the rest
+    s = av.stream(opts)
+    s.rewind_frames = 30
+    s.feed(a)
+    shown = [t for t, _ in s.pull()]
+    k = shown[-1] - 3
+    dropped = s.rewind(k)
+    assert dropped == len(a) - k * 640 and s.frames_emitted == k
+    s.feed(b)
+    s.end()
+    after = dict(s.pull())
+    assert min(after) == k
+    ref = list(av.render(np.concatenate([a[:k * 640], b]), opts))
+    half = av.models.nerf.window // 2
+    assert len(after) + k == len(ref)
+    assert all(np.array_equal(after[t], ref[t]) for t in range(k + half, len(ref)))
+    with pytest.raises(InvalidInput):
+        s.rewind(0)  # finished
+
+
 def test_bad_inputs(av, tiny_avatar, tmp_path):
     import avatar.api as api
 

@@ -252,9 +252,17 @@ class StreamSession:
     Frames equal those of a batch :meth:`Avatar.render` with the same audio and options, for
     any chunking. ``push`` accepts float32 mono 16 kHz chunks of any size (including empty).
 
+    Two ways to drive it: ``push(pcm)`` / ``finish()`` return every frame that became final; or
+    ``feed(pcm)`` / ``end()`` append audio and :meth:`pull` yields the final frames one at a time,
+    computing a motion block only when the next frame needs it (a caller can stop between frames:
+    deadlines, cancellation, barge-in). Both give the same frames. A real-time caller can also pad
+    silence (:meth:`silence_needed`, idle frames) and drop what was not shown yet (:meth:`rewind`).
+
     Attributes:
         lookahead_s: worst-case audio (seconds) needed after a frame's own audio before it is
             emitted: ``(BLOCK + CTX_RIGHT + W//2) / 25``.
+        rewind_frames: how many already-emitted frames :meth:`rewind` must be able to go back over
+            (the session keeps the audio their motion blocks read); 0 = keep only what later blocks read.
     """
 
     def __init__(self, models, options: RenderOptions):
@@ -267,9 +275,17 @@ class StreamSession:
         self._audio_offset = 0  # absolute sample index of self._audio[0] (older samples are dropped)
         self._lm3d = np.zeros((0, 68, 3), dtype=np.float32)
         self._next_block = 0
+        self._total: int | None = None  # frame count once the audio ended
+        self._keep: tuple[int, np.ndarray] | None = None  # (frame, landmarks) kept over a rewind
         self.frames_emitted = 0
         self.finished = False
+        self.rewind_frames = 0
         self.lookahead_s = (BLOCK + CTX_RIGHT + self.frames.window // 2) / FPS
+
+    @property
+    def samples(self) -> int:
+        """Audio samples (16 kHz) received so far, silence padding included."""
+        return self._audio_offset + len(self._audio)
 
     def set_options(self, **changes) -> None:
         """Change options mid-stream (emotion, emotion_strength, lle_blend); applies to frames whose
@@ -285,17 +301,56 @@ class StreamSession:
         self.options = self.options.updated(**changes)
         self.motion.set_options(self.options)
 
-    def push(self, pcm: np.ndarray) -> list[np.ndarray]:
-        """Append audio; return the frames (uint8 [S,S,3]) that became final, in order."""
+    def feed(self, pcm: np.ndarray) -> None:
+        """Append audio (float32 16 kHz, any length) without computing anything; see :meth:`pull`."""
         if self.finished:
             raise InvalidInput("stream already finished")
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
         if pcm.size and not np.isfinite(pcm).all():
             raise InvalidInput("audio chunk contains NaN or Inf samples")
-        self._audio = np.concatenate([self._audio, pcm])
-        while (self._next_block + 1) * BLOCK + CTX_RIGHT <= (self._audio_offset + len(self._audio)) / SAMPLES_PER_FRAME:
-            self._compute_block(None)
-        return self._emit(final_len=None)
+        if pcm.size:
+            self._audio = np.concatenate([self._audio, pcm])
+
+    def end(self) -> None:
+        """End of audio (nothing computed yet; :meth:`pull` then yields the tail).
+
+        Raises:
+            NoAudio: no audio was pushed at all.
+        """
+        if self.samples == 0:
+            raise NoAudio("no audio was received; send audio chunks before ending the stream")
+        self.finished = True
+        self._total = n_frames_for(self.samples)
+
+    def pull(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(index, frame)`` for every frame final with the audio fed so far, one NeRF render
+        per step; a motion block is computed only when the next frame needs it. Audio fed while the
+        iterator is suspended is used by it; closing it early loses nothing."""
+        half = self.frames.window // 2
+        while True:
+            n = len(self._lm3d)
+            total = self._total
+            if total is not None and self._next_block * BLOCK >= total:
+                self._lm3d = self._lm3d[:total]
+                limit = bound = min(n, total)
+            else:
+                limit, bound = n - half, n
+            if self.frames_emitted < limit:
+                t = self.frames_emitted
+                frame = self.frames.frame(t, self._lm3d, bound)
+                self.frames_emitted = t + 1
+                yield t, frame
+            elif total is not None and self._next_block * BLOCK < total:
+                self._compute_block(total)
+            elif total is None and (self._next_block + 1) * BLOCK + CTX_RIGHT <= self.samples / SAMPLES_PER_FRAME:
+                self._compute_block(None)
+            else:
+                return
+
+    def push(self, pcm: np.ndarray) -> list[np.ndarray]:
+        """Append audio; return the frames (uint8 [S,S,3]) that became final, in order."""
+        self.feed(pcm)
+        return [frame for _, frame in self.pull()]
 
     def finish(self) -> list[np.ndarray]:
         """End of audio: compute the tail and return the remaining frames.
@@ -303,35 +358,64 @@ class StreamSession:
         Raises:
             NoAudio: no audio was pushed at all.
         """
-        if self._audio_offset + self._audio.size == 0:
-            raise NoAudio("no audio was received; send audio chunks before ending the stream")
-        self.finished = True
-        total = n_frames_for(self._audio_offset + len(self._audio))
-        while self._next_block * BLOCK < total:
-            self._compute_block(total)
-        self._lm3d = self._lm3d[:total]
-        return self._emit(final_len=total)
+        self.end()
+        return [frame for _, frame in self.pull()]
+
+    def silence_needed(self) -> int:
+        """Samples of silence to :meth:`feed` so that the next frame becomes final (idle frames while no
+        audio arrives: the generator's resting face, blinks and the head track go on); 0 if it already is."""
+        if self.finished:
+            return 0
+        need_lm = self.frames_emitted + self.frames.window // 2 + 1
+        blocks = max(-(-need_lm // BLOCK), self._next_block)
+        return max(0, (blocks * BLOCK + CTX_RIGHT) * SAMPLES_PER_FRAME - self.samples)
+
+    def rewind(self, frame: int) -> int:
+        """Forget the audio from frame ``frame`` on (sample ``frame * 640``) and the frames emitted from
+        it (barge-in): the next :meth:`pull` yields frame ``min(frame, emitted)`` again, computed from
+        the audio fed after this call. Emitted frames before ``frame`` keep their landmarks (their
+        motion block is recomputed, the shown values are kept). Returns the samples dropped.
+
+        Raises:
+            InvalidInput: ``frame`` is negative or further back than :attr:`rewind_frames`, or the
+                stream finished.
+        """
+        if self.finished:
+            raise InvalidInput("stream already finished")
+        b = min(frame // BLOCK, self._next_block)
+        need = (b * BLOCK - self.motion.ctx_left) * SAMPLES_PER_FRAME
+        if frame < 0 or frame < self.frames_emitted - self.rewind_frames or max(need, 0) < self._audio_offset:
+            raise InvalidInput(f"cannot rewind to frame {frame} (emitted {self.frames_emitted}, "
+                               f"rewind_frames {self.rewind_frames})")
+        cut = frame * SAMPLES_PER_FRAME
+        dropped = max(0, self.samples - cut)
+        self._audio = self._audio[: max(0, cut - self._audio_offset)].copy()
+        shown = min(frame, self.frames_emitted)
+        self._keep = (shown, self._lm3d[b * BLOCK: shown].copy()) if shown > b * BLOCK else None
+        self._lm3d = self._lm3d[: b * BLOCK]
+        self._next_block = b
+        self.frames_emitted = shown
+        return dropped
 
     def _compute_block(self, total: int | None) -> None:
         lm = self.motion.block(self._next_block, self._audio, total, offset=self._audio_offset)
+        if self._keep is not None:  # frames already shown before a rewind keep their landmarks
+            frame, kept = self._keep
+            if frame // BLOCK == self._next_block:
+                lm = lm.copy()
+                lm[: len(kept)] = kept[: len(lm)]
+            self._keep = None
         self._lm3d = np.concatenate([self._lm3d, lm])
         self._next_block += 1
-        # drop the samples no later block reads (a live session would otherwise grow without bound)
-        keep_from = max(0, (self._next_block * BLOCK - self.motion.ctx_left) * SAMPLES_PER_FRAME)
+        # drop the samples no later block reads (a live session would otherwise grow without bound);
+        # keep what a rewind over the last ``rewind_frames`` frames would read again
+        oldest = self._next_block
+        if self.rewind_frames:
+            oldest = min(oldest, max(0, self.frames_emitted - self.rewind_frames) // BLOCK)
+        keep_from = max(0, (oldest * BLOCK - self.motion.ctx_left) * SAMPLES_PER_FRAME)
         if keep_from - self._audio_offset >= SAMPLES_PER_FRAME * BLOCK:
             self._audio = self._audio[keep_from - self._audio_offset:].copy()
             self._audio_offset = keep_from
-
-    def _emit(self, final_len: int | None) -> list[np.ndarray]:
-        half = self.frames.window // 2
-        n = len(self._lm3d)
-        limit = n if final_len is not None else n - half
-        out = []
-        while self.frames_emitted < limit:
-            bound = final_len if final_len is not None else n
-            out.append(self.frames.frame(self.frames_emitted, self._lm3d, bound))
-            self.frames_emitted += 1
-        return out
 
     def landmarks(self) -> np.ndarray:
         """float32 [n, 68, 3] canonical landmarks computed so far."""
@@ -359,9 +443,11 @@ def render_frames(models, audio, options: RenderOptions | None = None) -> Iterat
     wav = as_waveform(audio)
     session = StreamSession(models, options)
     step = BLOCK * SAMPLES_PER_FRAME
-    for s in range(0, len(wav), step):
-        yield from session.push(wav[s : s + step])
-    yield from session.finish()
+    for s in range(0, len(wav), step):  # one frame per step: a consumer that stops stops the work
+        session.feed(wav[s : s + step])
+        yield from (frame for _, frame in session.pull())
+    session.end()
+    yield from (frame for _, frame in session.pull())
 
 
 def render_to_mp4(models, audio, out: str | Path, options: RenderOptions | None = None,
