@@ -86,16 +86,20 @@ class FrameEncoding(_message.Message):
     def __init__(self, format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("index", "timestamp_s", "image", "format")
+    __slots__ = ("index", "timestamp_s", "image", "format", "audio", "idle")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
     index: int
     timestamp_s: float
     image: bytes
     format: ImageFormat
-    def __init__(self, index: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., image: _Optional[bytes] = ..., format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+    audio: bytes
+    idle: bool
+    def __init__(self, index: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., image: _Optional[bytes] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., audio: _Optional[bytes] = ..., idle: _Optional[bool] = ...) -> None: ...
 
 class RenderRequest(_message.Message):
     __slots__ = ("avatar", "audio", "options", "encoding")
@@ -162,18 +166,24 @@ class AudioFormat(_message.Message):
     def __init__(self, encoding: _Optional[_Union[AudioFormat.Encoding, str]] = ..., sample_rate: _Optional[int] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
-    __slots__ = ("avatar", "audio_format", "options", "encoding", "realtime")
+    __slots__ = ("avatar", "audio_format", "options", "encoding", "realtime", "idle_frames", "output_audio", "frame_audio")
     AVATAR_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FORMAT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     REALTIME_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    FRAME_AUDIO_FIELD_NUMBER: _ClassVar[int]
     avatar: str
     audio_format: AudioFormat
     options: RenderOptions
     encoding: FrameEncoding
     realtime: bool
-    def __init__(self, avatar: _Optional[str] = ..., audio_format: _Optional[_Union[AudioFormat, _Mapping]] = ..., options: _Optional[_Union[RenderOptions, _Mapping]] = ..., encoding: _Optional[_Union[FrameEncoding, _Mapping]] = ..., realtime: _Optional[bool] = ...) -> None: ...
+    idle_frames: bool
+    output_audio: AudioFormat
+    frame_audio: bool
+    def __init__(self, avatar: _Optional[str] = ..., audio_format: _Optional[_Union[AudioFormat, _Mapping]] = ..., options: _Optional[_Union[RenderOptions, _Mapping]] = ..., encoding: _Optional[_Union[FrameEncoding, _Mapping]] = ..., realtime: _Optional[bool] = ..., idle_frames: _Optional[bool] = ..., output_audio: _Optional[_Union[AudioFormat, _Mapping]] = ..., frame_audio: _Optional[bool] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
     __slots__ = ("data",)
@@ -193,53 +203,81 @@ class EndOfAudio(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Interrupt(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class StreamRenderRequest(_message.Message):
-    __slots__ = ("config", "audio", "options_update", "end_of_audio")
+    __slots__ = ("config", "audio", "options_update", "end_of_audio", "interrupt")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_UPDATE_FIELD_NUMBER: _ClassVar[int]
     END_OF_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPT_FIELD_NUMBER: _ClassVar[int]
     config: StreamConfig
     audio: AudioChunk
     options_update: OptionsUpdate
     end_of_audio: EndOfAudio
-    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., options_update: _Optional[_Union[OptionsUpdate, _Mapping]] = ..., end_of_audio: _Optional[_Union[EndOfAudio, _Mapping]] = ...) -> None: ...
+    interrupt: Interrupt
+    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., options_update: _Optional[_Union[OptionsUpdate, _Mapping]] = ..., end_of_audio: _Optional[_Union[EndOfAudio, _Mapping]] = ..., interrupt: _Optional[_Union[Interrupt, _Mapping]] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
-    __slots__ = ("request_id", "avatar", "size", "fps", "lookahead_s", "start_time_unix_ns")
+    __slots__ = ("request_id", "avatar", "size", "fps", "lookahead_s", "start_time_unix_ns", "output_audio", "max_idle_s", "idle_frames")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     AVATAR_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
     LOOKAHEAD_S_FIELD_NUMBER: _ClassVar[int]
     START_TIME_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    MAX_IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FRAMES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     avatar: AvatarInfo
     size: int
     fps: float
     lookahead_s: float
     start_time_unix_ns: int
-    def __init__(self, request_id: _Optional[str] = ..., avatar: _Optional[_Union[AvatarInfo, _Mapping]] = ..., size: _Optional[int] = ..., fps: _Optional[float] = ..., lookahead_s: _Optional[float] = ..., start_time_unix_ns: _Optional[int] = ...) -> None: ...
+    output_audio: AudioFormat
+    max_idle_s: float
+    idle_frames: bool
+    def __init__(self, request_id: _Optional[str] = ..., avatar: _Optional[_Union[AvatarInfo, _Mapping]] = ..., size: _Optional[int] = ..., fps: _Optional[float] = ..., lookahead_s: _Optional[float] = ..., start_time_unix_ns: _Optional[int] = ..., output_audio: _Optional[_Union[AudioFormat, _Mapping]] = ..., max_idle_s: _Optional[float] = ..., idle_frames: _Optional[bool] = ...) -> None: ...
 
 class StreamSummary(_message.Message):
-    __slots__ = ("frames", "audio_duration_s", "first_frame_latency_s")
+    __slots__ = ("frames", "audio_duration_s", "first_frame_latency_s", "idle_frames", "interrupts")
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     AUDIO_DURATION_S_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPTS_FIELD_NUMBER: _ClassVar[int]
     frames: int
     audio_duration_s: float
     first_frame_latency_s: float
-    def __init__(self, frames: _Optional[int] = ..., audio_duration_s: _Optional[float] = ..., first_frame_latency_s: _Optional[float] = ...) -> None: ...
+    idle_frames: int
+    interrupts: int
+    def __init__(self, frames: _Optional[int] = ..., audio_duration_s: _Optional[float] = ..., first_frame_latency_s: _Optional[float] = ..., idle_frames: _Optional[int] = ..., interrupts: _Optional[int] = ...) -> None: ...
+
+class Interrupted(_message.Message):
+    __slots__ = ("next_frame", "dropped_audio_s", "dropped_frames")
+    NEXT_FRAME_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_AUDIO_S_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    next_frame: int
+    dropped_audio_s: float
+    dropped_frames: int
+    def __init__(self, next_frame: _Optional[int] = ..., dropped_audio_s: _Optional[float] = ..., dropped_frames: _Optional[int] = ...) -> None: ...
 
 class StreamRenderResponse(_message.Message):
-    __slots__ = ("header", "frame", "summary")
+    __slots__ = ("header", "frame", "summary", "interrupted")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
     header: StreamHeader
     frame: Frame
     summary: StreamSummary
-    def __init__(self, header: _Optional[_Union[StreamHeader, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., summary: _Optional[_Union[StreamSummary, _Mapping]] = ...) -> None: ...
+    interrupted: Interrupted
+    def __init__(self, header: _Optional[_Union[StreamHeader, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., summary: _Optional[_Union[StreamSummary, _Mapping]] = ..., interrupted: _Optional[_Union[Interrupted, _Mapping]] = ...) -> None: ...
 
 class OnboardMetadata(_message.Message):
     __slots__ = ("name", "preset", "overwrite", "filename")

@@ -108,11 +108,16 @@ class AvatarServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamRender(self, request_iterator, context):
-        """Real-time session. Client sends StreamConfig first, then AudioChunk / OptionsUpdate messages
-        in any order, then EndOfAudio. Server sends a StreamHeader (with lookahead_s: the audio needed
-        after a frame before it can be rendered, i.e. the minimum latency), then Frames as soon as
-        their audio context has arrived (paced at fps unless realtime=false), then a StreamSummary
-        after EndOfAudio. Frames are never dropped or duplicated. Scope: render.
+        """Real-time session. Client sends StreamConfig first, then AudioChunk / OptionsUpdate / Interrupt
+        messages in any order, then EndOfAudio. Server sends a StreamHeader (with lookahead_s: the audio
+        needed after a frame before it can be rendered, i.e. the minimum latency), then Frames as soon
+        as their audio context has arrived (paced at fps unless realtime=false), each with its own
+        40 ms of audio, then a StreamSummary after EndOfAudio. Frames are never duplicated; indices are
+        consecutive. While no audio arrives the server sends idle frames (resting face, blinks, the head
+        track) at fps (idle_frames, default on with realtime); after max_idle_s without audio the stream
+        ends with DEADLINE_EXCEEDED ("idle limit reached"). Interrupt (barge-in) drops the audio and
+        frames not yet sent and returns to idle; the server answers Interrupted. The call's deadline and
+        cancellation are checked before every frame. Scope: render.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

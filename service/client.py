@@ -29,15 +29,30 @@ FORMATS = {"jpeg": pb.IMAGE_FORMAT_JPEG, "png": pb.IMAGE_FORMAT_PNG}
 _OPTIONAL = ("emotion_strength", "blink", "blink_rate", "temperature", "head_speed", "head_amplitude")
 
 
+#: put this in StreamRender's ``chunks`` to interrupt (barge-in): drop the queued audio, back to idle
+INTERRUPT = "interrupt"
+
+
 @dataclasses.dataclass
 class Frame:
     """One decoded frame: ``image`` uint8 [S, S, 3] RGB; ``timestamp_s`` = index / fps; ``received`` =
-    ``time.monotonic()`` at arrival (client-side latency measurements)."""
+    ``time.monotonic()`` at arrival (client-side latency measurements). StreamRender frames also have
+    ``audio`` (float32 mono, this frame's 40 ms at ``header.output_audio.sample_rate``) and ``idle``
+    (an idle frame: the server inserted silence because no audio arrived)."""
 
     index: int
     timestamp_s: float
     image: np.ndarray
     received: float
+    audio: np.ndarray | None = None
+    idle: bool = False
+
+
+def decode_pcm(data: bytes, encoding: int) -> np.ndarray:
+    """Raw little-endian PCM16 / float32 bytes -> float32 samples in [-1, 1]."""
+    if encoding == pb.AudioFormat.ENCODING_PCM16:
+        return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+    return np.frombuffer(data, "<f4").astype(np.float32)
 
 
 def options_msg(options: dict | None) -> pb.RenderOptions:
@@ -74,6 +89,8 @@ class FrameCall:
     Attributes:
         header: the RenderHeader / StreamHeader (available after the first frame or :meth:`wait_header`).
         summary: the RenderSummary / StreamSummary (after iteration ends).
+        interrupts: StreamRender's ``Interrupted`` answers, with ``received`` (monotonic) as
+            ``(message, received)`` pairs.
     """
 
     def __init__(self, call, decode: bool = True):
@@ -81,6 +98,7 @@ class FrameCall:
         self._decode = decode
         self.header = None
         self.summary = None
+        self.interrupts: list = []
 
     def __iter__(self) -> Iterator[Frame]:
         for resp in self._call:
@@ -90,9 +108,12 @@ class FrameCall:
             elif kind == "frame":
                 f = resp.frame
                 image = decode_frame(f.image) if self._decode else f.image
-                yield Frame(int(f.index), float(f.timestamp_s), image, time.monotonic())
+                audio = decode_pcm(f.audio, self.header.output_audio.encoding) if f.audio else None
+                yield Frame(int(f.index), float(f.timestamp_s), image, time.monotonic(), audio, f.idle)
             elif kind == "summary":
                 self.summary = resp.summary
+            elif kind == "interrupted":
+                self.interrupts.append((resp.interrupted, time.monotonic()))
 
     def cancel(self) -> None:
         """Cancel the call; the server stops rendering."""
@@ -153,18 +174,34 @@ class AvatarClient:
     def stream(self, avatar: str, chunks: Iterable, options: dict | None = None, sample_rate: int = SAMPLE_RATE,
                encoding: str = "float32", image_format: str = "jpeg", jpeg_quality: int = 0,
                realtime: bool = True, timeout: float | None = None, decode: bool = True,
-               end: bool = True) -> FrameCall:
+               end: bool = True, idle_frames: bool | None = None, output_rate: int | None = None,
+               output_encoding: str | None = None, frame_audio: bool | None = None) -> FrameCall:
         """Real-time session. ``chunks`` yields audio (float32 arrays, or raw bytes already in
-        ``encoding``) or dicts of mid-stream option changes (``{"emotion": "happy"}``); it is
-        consumed lazily, so a generator can pace the audio. ``end`` sends EndOfAudio afterwards."""
-        enc = {"float32": pb.AudioFormat.ENCODING_FLOAT32, "pcm16": pb.AudioFormat.ENCODING_PCM16}[encoding]
+        ``encoding``), dicts of mid-stream option changes (``{"emotion": "happy"}``) or
+        :data:`INTERRUPT` (barge-in); it is consumed lazily, so a generator can pace the audio. ``end``
+        sends EndOfAudio afterwards. ``idle_frames`` (default: as ``realtime``): idle frames while no
+        audio arrives. ``output_rate`` / ``output_encoding``: the frames' audio (default: as the input);
+        ``frame_audio=False``: none."""
+        encodings = {"float32": pb.AudioFormat.ENCODING_FLOAT32, "pcm16": pb.AudioFormat.ENCODING_PCM16}
+        enc = encodings[encoding]
 
         def requests():
-            yield pb.StreamRenderRequest(config=pb.StreamConfig(
+            cfg = pb.StreamConfig(
                 avatar=avatar, audio_format=pb.AudioFormat(encoding=enc, sample_rate=sample_rate),
                 options=options_msg(options), realtime=realtime,
-                encoding=pb.FrameEncoding(format=FORMATS[image_format], jpeg_quality=jpeg_quality)))
+                encoding=pb.FrameEncoding(format=FORMATS[image_format], jpeg_quality=jpeg_quality))
+            if idle_frames is not None:
+                cfg.idle_frames = idle_frames
+            if frame_audio is not None:
+                cfg.frame_audio = frame_audio
+            if output_rate is not None or output_encoding is not None:
+                cfg.output_audio.CopyFrom(pb.AudioFormat(encoding=encodings[output_encoding or encoding],
+                                                         sample_rate=output_rate or sample_rate))
+            yield pb.StreamRenderRequest(config=cfg)
             for chunk in chunks:
+                if isinstance(chunk, str) and chunk == INTERRUPT:
+                    yield pb.StreamRenderRequest(interrupt=pb.Interrupt())
+                    continue
                 if isinstance(chunk, dict):
                     yield pb.StreamRenderRequest(options_update=pb.OptionsUpdate(**chunk))
                     continue

@@ -6,11 +6,10 @@ Serving design (anchors: NVIDIA Audio2Face-3D's bidirectional audio->animation s
   then stream ``Avatar.render`` frames as JPEG/PNG. Lazy: a cancelled or expired call stops the
   render at the next frame and drops its buffers.
 - **StreamRender**: a reader thread queues client messages; the call's thread decodes PCM
-  (streaming resampler), feeds :class:`avatar.api.StreamSession` and emits frames as soon as they
-  are final. Latency = ``StreamSession.lookahead_s`` of audio after a frame (sent in the header)
-  plus render time. With ``realtime`` (default), frame ``i`` is not sent before
-  ``t0 + i / fps`` where ``t0`` is when frame 0 was sent; frames that are late go at once, so the
-  client's playout buffer only needs to cover render jitter. Frames are never dropped.
+  (streaming resampler) into events for the stream pacer (:mod:`service.stream`: frame timing,
+  render-ahead queue, idle frames, barge-in), which drives :class:`avatar.api.StreamSession` one
+  frame at a time. Latency = ``StreamSession.lookahead_s`` of audio after a frame (sent in the
+  header) plus render time. Each frame carries its own 40 ms of audio.
 - **Onboard**: the upload is spooled to disk, then :class:`service.jobs.JobManager` runs it in a
   spawned worker process.
 - Errors: :class:`avatar.errors.AvatarError` subclasses map to their ``grpc_code``; anything else is
@@ -24,8 +23,9 @@ Hostile-client hardening (each limit is enforced before the work it bounds):
   hours of silence), so a Render costs at most ``max_audio_s * 16000`` decoded samples.
 - A response stream whose client stops reading is cancelled once one message has waited
   ``send_timeout_s`` to be sent (HTTP/2 flow control blocks the send), which frees its slot.
-- The call deadline is checked between frames; the requested ``size`` is capped at the avatar's
-  native size.
+- The call deadline and cancellation are checked before every frame (a frame's NeRF render or a
+  motion block is the largest unit of work after them); the requested ``size`` is capped at the
+  avatar's native size.
 - Error messages never carry server paths or the names of other tenants' avatars.
 - Binding: 127.0.0.1 unless a host is given; plaintext on another address logs a loud warning;
   ``/metrics`` binds the same address as gRPC.
@@ -62,13 +62,12 @@ from service import avatar_pb2 as pb
 from service import avatar_pb2_grpc as pb_grpc
 from service import jobs as jobs_mod
 from service.auth import AuthInterceptor, bearer_token, token_id
-from service.codec import SAMPLE_RATE, PcmDecoder, encode_frame
+from service.codec import SAMPLE_RATE, PcmDecoder, encode_frame, encode_pcm
 from service.observability import ServiceMetrics, log_access
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AvatarService"].full_name
-PUSH_SAMPLES = 8 * SAMPLES_PER_FRAME  # audio fed to a StreamSession per step (one motion block)
 _STATE = {
     jobs_mod.QUEUED: pb.Job.STATE_QUEUED, jobs_mod.RUNNING: pb.Job.STATE_RUNNING,
     jobs_mod.SUCCEEDED: pb.Job.STATE_SUCCEEDED, jobs_mod.FAILED: pb.Job.STATE_FAILED,
@@ -89,7 +88,10 @@ class ServerConfig:
         max_message_mb: largest gRPC message accepted (a Render request carries the audio file).
         max_audio_s: longest driving audio per Render / StreamRender, seconds.
         max_streams: Render + StreamRender calls at once; more -> RESOURCE_EXHAUSTED.
-        idle_timeout_s: a StreamRender whose client sends nothing for this long is ended (DEADLINE_EXCEEDED).
+        idle_timeout_s: a StreamRender whose client sends no config (or, without idle frames, no message)
+            for this long is ended (DEADLINE_EXCEEDED).
+        max_idle_s: a StreamRender with idle frames that receives no audio for this long is ended
+            (DEADLINE_EXCEEDED, "idle limit reached").
         send_timeout_s: a response message that cannot be sent for this long (the client stopped
             reading) cancels the call and frees its slot.
         cache_size: loaded avatars kept in memory (LRU).
@@ -112,6 +114,7 @@ class ServerConfig:
     max_audio_s: float = 600.0
     max_streams: int = 8
     idle_timeout_s: float = 30.0
+    max_idle_s: float = 600.0
     send_timeout_s: float = 30.0
     cache_size: int = 4
     max_jobs: int = 1
@@ -130,7 +133,7 @@ class ServerConfig:
         from avatar.runtime import check_device
 
         check_device(self.device)
-        for name in ("max_message_mb", "max_audio_s", "max_streams", "idle_timeout_s", "send_timeout_s",
+        for name in ("max_message_mb", "max_audio_s", "max_streams", "idle_timeout_s", "max_idle_s", "send_timeout_s",
                      "cache_size", "max_jobs", "max_video_mb"):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"server setting {name} must be > 0, got {getattr(self, name)}")
@@ -606,125 +609,137 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
         finally:
             stop.set()
 
-    def _stream_session(self, inbox, context, call):
+    def _stream_config(self, inbox, context):
+        """The first message's StreamConfig (None if the call ended first).
+
+        Raises:
+            RpcFailure (DEADLINE_EXCEEDED): nothing within ``idle_timeout_s``. InvalidInput: another message first.
+        """
         idle = self.cfg.idle_timeout_s
-
-        def next_message(timeout):
-            try:
-                return inbox.get(timeout=timeout)
-            except queue.Empty:
-                return None
-
         deadline = time.monotonic() + idle
-        first = None
-        while first is None:
+        while True:
             if not context.is_active():
-                return
-            first = next_message(0.1)
-            if first is None and time.monotonic() > deadline:
-                raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no StreamConfig received within {idle:.0f} s")
-        if first in (_END, _BROKEN):
-            if first is _END:
-                raise InvalidInput("the stream ended before a StreamConfig message; send the config first")
-            return
+                return None
+            check_deadline(context)
+            try:
+                first = inbox.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no StreamConfig received within {idle:.0f} s")
+        if first is _BROKEN:
+            return None
+        if first is _END:
+            raise InvalidInput("the stream ended before a StreamConfig message; send the config first")
         if first.WhichOneof("kind") != "config":
             raise InvalidInput(f"the first StreamRender message must be 'config', got '{first.WhichOneof('kind')}'")
-        cfg = first.config
+        return first.config
+
+    def _stream_events(self, inbox, decoder: PcmDecoder, call):
+        """``receive(timeout)`` for :class:`service.stream.Pacer`: client messages -> pacer events
+        (PCM decoded to 16 kHz, the audio duration limit checked)."""
+        from service import stream
+
+        n_samples, ended = 0, False
+
+        def receive(timeout: float):
+            nonlocal n_samples, ended
+            try:
+                msg = inbox.get(timeout=timeout) if timeout > 0 else inbox.get_nowait()
+            except queue.Empty:
+                return None
+            if msg is _BROKEN:
+                return stream.Broken()
+            kind = "end_of_audio" if msg is _END else msg.WhichOneof("kind")
+            if ended and kind in ("end_of_audio", "options_update"):
+                return None  # the request stream closing after EndOfAudio; late updates change nothing
+            if ended and kind == "audio":
+                raise InvalidInput("audio after end_of_audio; open a new stream for more speech")
+            if kind == "audio":
+                pcm = decoder.push(msg.audio.data)
+                n_samples += pcm.size
+                self._check_duration(n_samples)
+                return stream.Audio(pcm)
+            if kind == "options_update":
+                upd = msg.options_update
+                changes = {f: getattr(upd, f) for f in ("emotion", "emotion_strength") if upd.HasField(f)}
+                if changes:
+                    call.fields["option_updates"] = call.fields.get("option_updates", 0) + 1
+                return stream.Options(changes)
+            if kind == "interrupt":
+                return stream.Interrupt()
+            if kind == "end_of_audio":
+                ended = True
+                return stream.End(decoder.finish())
+            raise InvalidInput(f"unexpected '{kind}' message after the config; send audio, options_update, "
+                               "interrupt or end_of_audio")
+
+        return receive
+
+    def _stream_session(self, inbox, context, call):
+        """One StreamRender session: config, then the pacer (:mod:`service.stream`) between messages and frames."""
+        from service import stream
+
+        cfg = self._stream_config(inbox, context)
+        if cfg is None:
+            return
         call.fields["avatar"] = cfg.avatar
         options = render_options(cfg.options)
         encode_frame(np.zeros((2, 2, 3), np.uint8), cfg.encoding.format, cfg.encoding.jpeg_quality)
         decoder = PcmDecoder(cfg.audio_format.encoding, cfg.audio_format.sample_rate)
+        out_fmt = pb.AudioFormat()
+        out_fmt.CopyFrom(cfg.output_audio if cfg.HasField("output_audio") else cfg.audio_format)
+        out_fmt.sample_rate = PcmDecoder(out_fmt.encoding, out_fmt.sample_rate).sample_rate  # validates, 0 -> 16000
         realtime = cfg.realtime if cfg.HasField("realtime") else True
+        idle = cfg.idle_frames if cfg.HasField("idle_frames") else realtime
+        with_audio = cfg.frame_audio if cfg.HasField("frame_audio") else True
         self._acquire_slot()
         session = None
         try:
             av = self.cache.get(cfg.avatar)
+            check_deadline(context)
             options = cap_size(options, av.size)
             session = av.stream(options)
             fps = float(av.fps)
+            pacer = stream.Pacer(session, stream.PacerConfig(
+                fps=fps, realtime=realtime, idle=idle, out_rate=out_fmt.sample_rate,
+                idle_limit_s=self.cfg.max_idle_s, message_timeout_s=self.cfg.idle_timeout_s))
             yield pb.StreamRenderResponse(header=pb.StreamHeader(
                 request_id=call.request_id, avatar=avatar_info_msg(av.info()), size=options.size or av.size,
-                fps=fps, lookahead_s=session.lookahead_s, start_time_unix_ns=time.time_ns()))
-            pending: collections.deque = collections.deque()
-            n_samples = 0
-            t_audio = None      # first audio chunk arrival
-            t_anchor = None     # when frame 0 was sent (pacing origin)
-            first_latency = 0.0
-            ended = False
-            last_msg = time.monotonic()
+                fps=fps, lookahead_s=session.lookahead_s, start_time_unix_ns=time.time_ns(), output_audio=out_fmt,
+                max_idle_s=self.cfg.max_idle_s if idle else 0.0, idle_frames=idle))
 
-            def produce(frames):
-                for frame in frames:
-                    pending.append(self._frame_msg(call.frames + len(pending), frame, cfg.encoding, fps))
-
-            while True:
+            def check() -> bool:  # before every frame's work
                 if not context.is_active():
-                    return
+                    return False
                 check_deadline(context)
-                wait = 0.1
-                if pending:
-                    now = time.monotonic()
-                    due = now if (t_anchor is None or not realtime) else t_anchor + pending[0].index / fps
-                    if now >= due:
-                        msg = pending.popleft()
-                        if t_anchor is None:
-                            t_anchor = now
-                            first_latency = now - (t_audio or now)
-                            self.metrics.first_frame.labels("StreamRender").observe(first_latency)
-                        yield pb.StreamRenderResponse(frame=msg)
-                        call.frames += 1
-                        self.metrics.frames.labels("StreamRender").inc()
-                        continue
-                    wait = min(wait, due - now)
-                elif ended:
-                    break
-                if ended:
-                    time.sleep(max(wait, 0.0))
+                return True
+
+            observed = False
+            for out in pacer.run(self._stream_events(inbox, decoder, call), check):
+                if isinstance(out, stream.Interrupted):
+                    yield pb.StreamRenderResponse(interrupted=pb.Interrupted(
+                        next_frame=out.next_frame, dropped_audio_s=out.dropped_audio_s, dropped_frames=out.dropped_frames))
                     continue
-                msg = next_message(wait)
-                if msg is None:
-                    if not pending and time.monotonic() - last_msg > idle:
-                        raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                         f"no audio or end_of_audio for {idle:.0f} s; the stream was closed")
-                    continue
-                last_msg = time.monotonic()
-                if msg is _BROKEN:
-                    return
-                kind = "end_of_audio" if msg is _END else msg.WhichOneof("kind")
-                if kind == "audio":
-                    pcm = decoder.push(msg.audio.data)
-                    if t_audio is None and pcm.size:
-                        t_audio = time.monotonic()
-                    n_samples += pcm.size
-                    self._check_duration(n_samples)
-                    for s in range(0, pcm.size, PUSH_SAMPLES):  # bounded work between cancellation checks
-                        if not context.is_active():
-                            return
-                        check_deadline(context)
-                        produce(session.push(pcm[s:s + PUSH_SAMPLES]))
-                elif kind == "options_update":
-                    upd = msg.options_update
-                    changes = {f: getattr(upd, f) for f in ("emotion", "emotion_strength") if upd.HasField(f)}
-                    if changes:
-                        session.set_options(**changes)
-                        call.fields.setdefault("option_updates", 0)
-                        call.fields["option_updates"] += 1
-                elif kind == "end_of_audio":
-                    tail = decoder.finish()
-                    n_samples += tail.size
-                    produce(session.push(tail) + session.finish())
-                    ended = True
-                else:
-                    raise InvalidInput(f"unexpected '{kind}' message after the config; send audio, "
-                                       "options_update or end_of_audio")
-                last_msg = time.monotonic()  # idle time counts from the end of our own work
-            elapsed = time.monotonic() - (t_audio or time.monotonic())
-            if call.frames:
-                self.metrics.render_fps.labels("StreamRender").observe(call.frames / max(elapsed, 1e-6))
-            call.fields["audio_s"] = round(n_samples / SAMPLE_RATE, 3)
-            call.fields["first_frame_latency_s"] = round(first_latency, 4)
+                msg = self._frame_msg(out.index, out.image, cfg.encoding, fps)
+                msg.idle = out.idle
+                if with_audio:
+                    msg.audio = encode_pcm(out.audio, out_fmt.encoding)
+                yield pb.StreamRenderResponse(frame=msg)
+                call.frames += 1
+                self.metrics.frames.labels("StreamRender").inc()
+                if not observed and pacer.stats["first_frame_latency_s"] is not None:
+                    observed = True
+                    self.metrics.first_frame.labels("StreamRender").observe(pacer.stats["first_frame_latency_s"])
+            if pacer.broken or not context.is_active():
+                return
+            st = pacer.stats
+            first_latency = st["first_frame_latency_s"] or 0.0
+            call.fields.update(audio_s=round(st["audio_s"], 3), first_frame_latency_s=round(first_latency, 4),
+                               idle_frames=st["idle_frames"], interrupts=st["interrupts"])
             yield pb.StreamRenderResponse(summary=pb.StreamSummary(
-                frames=call.frames, audio_duration_s=n_samples / SAMPLE_RATE, first_frame_latency_s=first_latency))
+                frames=call.frames, audio_duration_s=st["audio_s"], first_frame_latency_s=first_latency,
+                idle_frames=st["idle_frames"], interrupts=st["interrupts"]))
         finally:
             del session
             self._release_slot()

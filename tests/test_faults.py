@@ -94,14 +94,39 @@ class FakeAvatar:
         size = options.size or self.size
         self.sizes.append(size)
 
-        class Session:
+        class Session:  # the StreamSession interface the stream pacer uses (service/stream.py)
             lookahead_s = 0.0
+            rewind_frames = 0
+
+            def __init__(self):
+                self.samples, self.frames_emitted, self.finished = 0, 0, False
+
+            def feed(self, pcm):
+                self.samples += len(pcm)
+
+            def end(self):
+                self.finished = True
+
+            def pull(self):
+                while self.frames_emitted < self.samples // 640:
+                    self.frames_emitted += 1
+                    yield self.frames_emitted - 1, avatar._frame(size)
+
+            def silence_needed(self):
+                return 0 if self.finished else max(0, (self.frames_emitted + 1) * 640 - self.samples)
+
+            def rewind(self, frame):
+                dropped = max(0, self.samples - frame * 640)
+                self.samples, self.frames_emitted = min(self.samples, frame * 640), min(self.frames_emitted, frame)
+                return dropped
 
             def push(self, pcm):
-                return [avatar._frame(size) for _ in range(len(pcm) // 640)]
+                self.feed(pcm)
+                return [f for _, f in self.pull()]
 
             def finish(self):
-                return []
+                self.end()
+                return [f for _, f in self.pull()]
 
             def set_options(self, **kw):
                 pass
@@ -186,7 +211,9 @@ def test_client_that_stops_reading_frees_its_slot(server, method):
     if method == "Render":
         stuck = stub.Render(pb.RenderRequest(avatar="fake", audio=_wav(audio), encoding=png), metadata=md)
     else:
-        reqs = [pb.StreamRenderRequest(config=pb.StreamConfig(avatar="fake", encoding=png, realtime=False))]
+        f32 = pb.AudioFormat(encoding=pb.AudioFormat.ENCODING_FLOAT32)
+        reqs = [pb.StreamRenderRequest(config=pb.StreamConfig(avatar="fake", encoding=png, realtime=False,
+                                                              audio_format=f32))]
         reqs += [pb.StreamRenderRequest(audio=pb.AudioChunk(data=audio[i:i + 16000].tobytes()))
                  for i in range(0, len(audio), 16000)]
         stuck = stub.StreamRender(iter(reqs), metadata=md)

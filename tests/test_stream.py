@@ -1,0 +1,199 @@
+"""StreamRender's real-time features through the gRPC service with the tiny real avatar: each frame's
+own audio, idle frames while no audio arrives, interrupt (barge-in), the idle limit, and the call
+deadline stopping the server's work. The pacer itself is :mod:`service.stream`.
+
+Timing bounds are loose (the 2-core test machine is shared with training jobs); the measured values
+are printed (``pytest -s``) and recorded in docs/SERVING.md.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from service.client import INTERRUPT, AvatarClient
+from service.server import AvatarServer, ServerConfig
+from service.stream import FrameAudio
+
+TOKEN = "stream-admin-token-0123456789"
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def server(tiny_avatar):
+    cfg = ServerConfig(store=str(tiny_avatar[0]), host="127.0.0.1", port=0, metrics_port=0, max_streams=2,
+                       idle_timeout_s=5.0, max_idle_s=3.0, max_audio_s=60.0, cache_size=1)
+    srv = AvatarServer(cfg, {TOKEN: frozenset({"admin"})}).start()
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture(scope="module")
+def client(server, tiny_avatar):
+    with AvatarClient(f"127.0.0.1:{server.port}", token=TOKEN) as c:
+        c.get_avatar(tiny_avatar[1])
+        server.servicer.cache.get(tiny_avatar[1])  # loaded before the timed tests
+        yield c
+
+
+@pytest.fixture(scope="module")
+def speech(data_dir) -> np.ndarray:
+    """1 s of real speech, float32 mono 16 kHz."""
+    from avatar.media import load_audio
+
+    return load_audio(data_dir / "audio" / "RD_Radio31_000.wav")[16000:32000]
+
+
+def _active_streams(server) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    return float(next(l.split()[-1] for l in text.splitlines() if l.startswith("avatar_active_streams ")))
+
+
+def test_frame_audio_timeline_cut_and_rates():
+    """Frame i gets samples [i r / 25, (i + 1) r / 25) of the timeline; a cut restarts there."""
+    x = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    fa = FrameAudio(16000)
+    for s in range(0, len(x), 999):
+        fa.add(x[s:s + 999])
+    got = [fa.take(i) for i in range(10)]
+    np.testing.assert_array_equal(np.concatenate(got), x[:6400])
+    fa.cut(10)
+    fa.add(np.ones(640, np.float32))
+    np.testing.assert_array_equal(fa.take(10), np.ones(640, np.float32))
+    assert not fa.take(11).any()  # nothing there: silence
+    fa = FrameAudio(48000)
+    fa.add(x, last=True)
+    parts = [fa.take(i) for i in range(25)]
+    assert all(len(p) == 1920 for p in parts)
+    from avatar.media import resample_audio
+
+    ref = resample_audio(x, 16000, 48000)[:48000]
+    assert np.corrcoef(np.concatenate(parts), ref)[0, 1] > 0.99
+
+
+def test_each_frame_carries_its_audio_and_stream_equals_render(client, tiny_avatar, speech):
+    """Frame audio played back to back is the input (float32 16 kHz, exactly); frames equal Render's."""
+    import io
+
+    import soundfile as sf
+
+    rng = np.random.default_rng(3)
+    chunks = np.split(speech, np.sort(rng.choice(np.arange(1, len(speech)), size=7, replace=False)))
+    call = client.stream(tiny_avatar[1], iter(chunks), {"seed": 1, "size": SIZE}, image_format="png", realtime=False)
+    got = list(call)
+    n = round(len(speech) / 640)
+    assert [f.index for f in got] == list(range(n)) and not any(f.idle for f in got)
+    assert call.header.output_audio.sample_rate == 16000 and call.summary.idle_frames == 0
+    audio = np.concatenate([f.audio for f in got])
+    np.testing.assert_array_equal(audio, np.pad(speech, (0, n * 640 - len(speech))))
+    buf = io.BytesIO()
+    sf.write(buf, speech, 16000, format="WAV", subtype="FLOAT")
+    ref = list(client.render(tiny_avatar[1], buf.getvalue(), {"seed": 1, "size": SIZE}, image_format="png"))
+    assert len(ref) == n and all(np.array_equal(a.image, b.image) for a, b in zip(got, ref))
+    # PCM16 at 48 kHz out: 1920 samples a frame, the same sound
+    call = client.stream(tiny_avatar[1], iter([speech]), {"size": SIZE}, realtime=False,
+                         output_rate=48000, output_encoding="pcm16")
+    got = list(call)
+    assert call.header.output_audio.sample_rate == 48000
+    assert all(len(f.audio) == 1920 for f in got)
+    from avatar.media import resample_audio
+
+    ref48 = resample_audio(speech, 16000, 48000)
+    out = np.concatenate([f.audio for f in got])[:len(ref48)]
+    assert np.corrcoef(out, ref48[:len(out)])[0, 1] > 0.99
+
+
+def test_idle_frames_then_speech(client, tiny_avatar, speech):
+    """No audio for 1.5 s: idle frames (silence, blinks, head track) at the frame rate; then the speech
+    starts at the next frame to be sent and shows exactly what a batch render of that timeline shows."""
+    def chunks():
+        time.sleep(1.5)
+        yield speech
+
+    t0 = time.monotonic()
+    call = client.stream(tiny_avatar[1], chunks(), {"seed": 2, "size": SIZE}, image_format="png")
+    got = list(call)
+    assert [f.index for f in got] == list(range(len(got)))
+    idle = [f for f in got if f.idle]
+    cut = next(f.index for f in got if not f.idle)
+    assert idle and all(f.index < cut for f in idle), "idle frames only before the speech"
+    assert call.summary.idle_frames == len(idle) == cut and len(got) == cut + round(len(speech) / 640)
+    assert all(not f.audio.any() for f in idle)
+    np.testing.assert_array_equal(np.concatenate([f.audio for f in got[cut:]])[:len(speech)], speech)
+    times = np.array([f.received for f in idle])
+    fps = (len(times) - 1) / max(times[-1] - times[0], 1e-6)
+    print(f"\nidle: first idle frame {times[0] - t0:.2f} s after the call, {len(idle)} idle frames at {fps:.1f} fps")
+    assert len(idle) >= 10 and fps > 8  # 25 fps when the renderer keeps up (about 22-25 here at 32 px)
+    # the speech frames equal a batch render of silence up to the cut, then the speech
+    from avatar import api
+
+    av = api.load(tiny_avatar[1], store=tiny_avatar[0])
+    ref = list(av.render(np.concatenate([np.zeros(cut * 640, np.float32), speech]),
+                         api.RenderOptions(seed=2, size=SIZE)))
+    half = av.models.nerf.window // 2
+    assert len(ref) == len(got)
+    assert all(np.array_equal(got[t].image, ref[t]) for t in range(cut + half, len(got)))
+
+
+def test_interrupt_drops_queued_audio_and_returns_to_idle(client, tiny_avatar, speech):
+    seen = threading.Event()
+    sent: dict = {}
+
+    def chunks():
+        yield np.tile(speech, 4)  # 4 s queued at once
+        seen.wait(30)
+        sent["t"] = time.monotonic()
+        yield INTERRUPT
+        time.sleep(1.0)
+
+    call = client.stream(tiny_avatar[1], chunks(), {"size": SIZE})
+    got = []
+    for f in call:
+        got.append(f)
+        if len(got) == 10:
+            seen.set()
+    assert [f.index for f in got] == list(range(len(got)))
+    (ack, ack_t), = call.interrupts
+    after = [f for f in got if f.index >= ack.next_frame]
+    assert after and all(f.idle for f in after) and not any(f.idle for f in got[:ack.next_frame])
+    assert 10 <= ack.next_frame < 100 and ack.dropped_audio_s > 1.0
+    assert call.summary.interrupts == 1 and call.summary.idle_frames == len(after)
+    latency = after[0].received - sent["t"]
+    print(f"\ninterrupt: acknowledged after {ack_t - sent['t']:.3f} s, first idle frame after {latency:.3f} s, "
+          f"{ack.dropped_audio_s:.2f} s of audio and {ack.dropped_frames} rendered frames dropped")
+    assert latency < 2.0
+
+
+def test_idle_limit_ends_the_stream_with_a_clear_status(client, tiny_avatar, server):
+    gate = threading.Event()
+
+    def silent():
+        gate.wait(20)
+        return
+        yield
+
+    got = []
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        for f in client.stream(tiny_avatar[1], silent(), {"size": SIZE}, end=False):
+            got.append(f)
+    gate.set()
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "idle limit reached" in e.value.details()
+    assert 2.9 < time.monotonic() - t0 < 8 and len(got) > 10 and all(f.idle for f in got)
+
+
+def test_deadline_stops_the_server_promptly(client, tiny_avatar, server, speech):
+    """A 3 s deadline on a stream with 20 s of audio queued: the server stops within a frame's work."""
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.stream(tiny_avatar[1], iter([np.tile(speech, 20)]), {"size": 64}, realtime=False, timeout=3.0))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    while _active_streams(server) > 0 and time.monotonic() - t0 < 20:
+        time.sleep(0.005)
+    stop = time.monotonic() - t0 - 3.0
+    print(f"\ndeadline: the server released the stream {stop:.3f} s after the 3 s deadline")
+    assert _active_streams(server) == 0 and stop < 1.0
