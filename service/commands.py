@@ -155,7 +155,9 @@ def _cmd_stream(args) -> int:
             yield audio[s:s + step]
 
     with _client(args) as c:
-        call = c.stream(args.avatar, chunks(), _options(args), image_format=args.format, realtime=args.realtime)
+        # no idle frames: the MP4 holds exactly the file's audio, however the chunks were delayed
+        call = c.stream(args.avatar, chunks(), _options(args), image_format=args.format, realtime=args.realtime,
+                        idle_frames=False, frame_audio=False)
         n = _write_mp4(args.out, call, audio, 25.0)
     s = call.summary
     print(json.dumps({"out": str(args.out), "frames": n, "lookahead_s": call.header.lookahead_s if call.header else None,

@@ -20,7 +20,7 @@ never runs dry gets exactly the frames of a batch render of its audio (``stream 
   ``realtime`` speech frames leave as fast as they are rendered; idle frames are always paced at fps.
 - **Render-ahead**: at most ``max_ahead`` rendered frames wait to be sent; one NeRF frame is rendered
   per step, and ``check()`` (the call's deadline and cancellation) runs before every step.
-- **Idle frames** (``idle``): when the next frame is due within one frame period, no audio is waiting
+- **Idle frames** (``idle``): when the next frame is due within ``idle_ahead_s``, no audio is waiting
   and none arrived for ``idle_grace_s`` (``start_grace_s`` before the first audio), the pacer feeds
   just enough silence for that frame (:meth:`StreamSession.silence_needed`). When audio arrives, the
   idle frames not yet sent are dropped and the speech starts at the next frame to be sent.
@@ -115,6 +115,8 @@ class PacerConfig:
         max_ahead: rendered frames waiting to be sent, at most.
         idle_grace_s: an audio gap shorter than this is jitter, not silence.
         start_grace_s: before the first audio, idle frames start after this.
+        idle_ahead_s: idle frames are computed this long before they are due (hides a motion
+            block's compute; unsent idle frames are dropped when speech arrives, so this adds no latency).
         idle_limit_s: with ``idle``, no audio (and no speech frame sent) for this long ends the session.
         message_timeout_s: without ``idle``, no event for this long (nothing queued) ends the session.
     """
@@ -126,6 +128,7 @@ class PacerConfig:
     max_ahead: int = 25
     idle_grace_s: float = 0.2
     start_grace_s: float = 0.5
+    idle_ahead_s: float = 0.25
     idle_limit_s: float = 600.0
     message_timeout_s: float = 30.0
 
@@ -298,7 +301,7 @@ class Pacer:
         return f
 
     def _pad_time(self) -> float | None:
-        """When idle silence is due: the next frame is due within one frame period and no audio came
+        """When idle silence is due: the next frame is due within ``idle_ahead_s`` and no audio came
         for the grace period (None: no idle frames now)."""
         if not self.cfg.idle or self._ended:
             return None
@@ -307,7 +310,7 @@ class Pacer:
         else:
             t = self._t_last_rx + self.cfg.idle_grace_s
         if self._anchor is not None:
-            t = max(t, self._anchor + (self.s.frames_emitted - 1) / self.cfg.fps)
+            t = max(t, self._anchor + self.s.frames_emitted / self.cfg.fps - self.cfg.idle_ahead_s)
         return t
 
     def _should_pad(self, now: float) -> bool:
