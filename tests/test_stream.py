@@ -197,3 +197,91 @@ def test_deadline_stops_the_server_promptly(client, tiny_avatar, server, speech)
     stop = time.monotonic() - t0 - 3.0
     print(f"\ndeadline: the server released the stream {stop:.3f} s after the 3 s deadline")
     assert _active_streams(server) == 0 and stop < 1.0
+
+
+# ---- the pacer alone: a fake clock and an instant fake session ------------------------------------
+class _FakeSession:
+    """StreamSession's interface without models: frame t is a 2x2 image of value t % 256, final as soon
+    as its 640 samples are there (no lookahead)."""
+
+    lookahead_s = 0.0
+
+    def __init__(self):
+        self.samples, self.frames_emitted, self.finished, self.rewind_frames = 0, 0, False, 0
+
+    def feed(self, pcm):
+        self.samples += len(pcm)
+
+    def end(self):
+        self.finished = True
+
+    def pull(self):
+        while self.frames_emitted < -(-self.samples // 640) if self.finished else self.frames_emitted < self.samples // 640:
+            self.frames_emitted += 1
+            yield self.frames_emitted - 1, np.full((2, 2, 3), (self.frames_emitted - 1) % 256, np.uint8)
+
+    def silence_needed(self):
+        return 0 if self.finished else max(0, (self.frames_emitted + 1) * 640 - self.samples)
+
+    def rewind(self, frame):
+        dropped = max(0, self.samples - frame * 640)
+        self.samples, self.frames_emitted = min(self.samples, frame * 640), min(self.frames_emitted, frame)
+        return dropped
+
+    def set_options(self, **kw):
+        pass
+
+
+def _run_pacer(script, **cfg):
+    """Run a Pacer on a fake clock; ``script`` = [(time_s, event)]. Returns [(clock, output)] and the pacer."""
+    from service.stream import Pacer, PacerConfig
+
+    clock = {"t": 0.0}
+    script = list(script)
+
+    def receive(timeout):
+        if script and script[0][0] <= clock["t"] + timeout:
+            clock["t"] = max(clock["t"], script[0][0])
+            return script.pop(0)[1]
+        clock["t"] += timeout if timeout > 0 else 1e-4  # time passes even when polling
+        return None
+
+    pacer = Pacer(_FakeSession(), PacerConfig(**cfg), clock=lambda: clock["t"])
+    out = [(clock["t"], o) for o in pacer.run(receive, lambda: True)]
+    return out, pacer
+
+
+def test_pacer_idle_then_speech_on_a_fake_clock():
+    from service.stream import Audio, End
+
+    out, pacer = _run_pacer([(1.0, Audio(np.ones(6400, np.float32))), (1.2, End())])
+    frames = [o for _, o in out]
+    assert [f.index for f in frames] == list(range(len(frames)))
+    cut = next(f.index for f in frames if not f.idle)
+    assert all(f.idle for f in frames[:cut]) and not any(f.idle for f in frames[cut:])
+    assert len(frames) - cut == 10 and all((f.audio == 1).all() for f in frames[cut:])
+    assert all(not f.audio.any() for f in frames[:cut])
+    t = [c for c, _ in out]
+    assert 0.45 < t[0] < 0.6  # start grace 0.5 s
+    assert 9 <= cut <= 14  # idle at 25 fps from 0.5 s until the speech at 1.0 s (+ the idle frame being shown)
+    assert np.allclose(np.diff(t[:cut]), 0.04, atol=0.002)  # paced at 25 fps
+    assert pacer.stats["idle_frames"] == cut and pacer.stats["frames"] == len(frames)
+
+
+def test_pacer_interrupt_and_idle_limit_on_a_fake_clock():
+    from service.stream import Audio, End, IdleLimitReached, Interrupt, Interrupted
+
+    out, pacer = _run_pacer([(0.0, Audio(np.ones(640 * 50, np.float32))), (0.5, Interrupt()), (1.0, End())])
+    acks = [o for _, o in out if isinstance(o, Interrupted)]
+    frames = [o for _, o in out if not isinstance(o, Interrupted)]
+    assert len(acks) == 1 and [f.index for f in frames] == list(range(len(frames)))
+    k = acks[0].next_frame
+    assert 11 <= k <= 14 and acks[0].dropped_audio_s == pytest.approx((50 - k) * 0.04)
+    assert not any(f.idle for f in frames[:k]) and frames[k:] and all(f.idle for f in frames[k:])
+    assert pacer.stats["interrupt_latency_s"] < 0.05
+    # nothing at all: idle frames, then the idle limit
+    with pytest.raises(IdleLimitReached, match="idle limit reached"):
+        _run_pacer([], idle_limit_s=2.0)
+    # without idle frames: frames only from audio; End right after the speech ends the stream
+    out, _ = _run_pacer([(0.2, Audio(np.ones(1000, np.float32))), (0.3, End())], idle=False)
+    assert [o.index for _, o in out] == [0, 1] and not any(o.idle for _, o in out)
