@@ -17,6 +17,7 @@ the same store, job manager, avatar cache, render slots and bearer tokens as the
 ``POST /api/webrtc/offer``                 render   JSON ``avatar``, ``sdp``, ``type``, ``options`` ->
                                                     the answer and a session id
 ``GET  /api/webrtc/{sid}/stats``           render   live session statistics (fps, first-frame stages)
+``POST /api/webrtc/{sid}/interrupt``       render   barge-in: drop the queued audio, back to idle frames
 ``POST /api/webrtc/{sid}/close``           render   end it
 ========================================  ======== ==================================================
 
@@ -26,8 +27,10 @@ The page and its static files need no token.
 
 Live WebRTC session (:class:`LiveSession`): the browser sends one audio track (microphone or a
 file); aiortc decodes it (Opus, 48 kHz); it is mixed to mono and resampled to 16 kHz (libsoxr,
-streaming) and pushed into a :class:`avatar.api.StreamSession` by a render thread at the motion
-block boundaries. Each frame leaves together with its own 40 ms of the input audio: the video
+streaming) and handed to the StreamRender pacer (:mod:`service.stream`) on a render thread, which
+drives a :class:`avatar.api.StreamSession` one frame at a time: idle frames once the speech pauses,
+interrupt (barge-in) through ``POST /api/webrtc/{sid}/interrupt``, the server's ``max_idle_s``.
+Each frame leaves together with its own 40 ms of the timeline's audio: the video
 track releases frame ``i`` no earlier than ``t0 + i / 25`` (``t0`` re-anchored when a frame is
 late, like a playout buffer after a stall) and hands the frame's audio to the outgoing audio track,
 which plays it in 20 ms packets (silence when it has none). Both tracks carry wall-clock RTP
@@ -305,8 +308,9 @@ class LiveSession:
     """
 
     def __init__(self, sid: str, avatar, options, loop: asyncio.AbstractEventLoop, max_backlog_s: float,
-                 max_audio_s: float, on_end=None):
+                 max_audio_s: float, on_end=None, max_idle_s: float = 600.0):
         from avatar.pipeline.render import BLOCK, CTX_RIGHT
+        from service.stream import Pacer, PacerConfig
 
         self.sid = sid
         self.avatar = avatar
@@ -317,22 +321,23 @@ class LiveSession:
         self.max_backlog = int(max_backlog_s * AUDIO_RATE)
         self.max_audio = int(max_audio_s * AUDIO_RATE)
         self._block, self._ctx_right = BLOCK, CTX_RIGHT
-        self.stats: dict = {"frames_rendered": 0, "frames_sent": 0, "audio_in_s": 0.0, "audio_dropped_s": 0.0,
-                            "state": "new", "error": ""}
+        self.stats: dict = {"frames_rendered": 0, "frames_sent": 0, "idle_frames": 0, "interrupts": 0,
+                            "audio_in_s": 0.0, "audio_dropped_s": 0.0, "state": "new", "error": ""}
         self.t: dict[str, float] = {"created": time.monotonic()}  # first-frame stage marks (monotonic s)
         # per-stage timing of the first frame: wrap this session's own engines (instance attributes)
         self._stop = threading.Event()
         self.session.motion.block = _Timed(self.session.motion.block, self.stats, self.t, "motion_s", self._stop)
-        self.session.frames.frame = _Timed(self.session.frames.frame, self.stats, self.t, "nerf_s", self._stop,
-                                           on_result=self._deliver)
+        self.session.frames.frame = _Timed(self.session.frames.frame, self.stats, self.t, "nerf_s", self._stop)
+        # the StreamRender pacer (service/stream.py): paced frames with their audio, idle frames once the
+        # speech pauses (not before the first audio, so the first-frame stages keep their meaning), interrupt
+        self.pacer = Pacer(self.session, PacerConfig(fps=FPS, realtime=True, idle=True, out_rate=AUDIO_RATE,
+                                                     start_grace_s=float("inf"), idle_limit_s=max_idle_s))
         self.pc = RTCPeerConnection()
         self.video = FrameTrack(self)
         self.audio_out = PlayoutAudioTrack(self)
         self._inbox: queue.Queue = queue.Queue()
         self._frames: asyncio.Queue = asyncio.Queue()
-        self._pcm = np.zeros(0, np.float32)       # input audio accepted but not yet played out
-        self._pcm_start = 0                         # absolute sample index of _pcm[0]
-        self._pcm_lock = threading.Lock()
+        self._queued = 0                            # input samples in _inbox, not yet given to the pacer
         self._accepted = 0                          # input samples accepted for rendering
         self._on_end = on_end
         self._ended = False
@@ -351,7 +356,7 @@ class LiveSession:
                     continue
                 self.t.setdefault("audio_in", time.monotonic())
                 self.stats["audio_in_s"] += pcm.size / AUDIO_RATE
-                backlog = self._accepted - self.stats["frames_rendered"] * SAMPLES_PER_FRAME
+                backlog = self._queued + max(0, self.session.samples - self.session.frames_emitted * SAMPLES_PER_FRAME)
                 if backlog > self.max_backlog + self.lookahead_s * AUDIO_RATE:
                     self.stats["audio_dropped_s"] += pcm.size / AUDIO_RATE
                     continue
@@ -359,8 +364,7 @@ class LiveSession:
                     self.stats["error"] = "the session reached this server's audio limit; start a new one"
                     break
                 self._accepted += pcm.size
-                with self._pcm_lock:
-                    self._pcm = np.concatenate([self._pcm, pcm])
+                self._queued += pcm.size
                 self._inbox.put(pcm)
         except MediaStreamError:
             pass
@@ -368,37 +372,38 @@ class LiveSession:
             self._inbox.put(None)
 
     # -- render thread --
-    def _render_loop(self) -> None:
-        pending: list[np.ndarray] = []
-        pushed = 0
+    def _receive(self, timeout: float):
+        """The pacer's events: input audio, the end of the browser's track, interrupts."""
+        from service import stream
+
         try:
-            while True:
-                item = self._inbox.get()
-                if item is None:
-                    break
-                pending.append(item)
-                while True:  # drain what is already there
-                    try:
-                        item = self._inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        self._inbox.put(None)
-                        break
-                    pending.append(item)
-                have = pushed + sum(p.size for p in pending)
-                # push at the next motion-block boundary only (StreamSession copies its whole audio per
-                # push, and computes nothing between boundaries)
-                done_blocks = max(0, (pushed // SAMPLES_PER_FRAME - self._ctx_right) // self._block)
-                need = ((done_blocks + 1) * self._block + self._ctx_right) * SAMPLES_PER_FRAME
-                if have < need:
+            item = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return None
+        if item is None:
+            return stream.End()
+        if isinstance(item, str):  # INTERRUPT
+            return stream.Interrupt()
+        self._queued -= item.size
+        self._fed += item.size
+        if "lookahead_filled" not in self.t and self._fed >= (self._block + self._ctx_right) * SAMPLES_PER_FRAME:
+            self.t["lookahead_filled"] = time.monotonic()  # the audio motion block 0 of the speech needs
+        return stream.Audio(item)
+
+    def _render_loop(self) -> None:
+        from service.stream import IdleLimitReached, Interrupted
+
+        self._fed = 0
+        try:
+            for out in self.pacer.run(self._receive, lambda: not self._stop.is_set()):
+                if isinstance(out, Interrupted):
+                    self.stats["interrupts"] += 1
                     continue
-                chunk = np.concatenate(pending)
-                pending.clear()
-                if pushed == 0:
-                    self.t["lookahead_filled"] = time.monotonic()
-                self.session.push(chunk)  # its frames already left one by one through _deliver
-                pushed += chunk.size
+                self.stats["frames_rendered"] += 1
+                self.stats["idle_frames"] = self.pacer.stats["idle_frames"]
+                self.loop.call_soon_threadsafe(self._frames.put_nowait, (out.index, out.image, out.audio, out.idle))
+        except IdleLimitReached as e:
+            self.stats["error"] = str(e)
         except SessionClosed:
             pass
         except RuntimeError as e:
@@ -418,30 +423,9 @@ class LiveSession:
                 except RuntimeError:
                     pass
 
-    def _deliver(self, args: tuple, frame: np.ndarray) -> None:
-        """Hand frame ``args[0]`` to the video track the moment the NeRF rendered it (render thread).
-
-        ``StreamSession.push`` renders every frame that became final before it returns (up to a
-        block of 8, more after a backlog); delivering each one as it is rendered keeps the video
-        smooth at the render rate instead of bursts of a block.
-        """
-        i = self.stats["frames_rendered"]
-        if args[0] != i:  # the engine renders each emitted frame once, in order
-            raise AvatarError(f"live session: frame {args[0]} rendered where frame {i} was expected")
-        self.stats["frames_rendered"] = i + 1
-        self.loop.call_soon_threadsafe(self._frames.put_nowait, (i, frame))
-
-    def take_audio(self, i: int) -> np.ndarray:
-        """Remove and return the input audio of frame ``i`` (float32 [640]; zeros where none)."""
-        a, b = i * SAMPLES_PER_FRAME, (i + 1) * SAMPLES_PER_FRAME
-        with self._pcm_lock:
-            lo, hi = a - self._pcm_start, b - self._pcm_start
-            out = np.zeros(SAMPLES_PER_FRAME, np.float32)
-            seg = self._pcm[max(lo, 0):max(hi, 0)]
-            out[max(lo, 0) - lo: max(lo, 0) - lo + seg.size] = seg
-            drop = max(0, min(hi, self._pcm.size))
-            self._pcm, self._pcm_start = self._pcm[drop:], self._pcm_start + drop
-        return out
+    def interrupt(self) -> None:
+        """Barge-in: drop the audio and frames not yet shown; the avatar goes back to idle frames."""
+        self._inbox.put("interrupt")
 
     def start(self, track) -> None:
         """Start the render thread and the consumer of the browser's audio ``track``."""
@@ -518,20 +502,21 @@ class FrameTrack(MediaStreamTrack):
         if item is None:
             self.stop()
             raise MediaStreamError
-        i, frame = item
+        i, frame, audio, idle = item
         now = time.monotonic()
         if self._t0 is None or now > self._t0 + i / FPS + 1.0 / FPS:
             self._t0 = now - i / FPS  # first frame, or late: re-anchor the playout
         due = self._t0 + i / FPS
         if due > now:
             await asyncio.sleep(due - now)
-        self.live.audio_out.feed(self.live.take_audio(i))
+        self.live.audio_out.feed(audio)
         vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         vf.pts = int((time.monotonic() - self._clock0) * 90000)
         vf.time_base = fractions.Fraction(1, 90000)
         st = self.live.stats
         st["frames_sent"] += 1
-        self.live.t.setdefault("first_frame_sent", time.monotonic())
+        if not idle:
+            self.live.t.setdefault("first_frame_sent", time.monotonic())
         return vf
 
 class PlayoutAudioTrack(MediaStreamTrack):
@@ -621,6 +606,7 @@ class WebApp:
         r.add_post("/api/jobs/{job_id}/cancel", self.cancel_job)
         r.add_post("/api/webrtc/offer", self.offer)
         r.add_get("/api/webrtc/{sid}/stats", self.live_stats)
+        r.add_post("/api/webrtc/{sid}/interrupt", self.live_interrupt)
         r.add_post("/api/webrtc/{sid}/close", self.live_close)
         self.app.on_shutdown.append(self._shutdown)
 
@@ -800,7 +786,8 @@ class WebApp:
 
         loop = asyncio.get_running_loop()
         try:
-            live = LiveSession(sid, av, options, loop, self.max_backlog_s, self.cfg.max_audio_s, on_end=release)
+            live = LiveSession(sid, av, options, loop, self.max_backlog_s, self.cfg.max_audio_s, on_end=release,
+                               max_idle_s=self.cfg.max_idle_s)
         except BaseException:
             release()
             raise
@@ -859,6 +846,13 @@ class WebApp:
         """The live session's statistics (:meth:`LiveSession.snapshot`)."""
         require(request, "render")
         return web.json_response(self._live(request).snapshot())
+
+    async def live_interrupt(self, request: web.Request) -> web.Response:
+        """Barge-in: drop the audio and frames not yet shown, back to idle frames; returns the statistics."""
+        require(request, "render")
+        live = self._live(request)
+        live.interrupt()
+        return web.json_response(live.snapshot())
 
     async def live_close(self, request: web.Request) -> web.Response:
         """End the live session; returns its last statistics."""

@@ -309,26 +309,40 @@ def test_mono_resampler_mixes_down_and_does_not_depend_on_packets():
     assert 4.0 < peak440 / peak300 < 6.0
 
 
-def test_each_frame_takes_its_own_audio(server, tiny_avatar):
-    """Frame i's audio (released with it on the outgoing track) is input samples [640 i, 640 (i + 1))."""
+def test_live_session_frames_carry_their_audio_and_interrupt_returns_to_idle(server, tiny_avatar):
+    """The live session runs on the StreamRender pacer: frame i carries input samples [640 i, 640 (i + 1));
+    an interrupt drops the queued speech and the frames after it are idle (silence)."""
     from avatar.api import RenderOptions
     from service.web import LiveSession
 
-    x = np.arange(640 * 8, dtype=np.float32)
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, 640 * 100).astype(np.float32)  # 4 s
 
     async def body():
-        live = LiveSession("t", server.servicer.cache.get(tiny_avatar[1]), RenderOptions(),
-                           asyncio.get_running_loop(), 2.0, 30.0)
-        live._pcm = x.copy()
-        got = [live.take_audio(0), live.take_audio(1), live.take_audio(4), live.take_audio(3), live.take_audio(9)]
+        live = LiveSession("t", server.servicer.cache.get(tiny_avatar[1]), RenderOptions(size=32),
+                           asyncio.get_running_loop(), 10.0, 30.0)
+        live._thread.start()
+        live._queued += x.size
+        live._inbox.put(x)
+        got = []
+        while len(got) < 8:
+            got.append(await asyncio.wait_for(live._frames.get(), 60))
+        live.interrupt()
+        while True:
+            item = await asyncio.wait_for(live._frames.get(), 60)
+            got.append(item)
+            if item[3] and len([g for g in got if g[3]]) >= 5:
+                break
         await live.close()
-        return got
+        return got, live.stats
 
-    f0, f1, f4, f3, f9 = asyncio.run(body())
-    np.testing.assert_array_equal(f0, x[:640])
-    np.testing.assert_array_equal(f1, x[640:1280])
-    np.testing.assert_array_equal(f4, x[2560:3200])
-    assert not f3.any() and not f9.any()  # already released / not received: silence
+    got, stats = asyncio.run(body())
+    assert [g[0] for g in got] == list(range(len(got)))
+    speech = [g for g in got if not g[3]]
+    assert 8 <= len(speech) < 60 and all(g[3] for g in got[len(speech):])
+    for i, _, audio, _ in speech:
+        np.testing.assert_array_equal(audio, x[640 * i:640 * (i + 1)])
+    assert all(not g[2].any() for g in got[len(speech):])
+    assert stats["interrupts"] == 1 and stats["idle_frames"] >= 5
 
 
 def test_webrtc_session_that_never_connects_frees_its_slot(server, tiny_avatar):

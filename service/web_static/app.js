@@ -207,6 +207,7 @@ async function liveStart() {
     live.session = answer.session;
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
     $('live-stop').disabled = false;
+    $('live-interrupt').disabled = false;
     const onFrame = (now) => {
       if (S.live !== live) return;
       L.frames += 1;
@@ -252,6 +253,7 @@ async function liveStop() {
   S.live = null;
   $('live-start').disabled = false;
   $('live-stop').disabled = true;
+  $('live-interrupt').disabled = true;
   if (!live) return;
   clearInterval(live.timer);
   if (live.session) api(`/api/webrtc/${live.session}/close`, { method: 'POST' }).catch(() => {});
@@ -263,5 +265,8 @@ async function liveStop() {
 
 $('live-start').addEventListener('click', liveStart);
 $('live-stop').addEventListener('click', liveStop);
+$('live-interrupt').addEventListener('click', () => {
+  if (S.live && S.live.session) api(`/api/webrtc/${S.live.session}/interrupt`, { method: 'POST' }).catch(() => {});
+});
 
 loadAll();
