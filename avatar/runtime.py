@@ -4,7 +4,7 @@ and torch / OpenCV thread pools sized to match.
 Why: torch sizes its intra-op pool from the machine's core count and its OpenMP threads busy-wait
 (spin) between parallel regions. On a shared machine (other processes, a CPU affinity mask, a
 container CPU quota) that oversubscribes the cores: a head NeRF step ran 5-20x slower while one
-other process used a core (../shared/DESIGN.md "Measured lessons"; issues 12 and 18). The fix is
+other process used a core (measured; issues 12 and 18). The fix is
 to size the pools from what the process may use (``os.sched_getaffinity`` and the cgroup CPU
 quota, like ``os.process_cpu_count`` in Python 3.13 plus the quota) and to let idle OpenMP threads
 sleep (``OMP_WAIT_POLICY=PASSIVE``, read by libgomp when torch is first imported).

@@ -1,4 +1,4 @@
-"""The time base every stage shares (../shared/DESIGN.md "Data contracts"; docs/ARCHITECTURE.md):
+"""The time base every stage shares (docs/ARCHITECTURE.md "Data contracts"):
 video at 25 fps, audio 16 kHz mono float32, audio features at 50 Hz (hop 320 samples), so one video
 frame covers exactly 640 audio samples and 2 feature frames. Any input is resampled to this.
 

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from avatar.errors import AvatarError, InvalidInput, OutputExists
+from avatar.store.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,7 @@ CACHE_SIZE = 128  # frame side of the cached datasets, pixels (frames are not us
 
 
 def _sha12(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
+    return sha256_file(path)[:12]
 
 
 def find_clips(corpus: Path) -> list[tuple[Path, Path | None]]:

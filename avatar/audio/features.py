@@ -1,6 +1,6 @@
 """Audio features at 50 Hz (2 per 25 fps video frame): 80-bin log-mel and HuBERT.
 
-Time convention (DESIGN.md "Data contracts", ``avatar/data/dataset.py``): on 16 kHz mono audio,
+Time convention (``avatar/timebase.py``, docs/ARCHITECTURE.md "Data contracts"): on 16 kHz mono audio,
 feature frame ``t`` is centred on sample ``320 t + 160``, i.e. on time ``(t + 0.5) / 50`` s, so
 feature frames ``[2i, 2i + 2)`` lie inside video frame ``i``'s audio ``[640 i, 640 (i + 1))``.
 A waveform of ``T`` samples gives ``F = ceil(T / 320)`` frames; audio beyond the signal's ends is

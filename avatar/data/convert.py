@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from avatar.atomic import atomic_file
 from avatar.data.dataset import (ARRAYS, FRAME_CODEC, SCHEMA, SCHEMA_V1, Dataset, EncodedImageWriter,
                                  image_files)
 from avatar.errors import BundleCorrupt, InvalidInput
@@ -69,9 +69,8 @@ def convert_v1(src: str | Path, out: str | Path | None = None, frame_codec: dict
     mw.close()
     del frames, masks
     manifest.update(schema=SCHEMA, encoding={"frames": fw.codec, "masks": mw.codec})
-    tmp = dst / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, dst / "manifest.json")
+    with atomic_file(dst / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     if out is None:
         for name in ("frames", "masks"):
             (dst / f"{name}.npy").unlink()

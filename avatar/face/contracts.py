@@ -1,4 +1,4 @@
-"""Face data contracts (../shared/DESIGN.md "Data contracts"): the iBUG-300W landmark index groups,
+"""Face data contracts (docs/ARCHITECTURE.md "Data contracts"): the iBUG-300W landmark index groups,
 the per-pixel mask labels and the pinhole intrinsics. Written by the face trackers
 (``avatar/face/``), stored by the dataset format (``avatar/data/dataset.py`` re-exports every name)
 and read by every training stage. Dependency-free apart from numpy, so the dataset format can sit

@@ -1,6 +1,6 @@
 """One square crop window per clip, stable over the whole clip (no per-frame crop jitter).
 
-Peers crop per frame or expect a pre-cropped 512x512 "Obama-like" framing (anchors.md C.11). We
+Peers crop per frame or expect a pre-cropped 512x512 "Obama-like" framing (GeneFace, ER-NeRF). We
 detect faces on a subsample of frames, follow one person (the largest face, then the detection
 nearest to that track's median centre), and choose a window of ``scale`` x the median face-box
 height, with the face centre placed ``face_y`` of the way down the window (a bit above the middle,

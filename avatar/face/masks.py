@@ -1,9 +1,9 @@
 """Per-frame head / torso / background labels and the background plate.
 
 * Person vs background: MediaPipe selfie segmentation (general 256x256 model, weights inside the
-  ``mediapipe==0.10.21`` wheel). GeneFace++ moved to MediaPipe segmentation for the same reason
-  (anchors.md B.2); the BiSeNet face parser of AD-NeRF/GeneFace mislabels long hair and torso
-  (anchors.md C.11).
+  ``mediapipe==0.10.21`` wheel). GeneFace++ (Ye et al. 2023) moved to MediaPipe segmentation for
+  the same reason; the BiSeNet face parser of AD-NeRF/GeneFace mislabels long hair and torso (a
+  recurring complaint of their users).
 * Head vs torso (:func:`label_frame`): the head region is the convex hull of the FaceMesh face oval
   with its upper half pushed outwards from the oval centre (room for hair above and beside the
   forehead), intersected with the person mask; the face oval itself is always head. Every other

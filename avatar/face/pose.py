@@ -1,7 +1,7 @@
 """Head pose, camera and canonical (pose-free) landmarks from a tracked FaceMesh sequence.
 
 Pipeline (replaces the BFM face tracker of AD-NeRF/GeneFace, which needs non-redistributable BFM
-files; see ``../shared/reference/anchors.md`` B.1 step 6):
+files; GeneFace's ``data_gen/process_data.sh`` fits BFM 3DMM coefficients at this step):
 
 1. :func:`mean_shape` - the person's rigid 3-D face shape by generalised Procrustes analysis
    (Gower 1975) of every frame's 478 FaceMesh points, aligned on expression-free vertices

@@ -1,6 +1,6 @@
 """Video probing, constant-frame-rate decoding and H.264/AAC MP4 encoding (PyAV / FFmpeg).
 
-The product's time base is 25 fps video (DESIGN.md "Data contracts"). Sources come at 30, 29.97,
+The product's time base is 25 fps video (``avatar/timebase.py``). Sources come at 30, 29.97,
 24 fps or a variable frame rate; :func:`iter_video_frames` resamples them by presentation timestamp
 so that output frame ``i`` shows the source frame on screen at ``t = i / fps`` seconds, one frame at
 a time (a 5-minute clip is never held in RAM).

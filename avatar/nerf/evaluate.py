@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,14 @@ from tqdm import tqdm
 from avatar.data.dataset import Dataset
 from avatar.errors import InvalidInput
 from avatar.nerf.inference import load_nerf
-from avatar.nerf.trainer import face_box, landmark_window, mouth_box
+from avatar.nerf.trainer import face_box, landmark_window, mouth_box, psnr_from_mse
 
 log = logging.getLogger(__name__)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of uint8 images (peak 255)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+    return psnr_from_mse(float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)), 255.0)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,7 +1,7 @@
 """Head and torso radiance fields (GeneFace's RAD-NeRF-style renderer with landmark conditions).
 
 Sources: GeneFace (Ye et al., ICLR 2023), repo v1.1 ``modules/radnerfs/radnerf.py`` and
-``radnerf_torso.py`` design (see ``shared/reference/anchors.md`` B.1); RAD-NeRF (Tang et al. 2022,
+``radnerf_torso.py`` design; RAD-NeRF (Tang et al. 2022,
 Sec. 3: audio-spatial decomposition, here landmark-spatial); AD-NeRF's ``AudioAttNet`` temporal
 smoothing (Guo et al., ICCV 2021, Sec. 3.2); spherical harmonics view encoding as in PlenOctrees
 (Yu et al. 2021, App. / Instant-NGP "SphericalHarmonics" degree 4).

@@ -11,7 +11,6 @@ On disk (one directory per part)::
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from avatar.atomic import atomic_file
 from avatar.config import from_dict, to_dict
 from avatar.errors import BundleCorrupt
 from avatar.nerf.cuda_sampler import estimator_from_grid, estimator_is_empty, make_estimator, render_step_size
@@ -74,17 +74,13 @@ def grid_parameters(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors file written to ``path.tmp`` then renamed (never a torn file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def part_info(cfg: NerfConfig, ds) -> dict:

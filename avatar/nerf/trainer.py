@@ -2,7 +2,7 @@
 
 Per step, ``frames_per_step`` training frames are drawn and ``rays_per_frame`` pixels from each:
 head rays inside the projection of the head box with a share inside the mouth box (from lm2d);
-torso rays over the whole frame with half of them on torso/neck pixels. Losses (anchors.md B.1):
+torso rays over the whole frame with half of them on torso/neck pixels. Losses (GeneFace's RAD-NeRF trainer):
 per-pixel MSE with extra weight in the mouth box, opacity entropy (``weights_entropy``), and the
 ambient regulariser (|ambient coordinate| outside the face box). Adam with separate learning rates
 for hash tables and MLPs. Checkpoints (model + optimiser + step + RNG states, safetensors) are
@@ -325,8 +325,15 @@ def _set_lr(opt: torch.optim.Optimizer, cfg: NerfConfig, step: int, total: int) 
     opt.param_groups[1]["lr"] = cfg.train.lr_net * f
 
 
+def psnr_from_mse(mse: float, peak: float = 1.0) -> float:
+    """PSNR in dB of a mean squared error on a ``[0, peak]`` scale (inf for a zero error). The one
+    PSNR of the project (training logs, ``avatar/nerf/evaluate.py``)."""
+    return float("inf") if mse <= 0 else float(10 * math.log10(peak ** 2 / mse))
+
+
 def _psnr(mse: float) -> float:
-    return float(-10 * math.log10(max(mse, 1e-10)))
+    """Training-log PSNR of a [0, 1] loss, capped at 100 dB."""
+    return psnr_from_mse(max(mse, 1e-10))
 
 
 # noqa below: the training loop in one place (resume, budget, cancel, occupancy updates, the step, divergence,

@@ -7,7 +7,6 @@ directory is removed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -26,20 +25,11 @@ from avatar.config import to_dict
 from avatar.errors import AvatarError, AvatarNotFound, Cancelled, InvalidInput, InvalidMedia, OutputExists, ResourceLimit
 from avatar.store import AvatarStore, validate_name
 from avatar.pipeline.stages import PRESETS, STAGE_DEPS, STAGES, OnboardPreset, run_stage  # noqa: F401  (re-exported)
-from avatar.store.bundle import BUNDLE_SCHEMA, file_digests
+from avatar.store.bundle import BUNDLE_SCHEMA, file_digests, sha256_file
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float, str], None]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _stage_progress(progress: Progress | None, stage: str):

@@ -1,6 +1,6 @@
 """``avatar preprocess``: one talking video -> the dataset directory of :mod:`avatar.data.dataset`.
 
-Stages (GeneFace's ``process_data.sh`` redone without BFM, BiSeNet or DeepSpeech; anchors.md B.1):
+Stages (GeneFace's ``data_gen/process_data.sh`` redone without BFM, BiSeNet or DeepSpeech):
 
 1. probe + load audio (16 kHz mono) - fail fast on bad input, before any heavy work;
 2. pass 1: BlazeFace on ~``detect_samples`` evenly spaced frames -> one stable square crop window
@@ -18,7 +18,6 @@ Stages (GeneFace's ``process_data.sh`` redone without BFM, BiSeNet or DeepSpeech
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import platform
@@ -44,6 +43,7 @@ from avatar.data.dataset import (
 )
 from avatar.errors import ClipTooShort, InvalidInput, InvalidMedia, NoAudio, NoFaceDetected
 from avatar.runtime import configure_threads
+from avatar.store.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,6 @@ def split_val_start(n_frames: int, val_fraction: float, min_val_frames: int) -> 
     n_val = max(int(round(val_fraction * n_frames)), min_val_frames)
     n_val = min(n_val, n_frames // 2)
     return n_frames - n_val
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tool_versions(extra: dict | None = None) -> dict:
@@ -340,13 +332,13 @@ def preprocess(
             "schema": SCHEMA,
             "source": {
                 "path": str(video.resolve()),
-                "sha256": _sha256(video),
+                "sha256": sha256_file(video),
                 "fps": info.fps,
                 "width": info.width,
                 "height": info.height,
                 "duration_s": info.duration_s,
                 "audio_path": str(audio_src.resolve()),
-                "audio_sha256": _sha256(audio_src) if audio is not None else None,
+                "audio_sha256": sha256_file(audio_src) if audio is not None else None,
                 "audio_rate": audio_info.audio_rate,
             },
             "fps": FPS,

@@ -33,6 +33,8 @@ import torch
 from avatar.data.dataset import AUDIO_RATE, FPS, SAMPLES_PER_FRAME
 from avatar.errors import AvatarError, InvalidInput, NoAudio
 from avatar.face.landmarks import eye_aspect_ratio
+from avatar.motion.emotion.schedule import MAX_STRENGTH
+from avatar.motion.emotion.schedule import LABELS as EMOTIONS  # noqa: F401  (re-exported: the 8 MEAD labels)
 from avatar.pipeline.controls import BlinkSchedule, PoseReplay, apply_eyes
 
 log = logging.getLogger(__name__)
@@ -41,9 +43,6 @@ BLOCK = 8        # frames per motion block (0.32 s)
 CTX_LEFT = 24    # frames of audio context before a block (0.96 s); more when the generator's input
                  # transform looks further back (Audio2Motion.history_frames, e.g. a 2 s sliding CMN)
 CTX_RIGHT = 12   # frames of audio context after a block (0.48 s)
-MAX_STRENGTH = 1.5
-#: the 8 MEAD emotion labels (EAT / EAMM)
-EMOTIONS = ("neutral", "happy", "angry", "sad", "surprised", "disgusted", "fear", "contempt")
 
 
 @dataclass

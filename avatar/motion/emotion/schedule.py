@@ -13,7 +13,7 @@ import numpy as np
 from avatar.data.dataset import FPS
 from avatar.errors import InvalidInput
 
-#: the 8 MEAD labels, in the order of the embedding table (same set as render.EMOTIONS)
+#: the 8 MEAD labels, in the order of the embedding table (avatar.pipeline.render.EMOTIONS is this tuple)
 LABELS = ("neutral", "happy", "angry", "sad", "surprised", "disgusted", "fear", "contempt")
 MAX_STRENGTH = 1.5
 CROSSFADE_S = 0.3
