@@ -715,7 +715,7 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
                 check_deadline(context)
                 return True
 
-            observed = False
+            observed, t_run = False, time.monotonic()
             for out in pacer.run(self._stream_events(inbox, decoder, call), check):
                 if isinstance(out, stream.Interrupted):
                     yield pb.StreamRenderResponse(interrupted=pb.Interrupted(
@@ -734,6 +734,8 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             if pacer.broken or not context.is_active():
                 return
             st = pacer.stats
+            if call.frames:
+                self.metrics.render_fps.labels("StreamRender").observe(call.frames / max(time.monotonic() - t_run, 1e-6))
             first_latency = st["first_frame_latency_s"] or 0.0
             call.fields.update(audio_s=round(st["audio_s"], 3), first_frame_latency_s=round(first_latency, 4),
                                idle_frames=st["idle_frames"], interrupts=st["interrupts"])
