@@ -71,6 +71,25 @@ def _train(datasets: list[Path], out: Path, model: str, steps: int | None, seed:
     return train_generator(datasets, out, cfg, overwrite=True, progress=False)
 
 
+def _override_fit(pairs: list[str], preset: str) -> None:
+    """Apply ``KEY=VALUE`` overrides to the shared-training preset and every fine-tuning preset."""
+    import dataclasses
+
+    from avatar.motion import regression, train
+
+    kinds = {f.name: f.type for f in dataclasses.fields(regression.RegressionTrainConfig)}
+    over = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in kinds:
+            raise SystemExit(f"--fit {pair}: no field {key!r} in RegressionTrainConfig")
+        over[key] = {"int": int, "float": float}.get(str(kinds[key]), float)(value)
+    p = train.PRESETS[preset]
+    train.PRESETS[preset] = replace(p, regression_fit=replace(p.regression_fit, **over))
+    for k, v in list(regression.FINETUNE_PRESETS.items()):
+        regression.FINETUNE_PRESETS[k] = replace(v, **{k2: v2 for k2, v2 in over.items() if k2 != "steps"})
+
+
 def avatar_checks(store: Path, name: str, dataset: Path, data: Path) -> str:
     """Render-path lip-sync of an onboarded avatar (fine-tuned audio2motion + postnet, the landmarks
     the NeRFs receive): its validation tail driven by its own audio, every driving-audio file,
@@ -123,6 +142,9 @@ def main(argv=None) -> int:
     ap.add_argument("--min-seconds", type=float, default=3.0, help="shortest fold clip evaluated")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--label", default="", help="a note for the results heading (e.g. the lever tried)")
+    ap.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a RegressionTrainConfig field for shared training and fine-tuning "
+                         "(a lever under test, e.g. --fit lambda_open=1)")
     ap.add_argument("--avatar", default=None, help="only the render-path checks of this onboarded avatar")
     ap.add_argument("--store", type=Path, default=None, help="with --avatar: its store")
     ap.add_argument("--dataset", type=Path, default=None, help="with --avatar: its dataset (work dir, --keep-work)")
@@ -135,6 +157,8 @@ def main(argv=None) -> int:
             append_results(text)
         return 0
     t_start = time.time()
+    if args.fit:
+        _override_fit(args.fit, args.preset)
 
     corpus = []
     for name in args.corpora.split(","):

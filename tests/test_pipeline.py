@@ -41,17 +41,26 @@ def _mouth_box(av) -> tuple[int, int, int, int]:
 
 
 def test_render_mp4_real_speech(tiny_avatar, data_dir, tmp_path, speech):
-    """`avatar render` writes an H.264 MP4 with audio whose duration/frames/size match the speech."""
-    from avatar.media import iter_video_frames, probe, write_wav
+    """`avatar render` writes an H.264 MP4 with audio whose duration/frames/size match the speech;
+    the input's own audio (48 kHz stereo here) is muxed at its rate and channels, not as 16 kHz mono."""
+    from avatar.media import iter_video_frames, load_audio, load_audio_native, probe, resample_audio, write_wav
+    from avatar.motion.metrics import pearson
 
     wav = tmp_path / "speech.wav"
-    write_wav(wav, speech, 16000)
+    hi = resample_audio(speech, 16000, 48000)
+    write_wav(wav, np.stack([hi, 0.5 * hi], axis=1), 48000)  # stereo, right channel 6 dB quieter
     out = tmp_path / "out.mp4"
     rc = cli(["render", "--avatar", tiny_avatar[1], "--audio", str(wav), "--out", str(out), "--store", str(tiny_avatar[0])])
     assert rc == 0
     info = probe(out)
     n = round(len(speech) / 640)
     assert info.has_audio and info.has_video
+    assert (info.audio_rate, info.audio_channels) == (48000, 2)
+    muxed, rate = load_audio_native(out)
+    assert rate == 48000 and muxed.shape[0] == 2
+    assert 0.4 < np.abs(muxed[1]).mean() / np.abs(muxed[0]).mean() < 0.6, "channels were mixed"
+    back = load_audio(out)[: len(speech)]
+    assert pearson(back, speech[: len(back)]) > 0.95, "the muxed audio is not the input speech"
     assert (info.width, info.height) == (64, 64)
     assert abs(info.duration_s - len(speech) / 16000) <= 1 / 25 + 0.03
     frames = np.stack(list(iter_video_frames(out)))

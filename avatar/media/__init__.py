@@ -1,5 +1,5 @@
 """Media decode/encode (PyAV): probing, 25 fps video frames, 16 kHz mono audio, H.264/AAC MP4 output."""
-from avatar.media.audio import AUDIO_RATE, load_audio, resample_audio, write_wav
+from avatar.media.audio import AUDIO_RATE, load_audio, load_audio_native, resample_audio, write_wav
 from avatar.media.video import MediaInfo, VideoWriter, count_resampled_frames, iter_video_frames, probe
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "count_resampled_frames",
     "iter_video_frames",
     "load_audio",
+    "load_audio_native",
     "probe",
     "resample_audio",
     "write_wav",

@@ -18,8 +18,9 @@ from avatar.media.video import _TRUNCATION_TOLERANCE_S, _indexed, _open, _stream
 from avatar.timebase import AUDIO_RATE
 
 
-def _to_mono_float(frame: av.AudioFrame) -> np.ndarray:
-    """Decoded audio frame -> float32 mono [n] (integer formats scaled to [-1, 1])."""
+def _to_float(frame: av.AudioFrame, mono: bool = True) -> np.ndarray:
+    """Decoded audio frame -> float32 mono [n], or [C, n] with ``mono=False`` (integer formats
+    scaled to [-1, 1]; more than 2 channels are down-mixed to mono either way)."""
     x = frame.to_ndarray()
     if x.dtype.kind in "iu":
         if x.dtype == np.uint8:
@@ -29,11 +30,24 @@ def _to_mono_float(frame: av.AudioFrame) -> np.ndarray:
     else:
         x = x.astype(np.float32, copy=False)
     channels = len(frame.layout.channels)
-    if frame.format.is_planar:  # [C, n]
-        return x.mean(axis=0) if channels > 1 else x[0]
-    # packed: [1, n * C] interleaved
-    x = x.reshape(-1, channels)
-    return x.mean(axis=1) if channels > 1 else x[:, 0]
+    x = x.reshape(channels, -1) if frame.format.is_planar else x.reshape(-1, channels).T  # [C, n]
+    if mono or channels > 2:
+        x = x.mean(axis=0, keepdims=True) if channels > 1 else x
+        return x[0] if mono else x
+    return x
+
+
+def load_audio_native(path: str | Path, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of ``path`` at its own rate and channels (what a rendered MP4
+    muxes back, so the output sounds like the input).
+
+    Returns:
+        (float32 ``[C, T]`` in [-1, 1] with C = 1 or 2 (more channels are down-mixed to mono), the
+        decoded sample rate in Hz).
+    Raises:
+        as :func:`load_audio`.
+    """
+    return _decode(path, None, max_seconds, mono=False)
 
 
 def load_audio(path: str | Path, sr: int = AUDIO_RATE, max_seconds: float | None = None) -> np.ndarray:
@@ -56,8 +70,15 @@ def load_audio(path: str | Path, sr: int = AUDIO_RATE, max_seconds: float | None
         InvalidMedia: the file is missing, empty, not a media file, or fails to decode.
         ResourceLimit: the audio is longer than ``max_seconds``.
     """
-    path = Path(path)
     if sr <= 0:
+        raise InvalidInput(f"sample rate must be > 0 Hz, got {sr}")
+    return _decode(path, sr, max_seconds, mono=True)[0]
+
+
+def _decode(path: str | Path, sr: int | None, max_seconds: float | None, mono: bool) -> tuple[np.ndarray, int]:
+    """:func:`load_audio` (``sr`` Hz, mono [T]) and :func:`load_audio_native` (``sr`` None, [C, T])."""
+    path = Path(path)
+    if sr is not None and sr <= 0:
         raise InvalidInput(f"sample rate must be > 0 Hz, got {sr}")
     if max_seconds is not None and not max_seconds > 0:
         raise InvalidInput(f"max_seconds must be > 0, got {max_seconds}")
@@ -85,31 +106,37 @@ def load_audio(path: str | Path, sr: int = AUDIO_RATE, max_seconds: float | None
                     continue
                 if rate_in is None:
                     rate_in = int(frame.sample_rate)
-                    rs = soxr.ResampleStream(rate_in, sr, 1, dtype="float32", quality="HQ") if rate_in != sr else None
+                    sr = rate_in if sr is None else sr
+                    channels = 1 if mono or len(frame.layout.channels) > 2 else len(frame.layout.channels)
+                    rs = (soxr.ResampleStream(rate_in, sr, channels, dtype="float32", quality="HQ")
+                          if rate_in != sr else None)
                 elif int(frame.sample_rate) != rate_in:
                     raise InvalidMedia(f"{path}: audio sample rate changes mid-stream ({rate_in} -> {frame.sample_rate} Hz); "
                                        "re-export it at one rate")
                 n_in += frame.samples
                 if max_seconds is not None and n_in > max_seconds * rate_in:  # before converting it
                     raise too_long()
-                x = _to_mono_float(frame)
-                out.append(rs.resample_chunk(x) if rs is not None else x)
-                n_out += out[-1].size
+                x = _to_float(frame, mono=False)
+                x = x.mean(axis=0, keepdims=True) if channels == 1 and len(x) > 1 else x  # [channels, n]
+                out.append((rs.resample_chunk(np.ascontiguousarray(x.T)).T if rs is not None else x).reshape(channels, -1))
+                n_out += out[-1].shape[1]
                 if max_seconds is not None and n_out > max_seconds * sr:
                     raise too_long()
         except av.FFmpegError as e:
             raise InvalidMedia(f"{path}: audio fails to decode ({e}); the file is corrupt, re-export it") from e
         if rs is not None:
-            out.append(rs.resample_chunk(np.zeros(0, np.float32), last=True))
-    wav = np.concatenate(out) if out else np.zeros(0, np.float32)
+            out.append(rs.resample_chunk(np.zeros((0, channels), np.float32), last=True).T.reshape(channels, -1))
+    wav = np.concatenate(out, axis=1) if out else np.zeros((1, 0), np.float32)
+    if mono:
+        wav = wav[0]
     if wav.size == 0:
         raise NoAudio(f"{path}: the audio stream decodes to zero samples; pass a file with speech audio")
-    if declared and wav.size / sr < declared - _TRUNCATION_TOLERANCE_S:
+    if declared and wav.shape[-1] / sr < declared - _TRUNCATION_TOLERANCE_S:
         raise InvalidMedia(
-            f"{path}: audio ends at {wav.size / sr:.2f} s but declares {declared:.2f} s; the file is "
+            f"{path}: audio ends at {wav.shape[-1] / sr:.2f} s but declares {declared:.2f} s; the file is "
             "truncated, copy or download it again"
         )
-    return np.clip(wav, -1.0, 1.0).astype(np.float32, copy=False)
+    return np.clip(wav, -1.0, 1.0).astype(np.float32, copy=False), int(sr)
 
 
 def resample_audio(x: np.ndarray, sr_in: int, sr_out: int = AUDIO_RATE) -> np.ndarray:

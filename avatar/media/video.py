@@ -304,7 +304,7 @@ class VideoWriter:
     renamed to ``path`` only when the ``with`` block exits without an exception, so an error never
     leaves a partial MP4 at ``path``. The MP4 is "faststart" (index first: streams over HTTP).
 
-    Audio (float32 ``[T]`` mono in [-1, 1] at ``audio_rate`` Hz) is interleaved with the video as
+    Audio (float32 ``[T]`` mono or ``[C, T]`` with C = 1 or 2 channels, in [-1, 1] at ``audio_rate`` Hz) is interleaved with the video as
     frames are written and the rest is flushed on close; all of it is written, so the audio may run
     longer than the video if it is longer than ``n_frames / fps``.
 
@@ -332,8 +332,9 @@ class VideoWriter:
             raise InvalidInput(f"fps must be > 0, got {fps}")
         if audio is not None:
             audio = np.asarray(audio)
-            if audio.ndim != 1 or not np.issubdtype(audio.dtype, np.floating):
-                raise InvalidInput(f"audio must be a float mono array [T], got {audio.dtype} {audio.shape}")
+            audio = audio[None] if audio.ndim == 1 else audio
+            if audio.ndim != 2 or audio.shape[0] not in (1, 2) or not np.issubdtype(audio.dtype, np.floating):
+                raise InvalidInput(f"audio must be a float array [T] or [channels (1 or 2), T], got {audio.dtype} {audio.shape}")
             audio = np.clip(audio.astype(np.float32), -1.0, 1.0)
         self.path = Path(path)
         self.fps = fps
@@ -358,9 +359,9 @@ class VideoWriter:
         self._vstream.pix_fmt = "yuv420p"
         self._vstream.options = {"crf": str(self.crf)}
         self._astream = None
-        if self.audio is not None and len(self.audio):
+        if self.audio is not None and self.audio.shape[1]:
             self._astream = self._container.add_stream("aac", rate=self.audio_rate)
-            self._astream.layout = "mono"
+            self._astream.layout = "mono" if len(self.audio) == 1 else "stereo"
         return self
 
     def write(self, frame: np.ndarray) -> None:
@@ -385,12 +386,13 @@ class VideoWriter:
     def _write_audio(self, until: int | None) -> None:
         if self._astream is None:
             return
-        end = len(self.audio) if until is None else min(until, len(self.audio))
+        n = self.audio.shape[1]
+        end = n if until is None else min(until, n)
         block = 4096
         while self._audio_pos < end:
             stop = min(end, self._audio_pos + block)
-            chunk = self.audio[self._audio_pos:stop]
-            af = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
+            chunk = np.ascontiguousarray(self.audio[:, self._audio_pos:stop])
+            af = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self._astream.layout.name)
             af.sample_rate = self.audio_rate
             af.pts = self._audio_pos
             af.time_base = Fraction(1, self.audio_rate)

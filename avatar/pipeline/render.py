@@ -453,6 +453,9 @@ def render_to_mp4(models, audio, out: str | Path, options: RenderOptions | None 
                   progress: bool = True) -> dict:
     """Render ``audio`` and write an H.264 MP4 with the driving audio muxed in.
 
+    A file's audio is muxed at its own sample rate and channels (a 48 kHz stereo input gives a
+    48 kHz stereo MP4); an array is 16 kHz mono. The model always hears the 16 kHz mono version.
+
     Returns:
         dict with ``path``, ``frames``, ``seconds`` (audio duration), ``render_fps``.
     """
@@ -465,9 +468,14 @@ def render_to_mp4(models, audio, out: str | Path, options: RenderOptions | None 
     wav = as_waveform(audio)
     n = n_frames_for(len(wav))
     size = options.size or models.size
+    mux, mux_rate = wav, AUDIO_RATE
+    if isinstance(audio, (str, Path)):
+        from avatar.media import load_audio_native
+
+        mux, mux_rate = load_audio_native(audio)
     t0 = time.perf_counter()
     count = 0
-    with VideoWriter(out, fps=FPS, size=(size, size), audio=wav, audio_rate=AUDIO_RATE) as writer:
+    with VideoWriter(out, fps=FPS, size=(size, size), audio=mux, audio_rate=mux_rate) as writer:
         bar = tqdm(total=n, unit="frame", desc="render", disable=not progress)
         for frame in render_frames(models, wav, options):
             writer.write(frame)
