@@ -116,8 +116,7 @@ def _decode(path: str | Path, sr: int | None, max_seconds: float | None, mono: b
                 n_in += frame.samples
                 if max_seconds is not None and n_in > max_seconds * rate_in:  # before converting it
                     raise too_long()
-                x = _to_float(frame, mono=False)
-                x = x.mean(axis=0, keepdims=True) if channels == 1 and len(x) > 1 else x  # [channels, n]
+                x = _to_float(frame, mono=channels == 1).reshape(channels, -1)
                 out.append((rs.resample_chunk(np.ascontiguousarray(x.T)).T if rs is not None else x).reshape(channels, -1))
                 n_out += out[-1].shape[1]
                 if max_seconds is not None and n_out > max_seconds * sr:
