@@ -238,7 +238,7 @@ class Audio2Motion:
         """Deterministic models (:class:`avatar.motion.regression.TCNGenerator`): the causal input
         transform over the whole array (absolute positions from ``start_frame``), then the net in
         chunks with :attr:`context_frames` of real context each side. float32 [n, 68, 3]."""
-        from avatar.motion.regression import transform_features
+        from avatar.motion.tcn import transform_features
 
         n = features.shape[0] // 2
         x = torch.from_numpy(transform_features(features, self.config, start=2 * start_frame)).to(self.device)
@@ -288,7 +288,7 @@ def load_generator(root: str | Path, device: str | torch.device | None = None) -
     try:
         gdict = dict(cfg["generator"])
         if gdict.get("model", "vae-flow") == "tcn":
-            from avatar.motion.regression import RegressionConfig, TCNGenerator
+            from avatar.motion.tcn import RegressionConfig, TCNGenerator
 
             gcfg, make = from_dict(RegressionConfig, gdict), TCNGenerator
         else:

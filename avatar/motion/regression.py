@@ -42,151 +42,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from avatar.data.dataset import MOUTH
 from avatar.errors import InvalidInput
-from avatar.motion.layers import ChannelNorm
+from avatar.motion.tcn import (  # noqa: F401  (re-exported: the model's public home is tcn.py)
+    ENERGY_FLOOR, ENERGY_REF_MIN, EXPR_DIM, RegressionConfig, TCNGenerator, transform_features)
 
 log = logging.getLogger(__name__)
-
-EXPR_DIM = 68 * 3
-ENERGY_FLOOR = -4.0          # relative log10 energy of silence (40 dB below the window's peak)
-ENERGY_REF_MIN = -1.5        # log10 of the summed mel power below which a window's peak counts as silence
-
-
-@dataclass
-class RegressionConfig:
-    """Architecture + input transform of :class:`TCNGenerator` (stored in the bundle's config.json)."""
-
-    model: str = "tcn"
-    feature_dim: int = 80         # raw feature dimension (80 log-mel bins, or HuBERT's)
-    cmn: bool = True              # subtract the causal sliding mean per bin (else: raw features, normalised
-                                  # only by the corpus statistics)
-    energy: bool = True           # append the relative log-energy channel (log-mel features only)
-    cmn_window: int = 100         # feature frames (2 s) of the causal sliding mean / energy peak
-    hidden: int = 128
-    kernel: int = 3
-    dilations: tuple[int, ...] = (1, 2, 4, 4)
-    dropout: float = 0.2
-    n_basis: int = 16             # PCA components of the expression predicted
-
-    @property
-    def input_dim(self) -> int:
-        return self.feature_dim + (1 if self.energy else 0)
-
-    def receptive_frames(self) -> int:
-        """Video frames of audio each side that a frame's output depends on (after the transform)."""
-        return 1 + sum(d * (self.kernel // 2) for d in self.dilations)
-
-    def context_frames(self) -> int:
-        """Context each side for chunked inference over already-transformed features."""
-        return self.receptive_frames() + 1
-
-    def history_frames(self) -> int:
-        """Video frames of past audio the input transform of a frame depends on."""
-        return -(-self.cmn_window // 2) if (self.cmn or self.energy) else 0
-
-
-def transform_features(features: np.ndarray, cfg: RegressionConfig, start: int = 0) -> np.ndarray:
-    """Raw 50 Hz features -> the net's input: causal sliding CMN (+ relative log-energy).
-
-    Args:
-        features: float32 [F, D] raw features (log10 mel for ``energy``), feature frame ``i`` at
-            absolute feature index ``start + i``.
-        cfg: the transform's window and options.
-        start: absolute feature index of ``features[0]``; frames at negative indices (padding before
-            the audio starts) are left out of every frame's statistics, so a window of a longer
-            signal with ``history_frames()`` of left context transforms exactly like the whole.
-    Returns:
-        float32 [F, input_dim]. Padding frames (negative index) get 0 (the mean; raw features are kept
-        when ``cmn`` is off) and the energy floor.
-    """
-    f = np.asarray(features, np.float64)
-    n = len(f)
-    idx = start + np.arange(n)
-    lo_abs = np.maximum(0, idx - cfg.cmn_window + 1)
-    lo = np.clip(lo_abs - start, 0, n)
-    hi = np.arange(1, n + 1)
-    cs = np.concatenate([np.zeros((1, f.shape[1])), np.cumsum(f, axis=0)])
-    cnt = np.maximum(hi - lo, 1)[:, None]
-    out = f - (cs[hi] - cs[lo]) / cnt if cfg.cmn else f.copy()
-    pad = idx < 0
-    if cfg.cmn:
-        out[pad] = 0.0
-    if cfg.energy:
-        e = np.log10(np.sum(np.power(10.0, f), axis=1) + 1e-12)
-        mx = _running_max(np.where(pad, -np.inf, e), cfg.cmn_window)
-        rel = e - np.maximum(mx, ENERGY_REF_MIN)
-        rel = np.clip(rel, ENERGY_FLOOR, 0.0)
-        rel[pad] = ENERGY_FLOOR
-        out = np.concatenate([out, rel[:, None]], axis=1)
-    return out.astype(np.float32)
-
-
-def _running_max(x: np.ndarray, w: int) -> np.ndarray:
-    """``out[i] = max(x[max(0, i - w + 1): i + 1])`` for float64 [N] (``-inf`` entries ignored)."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    padded = np.concatenate([np.full(w - 1, -np.inf), x])
-    return sliding_window_view(padded, w).max(axis=1)
-
-
-class TCNGenerator(nn.Module):
-    """Temporal-CNN audio2motion: transformed features -> PCA coefficients -> expression.
-
-    Buffers (saved with the weights): ``in_mean``/``in_std`` [input_dim] input normalisation;
-    ``basis`` [n_basis, 204] and ``basis_mean`` [204] the expression PCA (canonical units);
-    ``coef_std`` [n_basis] the training coefficients' std (the net predicts unit-variance
-    coefficients).
-
-    Shapes: ``forward(x)`` x float32 [B, 2T, input_dim] (normalised) -> coefficients [B, T, n_basis];
-    ``infer(x, noise=None)`` -> expression float32 [B, T, 204] in canonical units.
-    """
-
-    #: the output of :meth:`infer` is the expression itself, not normalised by the motion stats
-    outputs_canonical = True
-    stochastic = False
-
-    def __init__(self, cfg: RegressionConfig):
-        super().__init__()
-        self.cfg = cfg
-        h = cfg.hidden
-        self.inp = nn.Conv1d(cfg.input_dim, h, kernel_size=4, stride=2, padding=1)
-        self.blocks = nn.ModuleList(nn.Conv1d(h, h, cfg.kernel, padding=d * (cfg.kernel // 2), dilation=d)
-                                    for d in cfg.dilations)
-        self.norms = nn.ModuleList(ChannelNorm(h) for _ in cfg.dilations)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.out = nn.Conv1d(h, cfg.n_basis, 1)
-        self.register_buffer("in_mean", torch.zeros(cfg.input_dim))
-        self.register_buffer("in_std", torch.ones(cfg.input_dim))
-        self.register_buffer("basis", torch.zeros(cfg.n_basis, EXPR_DIM))
-        self.register_buffer("basis_mean", torch.zeros(EXPR_DIM))
-        self.register_buffer("coef_std", torch.ones(cfg.n_basis))
-
-    def normalize_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.in_mean) / self.in_std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x.transpose(1, 2))
-        for conv, norm in zip(self.blocks, self.norms):
-            h = h + self.drop(F.gelu(norm(conv(h))))
-        return self.out(h).transpose(1, 2)
-
-    def coefficients(self, expr: torch.Tensor) -> torch.Tensor:
-        """expression [..., 204] -> unit-variance PCA coefficients [..., n_basis]."""
-        return (expr - self.basis_mean) @ self.basis.T / self.coef_std
-
-    def expression(self, coef: torch.Tensor) -> torch.Tensor:
-        """unit-variance PCA coefficients [..., n_basis] -> expression [..., 204] (canonical units)."""
-        return (coef * self.coef_std) @ self.basis + self.basis_mean
-
-    @torch.no_grad()
-    def infer(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        return self.expression(self(x))
-
 
 def fit_basis(exprs: list[np.ndarray], n_basis: int, max_rows: int = 50_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PCA of identity-free expressions.
@@ -221,6 +85,7 @@ class RegressionTrainConfig:
     weight_decay: float = 1e-4
     lambda_vel: float = 1.0       # weight of the frame-difference (velocity) loss
     mouth_weight: float = 1.0     # extra weight on the mouth/jaw points' reconstruction
+    lambda_open: float = 0.0      # weight of the mouth-opening loss (1 - windowed Pearson r + log-std ratio^2)
     eval_every: int = 250
     silence_prob: float = 0.1     # windows with a span of digital silence -> resting expression
     warp: float = 0.1             # mel-axis warp factor range (1 +- warp): speaker augmentation
@@ -343,6 +208,35 @@ def _mouth_weights(cfg_weight: float) -> np.ndarray:
     return w.reshape(EXPR_DIM)
 
 
+def opening_loss(recon: torch.Tensor, target: torch.Tensor, means: torch.Tensor, min_std: float) -> torch.Tensor:
+    """Mouth-opening loss of a batch of windows: ``1 - r`` (Pearson r of the predicted vs the real
+    inner-lip opening over each window) + ``log(std_pred / std_real)^2``.
+
+    MSE alone shrinks an uncertain prediction towards the mean (the mouth then moves at about half
+    the real amplitude); this term rewards following the real opening's shape and size directly.
+    Windows whose real opening barely moves (std < ``min_std``: pauses) are left out.
+
+    Args:
+        recon, target: float32 [B, W, 204] expressions (canonical units); means: float32 [B, 68, 3]
+            each window's identity mean shape; min_std: canonical units.
+    Returns: scalar tensor (0 when no window qualifies).
+    """
+    from avatar.motion.metrics import INNER_LOWER, INNER_UPPER
+
+    def opening(e: torch.Tensor) -> torch.Tensor:
+        lm = e.reshape(e.shape[0], e.shape[1], 68, 3) + means[:, None]
+        d = lm[:, :, INNER_UPPER] - lm[:, :, INNER_LOWER]
+        return torch.sqrt((d * d).sum(-1) + 1e-12).mean(-1)
+
+    op, og = opening(recon), opening(target)
+    pc, gc = op - op.mean(1, keepdim=True), og - og.mean(1, keepdim=True)
+    sp, sg = torch.sqrt((pc * pc).mean(1) + 1e-12), torch.sqrt((gc * gc).mean(1) + 1e-12)
+    valid = (sg > min_std).float()
+    r = (pc * gc).mean(1) / (sp * sg)
+    per = (1.0 - r) + torch.log(sp / sg) ** 2
+    return (per * valid).sum() / valid.sum().clamp(min=1.0)
+
+
 def fit(net: TCNGenerator, train: list[ClipArrays], val: list[ClipArrays], tcfg: RegressionTrainConfig,
         silence: np.ndarray | None, progress: bool = True, desc: str = "audio2motion",
         callback: Callable | None = None, writer=None, select_initial: bool = False) -> dict:
@@ -370,6 +264,13 @@ def fit(net: TCNGenerator, train: list[ClipArrays], val: list[ClipArrays], tcfg:
     mw = torch.from_numpy(_mouth_weights(tcfg.mouth_weight)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, tcfg.lr, total_steps=tcfg.steps, pct_start=0.1)
+    min_std = 0.0
+    if tcfg.lambda_open > 0:  # a quarter of the median per-window opening std of the training clips
+        from avatar.motion.metrics import mouth_opening
+
+        stds = [mouth_opening(c.expr[a: a + tcfg.window].reshape(-1, 68, 3) + c.mean).std()
+                for c in train for a in range(0, max(1, len(c) - tcfg.window + 1), tcfg.window)]
+        min_std = 0.25 * float(np.median(stds))
     best = {"val_open_r": -math.inf}
     best_state, best_step = None, 0
     if select_initial:
@@ -379,13 +280,14 @@ def fit(net: TCNGenerator, train: list[ClipArrays], val: list[ClipArrays], tcfg:
     bar = tqdm(range(1, tcfg.steps + 1), desc=desc, disable=not progress, dynamic_ncols=True)
     loss_v = float("nan")
     for step in bar:
-        xs, ys = [], []
+        xs, ys, ms = [], [], []
         for _ in range(tcfg.batch):
             i = int(rng.choice(len(train), p=p))
             a = int(rng.integers(0, lens[i] - tcfg.window + 1))
             x, y = augment_window(train[i], a, tcfg.window, cfg, tcfg, rng, silence)
             xs.append(x)
             ys.append(y)
+            ms.append(train[i].mean.reshape(68, 3))
         x = net.normalize_inputs(torch.from_numpy(np.stack(xs)).to(device))
         if tcfg.noise > 0:
             x = x + tcfg.noise * torch.randn_like(x)
@@ -395,6 +297,9 @@ def fit(net: TCNGenerator, train: list[ClipArrays], val: list[ClipArrays], tcfg:
         recon = net.expression(coef)
         loss = (F.mse_loss(coef, target) + tcfg.lambda_vel * F.mse_loss(coef[:, 1:] - coef[:, :-1], target[:, 1:] - target[:, :-1])
                 + (((recon - y) ** 2) * mw).mean() / (net.coef_std ** 2).mean())
+        if tcfg.lambda_open > 0:
+            means = torch.from_numpy(np.stack(ms)).to(device)
+            loss = loss + tcfg.lambda_open * opening_loss(recon, y, means, min_std)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"{desc} loss became {loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
