@@ -194,8 +194,26 @@ def test_torso_inference_and_eval(dataset, trained, tmp_path):
     with pytest.raises(InvalidInput):
         nerf.render(win[:, :, :10], pose)
     m = evaluate_nerf(dataset, trained, out=tmp_path / "eval", max_frames=2, progress=False)
-    for name in ("render", "background", "mean_frame"):
+    for name in ("render", "frozen_frame", "mean_frame", "background"):
         assert set(m[name]) == {f"{k}_{r}" for k in ("psnr", "ssim") for r in ("full", "face", "mouth")}
+    # the frozen-frame baseline by hand: the last training frame against each evaluated frame
+    from avatar.nerf.evaluate import fidelity_table, ssim
+    from avatar.nerf.trainer import mouth_box
+
+    S = ds.size
+    frozen = np.asarray(ds.frames[ds.train_range[-1]]).astype(np.float64)
+    assert m["frozen_frame_index"] == ds.train_range[-1] and len(m["frames"]) == 2
+    full, mouth = [], []
+    for f in m["frames"]:
+        gt = np.asarray(ds.frames[f]).astype(np.float64)
+        x0, y0, x1, y1 = mouth_box(ds.lm2d[f], S)
+        full.append(10 * np.log10(255.0 ** 2 / np.mean((frozen - gt) ** 2)))
+        mouth.append(10 * np.log10(255.0 ** 2 / np.mean((frozen[y0:y1, x0:x1] - gt[y0:y1, x0:x1]) ** 2)))
+    assert m["frozen_frame"]["psnr_full"] == pytest.approx(np.mean(full), abs=1e-3)
+    assert m["frozen_frame"]["psnr_mouth"] == pytest.approx(np.mean(mouth), abs=1e-3)
+    assert 0 < m["frozen_frame"]["ssim_full"] < 1 and ssim(frozen.astype(np.uint8), frozen.astype(np.uint8)) == pytest.approx(1.0)
+    table = (tmp_path / "eval" / "table.txt").read_text()
+    assert table == fidelity_table(m) + "\n" and all(n in table for n in ("render", "frozen_frame", "mean_frame"))
     assert (tmp_path / "eval" / "side_by_side.mp4").stat().st_size > 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_frames"] == 2
 

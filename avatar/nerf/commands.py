@@ -47,8 +47,9 @@ def register(subparsers) -> None:
     e = subparsers.add_parser(
         "eval-nerf", help="PSNR/SSIM of trained NeRFs on the validation frames",
         description="Render the dataset's validation tail from its tracked landmarks and poses and report PSNR and "
-                    "SSIM on the full frame, face box and mouth box, beside two baselines (background plate, mean "
-                    "training frame). With --out: metrics.json, side_by_side.mp4 (ground truth | render), PNGs.")
+                    "SSIM on the full frame, face box and mouth box, beside three baselines (frozen last training frame, "
+                    "mean training frame, background plate). With --out: metrics.json, table.txt, side_by_side.mp4 "
+                    "(ground truth | render), PNGs.")
     e.add_argument("dataset", help="dataset directory written by `avatar preprocess`")
     e.add_argument("--model", required=True, help="directory written by `avatar train-nerf` (holds head/ [torso/])")
     e.add_argument("--out", default=None, help="directory for metrics.json, side_by_side.mp4 and PNGs")

@@ -2,8 +2,10 @@
 
 Driven by the tracked landmarks and poses of the validation frames (self-reconstruction, the
 setting of GeneFace / RAD-NeRF / ER-NeRF Tab. 1). Metrics on the full composited frame, the face
-box and the mouth box (from lm2d); baselines on the same frames: the background plate alone and
-the mean training frame. Writes ``metrics.json``, a side-by-side MP4 (ground truth | render) and
+box and the mouth box (from lm2d); baselines on the same frames (the bar the render must clear,
+issue 18): the frozen frame (the last training frame repeated, what a still photo of the person
+scores), the mean training frame and the background plate alone. :func:`fidelity_table` prints them
+side by side. Writes ``metrics.json``, ``table.txt``, a side-by-side MP4 (ground truth | render) and
 PNGs of a few frames.
 """
 from __future__ import annotations
@@ -56,13 +58,36 @@ def _crop(img: np.ndarray, box) -> np.ndarray:
     return img[y0:y1, x0:x1]
 
 
+#: the render and its baselines, in table order
+SYSTEMS = ("render", "frozen_frame", "mean_frame", "background")
+
+
+def fidelity_table(metrics: dict) -> str:
+    """Plain-text table of an :func:`evaluate_nerf` result: one row per system (render, then each
+    baseline), columns PSNR (dB) and SSIM on the full frame and the mouth box, and the render's
+    PSNR gain over each baseline. Rows missing from ``metrics`` are skipped."""
+    cols = ("psnr_full", "psnr_mouth", "ssim_full", "ssim_mouth")
+    lines = [f"{'system':<13}" + "".join(f"{c:>12}" for c in cols) + f"{'render gain dB (full/mouth)':>30}"]
+    r = metrics.get("render", {})
+    for name in SYSTEMS:
+        m = metrics.get(name)
+        if not m:
+            continue
+        gain = "" if name == "render" else f"{r['psnr_full'] - m['psnr_full']:+.2f} / {r['psnr_mouth'] - m['psnr_mouth']:+.2f}"
+        lines.append(f"{name:<13}" + "".join(f"{m[c]:>12.4f}" for c in cols) + f"{gain:>30}")
+    return "\n".join(lines)
+
+
 def evaluate_nerf(dataset: str | Path, model: str | Path, out: str | Path | None = None, max_frames: int | None = None,
                   progress: bool = True, device: str | None = None) -> dict:
     """Evaluate ``model`` (an ``avatar train-nerf`` output) on ``dataset``'s validation frames.
 
     Returns the metrics dict (also written to ``out/metrics.json`` when ``out`` is given, with
-    ``side_by_side.mp4`` and ``frame_*.png``): for each of ``render``, ``background``,
-    ``mean_frame``: ``psnr``/``ssim`` on ``full``, ``face``, ``mouth`` (means over frames, dB / [0, 1]).
+    ``table.txt``, ``side_by_side.mp4`` and ``frame_*.png``): for each of ``render``,
+    ``frozen_frame`` (the last training frame shown for every evaluated frame), ``mean_frame`` and
+    ``background``: ``psnr``/``ssim`` on ``full``, ``face``, ``mouth`` (means over frames, dB / [0, 1];
+    the boxes come from each evaluated frame's tracked landmarks), plus ``frames`` (the evaluated
+    frame indices) and ``frozen_frame_index``. The table (:func:`fidelity_table`) is also logged.
 
     Raises:
         InvalidInput: the dataset has no validation frames. BundleCorrupt: bad dataset/model.
@@ -82,11 +107,12 @@ def evaluate_nerf(dataset: str | Path, model: str | Path, out: str | Path | None
     for i in sample:
         mean_frame += ds.frames[i]
     mean_frame = np.round(mean_frame / len(sample)).astype(np.uint8)
+    frozen = np.asarray(ds.frames[tr[-1]])  # the frozen-frame baseline: the last training frame
     nerf.set_background(bg)
     lm3d = torch.from_numpy(np.asarray(ds.lm3d, dtype=np.float32).copy())
     pose = torch.from_numpy(np.asarray(ds.pose, dtype=np.float32).copy())
     blink = torch.from_numpy(np.asarray(ds.blink, dtype=np.float32).copy())
-    acc: dict[str, dict[str, list[float]]] = {k: {} for k in ("render", "background", "mean_frame")}
+    acc: dict[str, dict[str, list[float]]] = {k: {} for k in SYSTEMS}
     writer = None
     outp = Path(out) if out else None
     if outp:
@@ -101,7 +127,8 @@ def evaluate_nerf(dataset: str | Path, model: str | Path, out: str | Path | None
             img = nerf.render(lm3d[win], pose[f][None], blink=blink[f][None])[0].cpu().numpy()
             gt = np.asarray(ds.frames[f])
             boxes = {"full": (0, 0, S, S), "face": face_box(ds.lm2d[f], S), "mouth": mouth_box(ds.lm2d[f], S)}
-            for name, pred in (("render", img), ("background", bg), ("mean_frame", mean_frame)):
+            preds = {"render": img, "frozen_frame": frozen, "mean_frame": mean_frame, "background": bg}
+            for name, pred in preds.items():
                 for region, box in boxes.items():
                     a, b = _crop(pred, box), _crop(gt, box)
                     acc[name].setdefault(f"psnr_{region}", []).append(psnr(a, b))
@@ -121,6 +148,11 @@ def evaluate_nerf(dataset: str | Path, model: str | Path, out: str | Path | None
     metrics["size"] = S
     metrics["model"] = str(model)
     metrics["dataset"] = str(ds.root)
+    metrics["frames"] = [int(f) for f in val]
+    metrics["frozen_frame_index"] = int(tr[-1])
+    table = fidelity_table(metrics)
+    log.info("fidelity on %d validation frames (%d px):\n%s", len(val), S, table)
     if outp:
         (outp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (outp / "table.txt").write_text(table + "\n")
     return metrics
