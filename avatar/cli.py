@@ -9,7 +9,18 @@ non-zero exit code; ``--debug`` shows the traceback instead:
 - a closed stdout (``avatar show NAME | head``): quiet exit 141 (as a shell's SIGPIPE);
 - Ctrl-C: 130; anything else: exit 70 (EX_SOFTWARE) with a hint to rerun with ``--debug``.
 
-A ``--device`` option of any subcommand is checked before the command runs (:func:`check_device`).
+Flags every subcommand shares (added here when its module does not define them, so the command
+modules stay short; :func:`_add_shared_flags`):
+
+- ``-q/--quiet`` (warnings and errors only) and ``-v/--verbose`` (debug logs) on every subcommand;
+- ``--device`` on every subcommand that trains or renders (:data:`DEVICE_COMMANDS`): checked before
+  the command runs (:func:`check_device`) and the process default of
+  :func:`avatar.runtime.resolve_device` while it runs (:func:`avatar.runtime.default_device`), so
+  every stage that picks its own device follows it;
+- ``--seed`` where the work is sampled (``render``, ``train-nerf``, ``eval-motion``, ``client
+  render|stream``; their modules define it); the training presets fix their own seeds;
+- ``--json`` on ``list``, ``show``, ``render``, ``onboard``: one JSON object (a list for ``list``) on
+  stdout and nothing else (progress and logs go to stderr).
 """
 from __future__ import annotations
 
@@ -22,7 +33,7 @@ import sys
 
 from avatar import __version__
 from avatar.errors import AvatarError
-from avatar.runtime import check_device
+from avatar.runtime import check_device, default_device
 
 EX_SOFTWARE, EX_IOERR, EX_PIPE = 70, 74, 141
 
@@ -37,7 +48,57 @@ COMMAND_MODULES = [
 ]
 
 
+#: subcommands that train or render: each takes ``--device`` (see the module docstring)
+DEVICE_COMMANDS = frozenset({"preprocess", "train-generator", "train-postnet", "eval-motion", "train-nerf",
+                             "eval-nerf", "train-emotion", "onboard", "render", "demo", "serve"})
+
+
+def _leaf_parsers(sub: argparse._SubParsersAction, prefix: str = "") -> list[tuple[str, argparse.ArgumentParser]]:
+    """(``"client render"``-style path, parser) of every subcommand that runs something."""
+    out = []
+    for name, p in sub.choices.items():
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        out += _leaf_parsers(nested[0], f"{prefix}{name} ") if nested else [(f"{prefix}{name}", p)]
+    return out
+
+
+def _add_missing(p: argparse.ArgumentParser, names: tuple[str, ...], **kwargs) -> None:
+    """Add the option strings of ``names`` that ``p`` does not define yet: to the action that defines
+    one of them already (``preprocess --quiet`` gains ``-q``), else as a new action."""
+    missing = [n for n in names if n not in p._option_string_actions]
+    existing = [p._option_string_actions[n] for n in names if n in p._option_string_actions]
+    if existing:
+        action = existing[0]
+        short, long = [n for n in missing if len(n) == 2], [n for n in missing if len(n) > 2]
+        action.option_strings = [*short, *action.option_strings, *long]
+        for n in missing:
+            p._option_string_actions[n] = action
+    elif missing:
+        p.add_argument(*missing, **kwargs)
+
+
+def _add_shared_flags(sub: argparse._SubParsersAction) -> None:
+    """``-q/--quiet``, ``-v/--verbose`` on every subcommand, ``--device`` on :data:`DEVICE_COMMANDS`.
+    Their defaults are suppressed, so a subcommand never overwrites the same flag given before it."""
+    for path, p in _leaf_parsers(sub):
+        _add_missing(p, ("-q", "--quiet"), dest="quiet", action="store_true", default=argparse.SUPPRESS,
+                     help="warnings and errors only (no info logs, no progress where the command shows it)")
+        _add_missing(p, ("-v", "--verbose"), dest="verbose", action="count", default=argparse.SUPPRESS,
+                     help="debug logs")
+        if path in DEVICE_COMMANDS:
+            _add_missing(p, ("--device",), default=None,
+                         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    if args.debug or getattr(args, "verbose", 0):
+        return logging.DEBUG
+    return logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``avatar`` parser: every module of :data:`COMMAND_MODULES` that is installed, plus the
+    shared flags (module docstring)."""
     parser = argparse.ArgumentParser(
         prog="avatar",
         description="Per-identity NeRF talking-head avatars (GeneFace): preprocess, train, onboard, render, serve.",
@@ -53,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    _add_shared_flags(sub)
     return parser
 
 
@@ -83,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
+        level=_log_level(args),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not getattr(args, "func", None):
@@ -91,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_device(getattr(args, "device", None))
-        code = int(args.func(args) or 0)
+        with default_device(getattr(args, "device", None)):
+            code = int(args.func(args) or 0)
         sys.stdout.flush()  # surface a closed pipe here, not at interpreter exit
         return code
     except BrokenPipeError:

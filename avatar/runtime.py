@@ -172,12 +172,34 @@ def cpu_threads(n: int) -> Iterator[None]:
 # device selection: the one place that turns a user's ``--device`` / config value into a device
 
 
+#: the process default set by :func:`default_device` (the ``avatar`` command's ``--device``); None = auto
+_default_device: str | None = None
+
+
+@contextlib.contextmanager
+def default_device(device: str | None) -> Iterator[None]:
+    """Within the block, :func:`resolve_device` turns ``None`` / ``""`` / ``"auto"`` into ``device``
+    instead of "CUDA when available". The ``avatar`` command wraps every subcommand in it with the
+    subcommand's ``--device``, so a stage that picks its own device follows the flag. ``None`` or
+    ``"auto"`` leaves the choice automatic. Process-wide (not per thread); restored on exit."""
+    global _default_device
+    old = _default_device
+    _default_device = None if device in (None, "", "auto") else str(device)
+    try:
+        yield
+    finally:
+        _default_device = old
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The torch device for ``device``: ``None``, ``""`` or ``"auto"`` mean CUDA when available, else
-    the CPU; anything else is passed to :class:`torch.device` (unchecked; see :func:`check_device`)."""
+    """The torch device for ``device``: ``None``, ``""`` or ``"auto"`` mean the :func:`default_device`
+    when one is set, else CUDA when available, else the CPU; anything else is passed to
+    :class:`torch.device` (unchecked; see :func:`check_device`)."""
     import torch
 
     if device is None or (isinstance(device, str) and device in ("", "auto")):
+        if _default_device is not None:
+            return torch.device(_default_device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 

@@ -26,3 +26,74 @@ def test_version_is_pyprojects(capsys):
 def test_list_json(tmp_path, capsys):
     assert main(["list", "--json", "--store", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+# ---- the flags every command shares (issue 17) -------------------------------------------------
+def _leaves():
+    from avatar.cli import _leaf_parsers, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return dict(_leaf_parsers(sub))
+
+
+def test_every_command_takes_quiet_and_verbose():
+    for path, p in _leaves().items():
+        for flag in ("-q", "--quiet", "-v", "--verbose"):
+            assert flag in p._option_string_actions, f"avatar {path} lacks {flag}"
+
+
+def test_train_and_render_commands_take_device():
+    from avatar.cli import DEVICE_COMMANDS
+
+    leaves = _leaves()
+    for path in DEVICE_COMMANDS:
+        if path in leaves:  # an area may be absent from an install (service, recipes)
+            assert "--device" in leaves[path]._option_string_actions, f"avatar {path} lacks --device"
+    for path in ("render", "train-nerf", "eval-motion"):
+        assert "--seed" in leaves[path]._option_string_actions, f"avatar {path} lacks --seed"
+
+
+def test_device_flag_is_the_default_device_while_the_command_runs(monkeypatch):
+    """``--device`` reaches stages that pick their own device (resolve_device(None)), and only while
+    the command runs."""
+    from avatar import runtime
+    from avatar.motion import commands as motion_commands
+
+    seen = {}
+
+    def fake(args):
+        seen["device"] = str(runtime.resolve_device(None))
+        seen["verbose"] = args.verbose
+        return 0
+
+    monkeypatch.setattr(motion_commands, "_train_postnet", fake)
+    before = str(runtime.resolve_device(None))
+    assert main(["train-postnet", "ds", "--generator", "g", "--out", "o", "--device", "cpu", "-v"]) == 0
+    assert seen == {"device": "cpu", "verbose": 1}
+    assert str(runtime.resolve_device(None)) == before
+    assert runtime.resolve_device("cpu").type == "cpu"
+
+
+def test_json_errors_leave_stdout_empty(tmp_path, capsys):
+    """A failing ``--json`` command prints its error on stderr only: stdout stays parseable (empty)."""
+    assert main(["show", "nobody", "--json", "--store", str(tmp_path)]) != 0
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: ")
+
+
+def test_render_and_show_json_on_a_real_avatar(tiny_avatar, tmp_path, capsys, data_dir):
+    """``--json``: one JSON object on stdout and nothing else."""
+    root, name = tiny_avatar
+    audio = data_dir / "speakers" / "acosta_cnn_71s.mp4"
+    from avatar.media import load_audio
+    from avatar.media.audio import write_wav
+
+    wav = tmp_path / "a.wav"
+    write_wav(wav, load_audio(audio)[:16000], 16000)
+    assert main(["render", "--avatar", name, "--audio", str(wav), "--out", str(tmp_path / "o.mp4"),
+                 "--store", str(root), "--json", "-q", "--device", "cpu", "--seed", "3"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["path"] == str(tmp_path / "o.mp4") and res["frames"] == 25 and res["wall_s"] > 0
+    assert main(["show", name, "--json", "--store", str(root)]) == 0
+    assert json.loads(capsys.readouterr().out)["size"] > 0

@@ -36,10 +36,16 @@ def _progress_printer():
 def cmd_onboard(args) -> int:
     from avatar.pipeline.onboard import onboard
 
+    t0 = time.perf_counter()
     out = onboard(args.video, args.name, store=_store(args), preset=args.preset, generator=args.generator,
                   overwrite=args.overwrite, audio=args.audio, keep_work=args.keep_work,
                   ray_address=getattr(args, "ray", None))
-    print(f"avatar {args.name!r} ready: {out}")
+    if getattr(args, "json", False):
+        info = _store(args).info(args.name)
+        print(json.dumps({"name": args.name, "path": str(out), "preset": info["preset"], "size": info["size"],
+                          "metrics": info["metrics"], "wall_s": round(time.perf_counter() - t0, 3)}))
+    else:
+        print(f"avatar {args.name!r} ready: {out}")
     return 0
 
 
@@ -101,8 +107,13 @@ def cmd_render(args) -> int:
     opts = options_from_args(args)
     # the output path and the disk space are checked before the avatar is loaded and anything rendered
     check_output_file(args.out, _mp4_estimate_bytes(args.audio, args.size, _store(args), args.avatar))
+    t0 = time.perf_counter()
     av = load(args.avatar, store=_store(args))
-    res = av.render_to_mp4(args.audio, args.out, opts, progress=True)
+    res = av.render_to_mp4(args.audio, args.out, opts, progress=not getattr(args, "quiet", False))
+    if getattr(args, "json", False):
+        print(json.dumps({"avatar": args.avatar, **res,
+                          "wall_s": round(time.perf_counter() - t0, 3)}))
+        return 0
     print(f"wrote {res['path']}: {res['frames']} frames, {res['seconds']:.2f} s, {res['render_fps']:.1f} frames/s")
     return 0
 
@@ -125,6 +136,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
+    # the manifest is JSON already: --json is accepted for the same flags on list/show/render/onboard
     print(json.dumps(_store(args).manifest(args.name), indent=2))
     return 0
 
@@ -152,6 +164,8 @@ def register(sub) -> None:
     p.add_argument("--audio", type=Path, default=None, help="separate audio file for a silent video")
     p.add_argument("--overwrite", action="store_true", help="replace an existing avatar of that name")
     p.add_argument("--keep-work", action="store_true", help="keep the dataset and checkpoints after success")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (name, path, preset, size, metrics, wall_s) instead of the text line")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run the stages as Ray tasks (needs the [ray] extra and a store on storage every node "
                         "shares): on the cluster at ADDRESS, else $RAY_ADDRESS, else a local Ray instance "
@@ -164,6 +178,8 @@ def register(sub) -> None:
     p.add_argument("--avatar", required=True, help="avatar name (see `avatar list`)")
     p.add_argument("--audio", required=True, type=Path, help="driving speech: wav, mp3, m4a, or a video with audio")
     p.add_argument("--out", required=True, type=Path, help="output .mp4")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (path, frames, seconds, render_fps, wall_s) instead of the text line")
     add_render_options(p)
     _add_store(p)
     p.set_defaults(func=cmd_render)
@@ -174,6 +190,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("show", help="print an avatar's manifest")
     p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="the manifest as one JSON object (the default output too)")
     _add_store(p)
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("delete", help="delete an avatar")
