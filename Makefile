@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(VPY) -m pip install -q torch==2.13.0 triton==3.9.0
 	$(VPY) -m pip install -q -e '.[preprocess,serve,web,dev,ray]' torch==2.13.0 triton==3.9.0
 	$(VPY) -m pip install -q --no-deps mediapipe==0.10.21
-	$(VPY) -c "import torch, mediapipe, nerfacc, av, librosa, grpc, aiohttp, aiortc, ray; print('environment ok: torch', torch.__version__)"
+	$(VPY) -c "import torch, mediapipe, nerfacc, av, librosa, grpc, aiohttp, aiortc, ray, shtab; print('environment ok: torch', torch.__version__)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -97,3 +97,25 @@ def test_render_and_show_json_on_a_real_avatar(tiny_avatar, tmp_path, capsys, da
     assert res["path"] == str(tmp_path / "o.mp4") and res["frames"] == 25 and res["wall_s"] > 0
     assert main(["show", name, "--json", "--store", str(root)]) == 0
     assert json.loads(capsys.readouterr().out)["size"] > 0
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_script(shell, capsys, tmp_path):
+    """``avatar completion SHELL`` prints a script generated from the parser: every subcommand and
+    nested client action is in it; the bash one parses and completes subcommands and preset names."""
+    import shutil
+    import subprocess
+
+    assert main(["completion", shell]) == 0
+    script = capsys.readouterr().out
+    for word in ("render", "onboard", "train-nerf", "completion", "--preset", "--json", "cpu-smoke"):
+        assert word in script, word
+    if shell == "bash" and shutil.which("bash"):
+        (tmp_path / "c.bash").write_text(script)
+        probe = ('source c.bash; t(){ COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]}-1)); COMP_LINE="$*"; '
+                 'COMP_POINT=${#COMP_LINE}; COMPREPLY=(); _shtab_avatar avatar "${COMP_WORDS[-1]}" x; echo "${COMPREPLY[*]}"; }; '
+                 't avatar ren; t avatar train-nerf --preset ""')
+        out = subprocess.run(["bash", "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0] == "render" and {"cpu-smoke", "cpu-small", "gpu-full"} <= set(lines[1].split())
