@@ -34,6 +34,7 @@ from pathlib import Path
 
 from avatar import __version__
 from avatar.errors import AvatarError
+from avatar.logs import configure as configure_logs
 from avatar.runtime import check_device, default_device
 
 EX_SOFTWARE, EX_IOERR, EX_PIPE = 70, 74, 141
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``avatar`` command; returns the exit code (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # third-party output (mediapipe C++, TF-Lite, torch warnings) only with -v / --debug (avatar/logs.py)
+    configure_logs(bool(getattr(args, "verbose", 0)) or args.debug)
     logging.basicConfig(
         level=_log_level(args),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

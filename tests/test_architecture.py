@@ -9,7 +9,7 @@ Layers, lowest first; a module may import its own unit or any unit of a lower la
 its own layer (siblings stay independent) or of a higher one. The ``base`` and ``cli`` layers are one
 unit each (their modules may import each other; cycles are still refused):
 
-    base      avatar (package), errors, atomic, config, runtime, timebase
+    base      avatar (package), errors, atomic, config, logs, runtime, timebase
     media     avatar.media
     signals   avatar.audio, avatar.face
     formats   avatar.data, avatar.store
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("avatar", "service", "recipes", "bench")
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("avatar", "avatar.errors", "avatar.atomic", "avatar.config", "avatar.runtime", "avatar.timebase")),
+    ("base", ("avatar", "avatar.errors", "avatar.atomic", "avatar.config", "avatar.logs", "avatar.runtime",
+              "avatar.timebase")),
     ("media", ("avatar.media",)),
     ("signals", ("avatar.audio", "avatar.face")),
     ("formats", ("avatar.data", "avatar.store")),

@@ -31,10 +31,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from avatar.logs import quiet_native
 
 log = logging.getLogger(__name__)
 
@@ -95,31 +96,28 @@ def eye_aspect_ratio(lm68: np.ndarray) -> np.ndarray:
     return (0.5 * (ear([36, 37, 38, 39, 40, 41]) + ear([42, 43, 44, 45, 46, 47]))).astype(np.float32)
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence mediapipe's C++/protobuf chatter on import (a harmless GetPrototype message)."""
-    try:
-        fd = os.dup(2)
-    except OSError:  # no real stderr (e.g. some test runners)
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        os.dup2(fd, 2)
-        os.close(fd)
-        os.close(devnull)
-
-
 def import_mediapipe():
-    """Import mediapipe's solutions API quietly; returns the ``mediapipe.solutions`` module."""
-    with _quiet_stderr():
+    """Import mediapipe's solutions API quietly (its C++/protobuf chatter, a harmless GetPrototype
+    message, goes to /dev/null unless verbose: :mod:`avatar.logs`); returns ``mediapipe.solutions``."""
+    with quiet_native(), contextlib.redirect_stderr(io.StringIO()):
         import mediapipe as mp  # noqa: PLC0415
 
         return mp.solutions
+
+
+def start_quietly(make):
+    """Create a mediapipe solution (``make()``, e.g. ``lambda: solutions.face_mesh.FaceMesh(...)``)
+    with its C++ start-up warnings silenced unless verbose (:func:`avatar.logs.quiet_native`).
+
+    The graph's threads open the TF-Lite models (and log about it) after the constructor returns,
+    so the solution's graph is waited on until idle inside the quiet window. Returns the solution.
+    """
+    with quiet_native():
+        solution = make()
+        graph = getattr(solution, "_graph", None)  # mediapipe 0.10.21 SolutionBase; without it start-up may print
+        if hasattr(graph, "wait_until_idle"):
+            graph.wait_until_idle()
+    return solution
 
 
 def mediapipe_version() -> str:
@@ -156,17 +154,18 @@ class FaceMeshTracker:
 
     def __init__(self, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5):
         solutions = import_mediapipe()
-        self._mesh = solutions.face_mesh.FaceMesh(
+        self._mesh = start_quietly(lambda: solutions.face_mesh.FaceMesh(
             static_image_mode=False,
             max_num_faces=1,
             refine_landmarks=True,
             min_detection_confidence=min_detection_confidence,
             min_tracking_confidence=min_tracking_confidence,
-        )
+        ))
 
     def __call__(self, rgb: np.ndarray) -> MeshResult | None:
         h, w = rgb.shape[:2]
-        res = self._mesh.process(np.ascontiguousarray(rgb))
+        with quiet_native():
+            res = self._mesh.process(np.ascontiguousarray(rgb))
         if not res.multi_face_landmarks:
             return None
         lms = res.multi_face_landmarks[0].landmark
@@ -174,7 +173,8 @@ class FaceMeshTracker:
         return MeshResult(points=pts)
 
     def close(self) -> None:
-        self._mesh.close()
+        with quiet_native():
+            self._mesh.close()
 
     def __enter__(self) -> "FaceMeshTracker":
         return self
@@ -193,11 +193,13 @@ class FaceDetector:
 
     def __init__(self, min_confidence: float = 0.5):
         solutions = import_mediapipe()
-        self._det = solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+        self._det = start_quietly(lambda: solutions.face_detection.FaceDetection(
+            model_selection=1, min_detection_confidence=min_confidence))
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
-        res = self._det.process(np.ascontiguousarray(rgb))
+        with quiet_native():
+            res = self._det.process(np.ascontiguousarray(rgb))
         boxes = []
         for d in res.detections or []:
             b = d.location_data.relative_bounding_box
@@ -207,7 +209,8 @@ class FaceDetector:
         return out[np.argsort(-area)]
 
     def close(self) -> None:
-        self._det.close()
+        with quiet_native():
+            self._det.close()
 
     def __enter__(self) -> "FaceDetector":
         return self

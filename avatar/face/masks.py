@@ -20,7 +20,8 @@ import cv2
 import numpy as np
 
 from avatar.face.contracts import MASK_BACKGROUND, MASK_HEAD, MASK_TORSO
-from avatar.face.landmarks import FACE_OVAL, import_mediapipe
+from avatar.face.landmarks import FACE_OVAL, import_mediapipe, start_quietly
+from avatar.logs import quiet_native
 
 
 class PersonSegmenter:
@@ -28,15 +29,17 @@ class PersonSegmenter:
 
     def __init__(self, threshold: float = 0.5):
         solutions = import_mediapipe()
-        self._seg = solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+        self._seg = start_quietly(lambda: solutions.selfie_segmentation.SelfieSegmentation(model_selection=0))
         self.threshold = threshold
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        res = self._seg.process(np.ascontiguousarray(rgb))
+        with quiet_native():
+            res = self._seg.process(np.ascontiguousarray(rgb))
         return res.segmentation_mask > self.threshold
 
     def close(self) -> None:
-        self._seg.close()
+        with quiet_native():
+            self._seg.close()
 
     def __enter__(self) -> "PersonSegmenter":
         return self
