@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -40,7 +43,7 @@ def _mouth_box(av) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
-def test_render_mp4_real_speech(tiny_avatar, data_dir, tmp_path, speech):
+def test_render_mp4_real_speech(tiny_avatar, data_dir, tmp_path, speech, caplog):
     """`avatar render` writes an H.264 MP4 with audio whose duration/frames/size match the speech;
     the input's own audio (48 kHz stereo here) is muxed at its rate and channels, not as 16 kHz mono."""
     from avatar.media import iter_video_frames, load_audio, load_audio_native, probe, resample_audio, write_wav
@@ -50,10 +53,12 @@ def test_render_mp4_real_speech(tiny_avatar, data_dir, tmp_path, speech):
     hi = resample_audio(speech, 16000, 48000)
     write_wav(wav, np.stack([hi, 0.5 * hi], axis=1), 48000)  # stereo, right channel 6 dB quieter
     out = tmp_path / "out.mp4"
-    rc = cli(["render", "--avatar", tiny_avatar[1], "--audio", str(wav), "--out", str(out), "--store", str(tiny_avatar[0])])
+    with caplog.at_level(logging.INFO, logger="avatar.pipeline.render"):
+        rc = cli(["render", "--avatar", tiny_avatar[1], "--audio", str(wav), "--out", str(out), "--store", str(tiny_avatar[0])])
     assert rc == 0
     info = probe(out)
     n = round(len(speech) / 640)
+    assert any(r.getMessage().startswith(f"rendering speech.wav: {n} frames, ~") for r in caplog.records)  # announced
     assert info.has_audio and info.has_video
     assert (info.audio_rate, info.audio_channels) == (48000, 2)
     muxed, rate = load_audio_native(out)
@@ -66,6 +71,24 @@ def test_render_mp4_real_speech(tiny_avatar, data_dir, tmp_path, speech):
     frames = np.stack(list(iter_video_frames(out)))
     assert len(frames) == n
     assert frames.std() > 5, "frames are blank"
+
+
+def test_render_eta_ignores_the_first_frames_warm_up(monkeypatch, tmp_path, capsys):
+    """The progress bar starts after the first frame: a slow first frame (model warm-up) must not make
+    the ETA read hours (issue 18: 10 h shown for a minutes-long render)."""
+    from avatar.pipeline import render
+
+    def frames(models, wav, options):
+        time.sleep(1.5)  # warm-up
+        for _ in range(60):
+            time.sleep(0.01)
+            yield np.zeros((16, 16, 3), np.uint8)
+
+    monkeypatch.setattr(render, "render_frames", frames)
+    res = render.render_to_mp4(type("M", (), {"size": 16})(), np.zeros(60 * 640, np.float32), tmp_path / "o.mp4")
+    assert res["frames"] == 60
+    etas = [int(m, 10) * 60 + int(s, 10) for m, s in re.findall(r"<(\d+):(\d+),", capsys.readouterr().err)]
+    assert etas and max(etas) <= 3, etas  # counted from the first frame: 1.5 s x 59 would read 01:28
 
 
 def test_mouth_moves_with_speech_not_silence(av, speech):

@@ -155,14 +155,18 @@ def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset
 
     def run(stage: str) -> None:
         check_cancel()
+        k = f"stage {list(STAGE_DEPS).index(stage) + 1} of {len(STAGE_DEPS)}"
         if stage in state.get("done", []):
+            log.info("onboarding %r: %s, %s: done in an earlier run (resumed)", name, k, stage)
             _stage_progress(progress, stage)(1.0, "done (resumed)")
             return
+        log.info("onboarding %r: %s, %s (preset %s)", name, k, stage, preset)  # announced before its bars
         t0 = time.perf_counter()
         run_stage(stage, work, video, preset, gen_dir, audio=audio, cb=_stage_progress(progress, stage), cancel=cancel,
                   show_bars=progress is None, gen=gen)
         _stage_progress(progress, stage)(1.0, "done")
         state["times"][stage] = round(time.perf_counter() - t0, 1)
+        log.info("onboarding %r: %s done in %.1f s", name, stage, state["times"][stage])
         state.setdefault("done", []).append(stage)
         save_state()
 

@@ -473,14 +473,21 @@ def render_to_mp4(models, audio, out: str | Path, options: RenderOptions | None 
         from avatar.media import load_audio_native
 
         mux, mux_rate = load_audio_native(audio)
+    what = Path(audio).name if isinstance(audio, (str, Path)) else "audio"
+    log.info("rendering %s: %d frames, ~%.1f s of audio, %d px -> %s", what, n, len(wav) / AUDIO_RATE, size, out)
     t0 = time.perf_counter()
     count = 0
+    bar = None
     with VideoWriter(out, fps=FPS, size=(size, size), audio=mux, audio_rate=mux_rate) as writer:
-        bar = tqdm(total=n, unit="frame", desc="render", disable=not progress)
         for frame in render_frames(models, wav, options):
             writer.write(frame)
             count += 1
-            bar.update(1)
-        bar.close()
+            if bar is None:  # started after the first frame, whose warm-up made the first ETA read hours (issue 18)
+                bar = tqdm(total=n, initial=count, unit="frame", desc="render", disable=not progress)
+                log.debug("first frame after %.1f s (warm-up)", time.perf_counter() - t0)
+            else:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
     dt = time.perf_counter() - t0
     return {"path": str(out), "frames": count, "seconds": len(wav) / AUDIO_RATE, "render_fps": count / max(dt, 1e-9)}
