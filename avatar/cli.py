@@ -20,7 +20,11 @@ modules stay short; :func:`_add_shared_flags`):
 - ``--seed`` where the work is sampled (``render``, ``train-nerf``, ``eval-motion``, ``client
   render|stream``; their modules define it); the training presets fix their own seeds;
 - ``--json`` on ``list``, ``show``, ``render``, ``onboard``: one JSON object (a list for ``list``) on
-  stdout and nothing else (progress and logs go to stderr).
+  stdout and nothing else (progress and logs go to stderr);
+- ``--preset`` takes the one vocabulary ``cpu-smoke | cpu-small | gpu-full`` on every command that
+  has it (:data:`PRESET_STAGE`; the registry is :mod:`avatar.pipeline.stages`): the parser accepts
+  those names (the old ``smoke | cpu | gpu`` with a one-line deprecation warning) and :func:`main`
+  hands the command its stage's own preset name (:func:`_unify_presets`).
 """
 from __future__ import annotations
 
@@ -49,6 +53,10 @@ COMMAND_MODULES = [
     "recipes.train_emotion",
 ]
 
+
+#: subcommands with ``--preset`` -> the training stage whose preset they pass on (avatar.pipeline.stages.STAGE_PRESETS)
+PRESET_STAGE = {"onboard": "onboard", "demo": "onboard", "client onboard": "onboard", "train-nerf": "nerf",
+                "train-generator": "generator", "train-postnet": "postnet"}
 
 #: subcommands that train or render: each takes ``--device`` (see the module docstring)
 DEVICE_COMMANDS = frozenset({"preprocess", "train-generator", "train-postnet", "eval-motion", "train-nerf",
@@ -112,6 +120,39 @@ def _completion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preset_name(name: str) -> str:
+    """argparse ``type`` of ``--preset``: the unified name (an old name is accepted with a warning)."""
+    from avatar.errors import InvalidInput
+    from avatar.pipeline.stages import unified_preset
+
+    try:
+        unified, alias = unified_preset(name)
+    except InvalidInput as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if alias:
+        print(f"warning: preset {name!r} is deprecated; use {unified!r}", file=sys.stderr)
+    return unified
+
+
+def _unify_presets(sub: argparse._SubParsersAction) -> None:
+    """Give the ``--preset`` of every :data:`PRESET_STAGE` command the unified names (the subset of
+    them its own choices allow) and record its stage, so :func:`main` can hand it the stage's name."""
+    from avatar.pipeline.stages import PRESET_HELP, PRESET_NAMES, unified_preset
+
+    for path, p in _leaf_parsers(sub):
+        action = p._option_string_actions.get("--preset")
+        if path not in PRESET_STAGE or action is None:
+            continue
+        allowed = {unified_preset(c)[0] for c in (action.choices or PRESET_NAMES)}
+        action.choices = [n for n in PRESET_NAMES if n in allowed]
+        action.default = unified_preset(action.default)[0] if action.default else action.default
+        action.type = _preset_name
+        action.metavar = None
+        action.help = (f"{PRESET_HELP}; default {action.default}" if len(action.choices) == len(PRESET_NAMES) else
+                       f"{', '.join(action.choices)}; default {action.default}")
+        p.set_defaults(preset_stage=PRESET_STAGE[path])
+
+
 def _log_level(args: argparse.Namespace) -> int:
     if args.debug or getattr(args, "verbose", 0):
         return logging.DEBUG
@@ -143,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shell", choices=["bash", "zsh", "tcsh"])
     p.set_defaults(func=_completion)
     _add_shared_flags(sub)
+    _unify_presets(sub)
     return parser
 
 
@@ -183,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_device(getattr(args, "device", None))
+        if getattr(args, "preset_stage", None):  # the unified name -> the stage's own preset name
+            from avatar.pipeline.stages import stage_preset
+
+            args.preset = stage_preset(args.preset_stage, args.preset)
         with default_device(getattr(args, "device", None)):
             code = int(args.func(args) or 0)
         sys.stdout.flush()  # surface a closed pipe here, not at interpreter exit

@@ -1,6 +1,6 @@
 """Recipe: train the shared audio2motion generator + landmark SyncNet on a corpus directory.
 
-``avatar train-generator CORPUS_DIR [CORPUS_DIR ...] --out DIR [--model tcn|vae-flow] [--preset cpu|gpu]
+``avatar train-generator CORPUS_DIR [CORPUS_DIR ...] --out DIR [--model tcn|vae-flow] [--preset cpu-small|gpu-full]
 [--features mel|hubert] [--hubert PATH]``
 
 1. Every clip of every CORPUS_DIR (``*.mp4``/``.mov``/... with audio, or ``NAME.mp4`` + ``NAME.wav``) is preprocessed

@@ -119,3 +119,62 @@ def test_completion_script(shell, capsys, tmp_path):
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert lines[0] == "render" and {"cpu-smoke", "cpu-small", "gpu-full"} <= set(lines[1].split())
+
+
+# ---- one preset vocabulary (avatar/pipeline/stages.py) -------------------------------------------
+def test_stage_presets_name_each_stages_own_presets():
+    from avatar.motion.postnet import PRESETS as POSTNET
+    from avatar.motion.regression import FINETUNE_PRESETS
+    from avatar.motion.train import PRESETS as GENERATOR
+    from avatar.nerf.presets import PRESETS as NERF
+    from avatar.pipeline.stages import PRESET_ALIASES, PRESET_NAMES, PRESETS, STAGE_PRESETS, stage_preset
+
+    own = {"onboard": [PRESETS], "nerf": [NERF], "generator": [GENERATOR], "postnet": [POSTNET, FINETUNE_PRESETS]}
+    for stage, tables in own.items():
+        assert set(STAGE_PRESETS[stage]) == set(PRESET_NAMES)
+        for name in PRESET_NAMES:
+            for table in tables:
+                assert stage_preset(stage, name) in table, (stage, name)
+    # the old names mean what they meant: train-generator / train-postnet ran exactly these presets
+    for old, new in PRESET_ALIASES.items():
+        assert stage_preset("generator", new) == old == stage_preset("postnet", old)
+    assert {n: (p.nerf, p.postnet) for n, p in PRESETS.items()} == {
+        "cpu-smoke": ("cpu-smoke", "smoke"), "cpu-small": ("cpu-small", "cpu"), "gpu-full": ("gpu-full", "gpu")}
+
+
+@pytest.mark.parametrize("argv, handed, warned", [
+    (["train-generator", "c", "--out", "o"], "cpu", False),  # the default is unchanged
+    (["train-generator", "c", "--out", "o", "--preset", "cpu-smoke"], "smoke", False),
+    (["train-generator", "c", "--out", "o", "--preset", "gpu"], "gpu", True),
+    (["train-postnet", "d", "--generator", "g", "--out", "o", "--preset", "gpu-full"], "gpu", False),
+    (["train-postnet", "d", "--generator", "g", "--out", "o", "--preset", "smoke"], "smoke", True),
+    (["train-nerf", "d", "--out", "o"], "cpu-small", False),
+    (["train-nerf", "d", "--out", "o", "--preset", "smoke"], "cpu-smoke", True),
+    (["onboard", "v.mp4", "--name", "n", "--preset", "cpu"], "cpu-small", True),
+])
+def test_every_command_takes_the_unified_preset_names(argv, handed, warned, monkeypatch, capsys):
+    from avatar.motion import commands as motion_commands
+    from avatar.nerf import commands as nerf_commands
+    from avatar.pipeline import commands as pipeline_commands
+
+    seen = {}
+
+    def fake(args):
+        seen["preset"] = args.preset
+        return 0
+
+    for module, name in ((motion_commands, "_train_generator"), (motion_commands, "_train_postnet"),
+                         (nerf_commands, "_train"), (pipeline_commands, "cmd_onboard")):
+        monkeypatch.setattr(module, name, fake)
+    assert main(argv) == 0
+    assert seen["preset"] == handed
+    err = capsys.readouterr().err
+    assert ("deprecated" in err) == warned and len([ln for ln in err.splitlines() if "deprecated" in ln]) == int(warned)
+
+
+def test_unknown_preset_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train-generator", "c", "--out", "o", "--preset", "huge"])
+    assert e.value.code == 2 and "cpu-smoke" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--preset", "gpu-full"])  # the demo runs on the CPU presets only

@@ -1,6 +1,12 @@
 """The onboarding stages and their presets: what each stage reads and writes in the work directory,
 and :func:`run_stage`, which runs one. Shared by the local path (:func:`avatar.pipeline.onboard.onboard`)
 and the Ray path (``avatar/pipeline/distributed.py``); both import it, neither imports the other for it.
+
+It is also the one preset registry of every command: the names ``cpu-smoke | cpu-small | gpu-full``
+(:data:`PRESET_NAMES`) and, for each training stage, its own preset of that name
+(:data:`STAGE_PRESETS`, :func:`stage_preset`). The stages keep their own tables (the generator and
+postnet say ``smoke | cpu | gpu``); the CLI takes the unified names and the old ones as deprecated
+aliases (:data:`PRESET_ALIASES`, :func:`unified_preset`).
 """
 from __future__ import annotations
 
@@ -25,10 +31,51 @@ class OnboardPreset:
     lle_ref: int = 2000
 
 
+#: the preset names every command takes: seconds for tests / the 2-core CPU setting / the product on one GPU
+PRESET_NAMES: tuple[str, ...] = ("cpu-smoke", "cpu-small", "gpu-full")
+PRESET_HELP = "cpu-smoke (seconds: tests), cpu-small (the 2-core CPU setting), gpu-full (the product, one GPU)"
+#: old names (``train-generator`` / ``train-postnet``), still accepted with a warning
+PRESET_ALIASES: dict[str, str] = {"smoke": "cpu-smoke", "cpu": "cpu-small", "gpu": "gpu-full"}
+_MOTION = {"cpu-smoke": "smoke", "cpu-small": "cpu", "gpu-full": "gpu"}
+#: each training stage's own preset for each unified name: the keys of ``avatar.motion.train.PRESETS``
+#: (generator), ``avatar.motion.postnet.PRESETS`` and ``avatar.motion.regression.FINETUNE_PRESETS``
+#: (postnet: both person stages), ``avatar.nerf.presets.PRESETS`` (nerf) and :data:`PRESETS` (onboard)
+STAGE_PRESETS: dict[str, dict[str, str]] = {
+    "onboard": {n: n for n in PRESET_NAMES},
+    "nerf": {n: n for n in PRESET_NAMES},
+    "generator": dict(_MOTION),
+    "postnet": dict(_MOTION),
+}
+
+
+def unified_preset(name: str) -> tuple[str, bool]:
+    """``(unified name, True when name was a deprecated alias)`` for a preset name of any command.
+
+    Raises:
+        InvalidInput: not a preset name.
+    """
+    if name in PRESET_NAMES:
+        return name, False
+    if name in PRESET_ALIASES:
+        return PRESET_ALIASES[name], True
+    raise InvalidInput(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+
+
+def stage_preset(stage: str, name: str) -> str:
+    """The preset of training stage ``stage`` (a key of :data:`STAGE_PRESETS`) for preset ``name``
+    (a unified name or an alias), e.g. ``stage_preset("generator", "cpu-small") == "cpu"``.
+
+    Raises:
+        InvalidInput: unknown stage or preset name.
+    """
+    if stage not in STAGE_PRESETS:
+        raise InvalidInput(f"unknown stage {stage!r}; one of {', '.join(STAGE_PRESETS)}")
+    return STAGE_PRESETS[stage][unified_preset(name)[0]]
+
+
 PRESETS: dict[str, OnboardPreset] = {
-    "cpu-smoke": OnboardPreset(size=64, nerf="cpu-smoke", postnet="smoke", lle_ref=200),
-    "cpu-small": OnboardPreset(size=128, nerf="cpu-small", postnet="cpu"),
-    "gpu-full": OnboardPreset(size=512, nerf="gpu-full", postnet="gpu"),
+    n: OnboardPreset(size=size, nerf=stage_preset("nerf", n), postnet=stage_preset("postnet", n), lle_ref=lle_ref)
+    for n, size, lle_ref in (("cpu-smoke", 64, 200), ("cpu-small", 128, 2000), ("gpu-full", 512, 2000))
 }
 
 STAGES = ["preprocess", "motion", "postnet", "head", "torso", "bundle"]
