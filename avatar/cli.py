@@ -41,7 +41,11 @@ from avatar.errors import AvatarError
 from avatar.logs import configure as configure_logs
 from avatar.runtime import check_device, default_device
 
-EX_SOFTWARE, EX_IOERR, EX_PIPE = 70, 74, 141
+EX_UNAVAILABLE, EX_SOFTWARE, EX_IOERR, EX_PIPE = 69, 70, 74, 141
+
+#: the layers above the library that live in the repository beside ``avatar/`` and are not installed
+#: as packages (docs/ARCHITECTURE.md "Packaging"): the command loads them from its checkout
+APP_PACKAGES = ("service", "recipes", "bench")
 
 #: modules that provide ``register(subparsers)``; each adds one or more subcommands
 COMMAND_MODULES = [
@@ -159,9 +163,25 @@ def _log_level(args: argparse.Namespace) -> int:
     return logging.WARNING if getattr(args, "quiet", False) else logging.INFO
 
 
+def use_checkout() -> Path | None:
+    """Put the source checkout this ``avatar`` package lives in first on ``sys.path`` when it holds
+    the app layers (:data:`APP_PACKAGES`), so ``avatar serve``, ``demo``, ``train-generator`` ...
+    find ``service/`` and ``recipes/`` although only ``avatar`` is installed (editable install, or
+    ``python -m avatar.cli`` in the repository). Only the CLI process does this: other programs of
+    the environment never see those generic names. Returns the checkout root, or None (a wheel
+    install: the commands that need the app layers are absent or say so)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "service" / "__init__.py").is_file():
+        return None
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``avatar`` parser: every module of :data:`COMMAND_MODULES` that is installed, plus the
     shared flags (module docstring)."""
+    use_checkout()
     parser = argparse.ArgumentParser(
         prog="avatar",
         description="Per-identity NeRF talking-head avatars (GeneFace): preprocess, train, onboard, render, serve.",
@@ -172,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # an area not installed in this build
-            if e.name != name:
+        except ModuleNotFoundError as e:  # an area not installed in this build (the module or its package)
+            if not e.name or not (name == e.name or name.startswith(e.name + ".")):
                 raise
             continue
         module.register(sub)
@@ -248,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError):
             print(f"error: {_os_error_message(e)}", file=sys.stderr)
             return EX_IOERR
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in APP_PACKAGES:
+            print(f"error: this command needs {e.name.split('.')[0]}/ of the source repository, which is not "
+                  "installed as a package; run it from a checkout (pip install -e . there)", file=sys.stderr)
+            return EX_UNAVAILABLE
         logging.getLogger("avatar").debug("unexpected error", exc_info=True)
         first = str(e).splitlines()[0][:300] if str(e) else ""
         print(f"error: unexpected {type(e).__name__}: {first}; rerun with --debug for the traceback and report it",

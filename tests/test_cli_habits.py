@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -178,3 +179,21 @@ def test_unknown_preset_is_a_usage_error(capsys):
     assert e.value.code == 2 and "cpu-smoke" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--preset", "gpu-full"])  # the demo runs on the CPU presets only
+
+
+# ---- packaging: only `avatar` installs (docs/ARCHITECTURE.md "Packaging") -----------------------
+def test_only_the_library_installs_and_the_cli_finds_the_app_layers(tmp_path):
+    """pyproject installs ``avatar*`` only (no generic ``service`` / ``recipes`` / ``bench`` in
+    site-packages); the ``avatar`` command still has serve, client, demo, train-emotion from any
+    working directory, because it loads them from its checkout."""
+    import subprocess
+    import sys
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert meta["tool"]["setuptools"]["packages"]["find"]["include"] == ["avatar*"]
+    assert "graft service" in (REPO / "MANIFEST.in").read_text()  # the sdist keeps them
+    r = subprocess.run([sys.executable, "-m", "avatar.cli", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    for command in ("serve", "client", "demo", "train-emotion", "train-generator"):
+        assert re.search(rf"^    {command}\b", r.stdout, re.M), command
