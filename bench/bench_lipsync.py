@@ -72,22 +72,34 @@ def _train(datasets: list[Path], out: Path, model: str, steps: int | None, seed:
 
 
 def _override_fit(pairs: list[str], preset: str) -> None:
-    """Apply ``KEY=VALUE`` overrides to the shared-training preset and every fine-tuning preset."""
+    """Apply ``KEY=VALUE`` overrides to the shared-training preset (a RegressionTrainConfig field, or a
+    RegressionConfig field for the architecture, e.g. ``hidden=192`` or ``dilations=1,2,4,8``) and to
+    every fine-tuning preset (training fields only: fine-tuning keeps the shared architecture)."""
     import dataclasses
 
     from avatar.motion import regression, train
 
-    kinds = {f.name: f.type for f in dataclasses.fields(regression.RegressionTrainConfig)}
-    over = {}
+    def parse(kind: str, value: str):
+        if kind.startswith("tuple"):
+            return tuple(int(v) for v in value.split(","))
+        return {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(kind, float)(value)
+
+    fit_kinds = {f.name: str(f.type) for f in dataclasses.fields(regression.RegressionTrainConfig)}
+    arch_kinds = {f.name: str(f.type) for f in dataclasses.fields(regression.RegressionConfig)}
+    fit, arch = {}, {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in kinds:
-            raise SystemExit(f"--fit {pair}: no field {key!r} in RegressionTrainConfig")
-        over[key] = {"int": int, "float": float}.get(str(kinds[key]), float)(value)
+        if key in fit_kinds:
+            fit[key] = parse(fit_kinds[key], value)
+        elif key in arch_kinds:
+            arch[key] = parse(arch_kinds[key], value)
+        else:
+            raise SystemExit(f"--fit {pair}: no field {key!r} in RegressionTrainConfig or RegressionConfig")
     p = train.PRESETS[preset]
-    train.PRESETS[preset] = replace(p, regression_fit=replace(p.regression_fit, **over))
+    train.PRESETS[preset] = replace(p, regression_fit=replace(p.regression_fit, **fit),
+                                    regression=replace(p.regression, **arch))
     for k, v in list(regression.FINETUNE_PRESETS.items()):
-        regression.FINETUNE_PRESETS[k] = replace(v, **{k2: v2 for k2, v2 in over.items() if k2 != "steps"})
+        regression.FINETUNE_PRESETS[k] = replace(v, **{k2: v2 for k2, v2 in fit.items() if k2 != "steps"})
 
 
 def avatar_checks(store: Path, name: str, dataset: Path, data: Path) -> str:
@@ -143,8 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--label", default="", help="a note for the results heading (e.g. the lever tried)")
     ap.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a RegressionTrainConfig field for shared training and fine-tuning "
-                         "(a lever under test, e.g. --fit lambda_open=1)")
+                    help="override a RegressionTrainConfig field (shared training and fine-tuning) or a "
+                         "RegressionConfig field (architecture; e.g. --fit hidden=192): a lever under test")
     ap.add_argument("--avatar", default=None, help="only the render-path checks of this onboarded avatar")
     ap.add_argument("--store", type=Path, default=None, help="with --avatar: its store")
     ap.add_argument("--dataset", type=Path, default=None, help="with --avatar: its dataset (work dir, --keep-work)")
@@ -193,7 +205,8 @@ def main(argv=None) -> int:
                 person = finetune_generator(gen, d, tmp / f"person-{d.name}", preset=args.preset, overwrite=True,
                                             progress=False)
                 tail_rows.setdefault(d.name, []).append(
-                    {**evaluate_clip(person, d, part="val"), "shared_r": evaluate_clip(gen, d, part="val")["open_r"]})
+                    {**evaluate_clip(person, d, part="val"), "shared_r": evaluate_clip(gen, d, part="val")["open_r"],
+                     "silence_z_person": silence_check(person, d)["silence_z"]})
             from avatar.media import load_audio
 
             for wav in sorted((args.data / "audio").glob("*.wav")):
@@ -221,7 +234,8 @@ def main(argv=None) -> int:
                           "std ratio": _fmt(med(rows, "open_std_ratio")),
                           "tail r shared": _fmt(med(t, "shared_r")), "tail r person": _fmt(med(t, "open_r")),
                           "tail energy r": _fmt(med(t, "energy_r")),
-                          "silence z": _fmt(med(s, "silence_z"))})
+                          "silence z shared": _fmt(med(s, "silence_z")),
+                          "silence z person": _fmt(med(t, "silence_z_person"))})
     lang_table = [{"audio": n, "open-energy r": _fmt(_median(v))} for n, v in sorted(lang_rows.items())]
     summary = (f"LOSO folds ({len(fold_rows)} clips >= {args.min_seconds:.0f} s, {len(groups)} speakers, {args.folds} folds): "
                f"mean r {_fmt(float(np.nanmean(fr)))} vs energy baseline {_fmt(float(np.nanmean(fe)))}; "

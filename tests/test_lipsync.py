@@ -97,6 +97,42 @@ def test_chunked_windowed_equal_single_pass(tcn, corpus):
         np.testing.assert_allclose(part[left: left + 30], full[t0: t0 + 30], atol=1e-5)
 
 
+@pytest.mark.parametrize("future", [-1, 2, 4, 6])
+def test_tcn_lookahead_is_bounded(future):
+    """A frame's output never depends on audio more than ``future_frames()`` video frames ahead (the
+    streaming lookahead), and a cut right side keeps the output length."""
+    import torch
+
+    from avatar.motion.tcn import TCNGenerator
+
+    cfg = RegressionConfig(future=future, hidden=16)
+    net = TCNGenerator(cfg).eval()
+    k = cfg.future_frames()
+    assert k == (12 if future < 0 else future) and cfg.receptive_frames() >= k
+    x = torch.randn(1, 2 * 60, cfg.input_dim)
+    y = net(x)
+    assert y.shape == (1, 60, cfg.n_basis)
+    t = 30
+    x2 = x.clone()
+    x2[:, 2 * (t + k + 1):] += 5.0  # audio from frame t + k + 1 on
+    y2 = net(x2)
+    torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1])
+    assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:])
+    x3 = x.clone()
+    x3[:, 2 * (t + k):] += 5.0  # frame t + k is inside the lookahead of frame t
+    assert not torch.allclose(net(x3)[:, t], y[:, t])
+
+
+def test_speed_perturbation_resamples_audio_and_motion_together():
+    from avatar.motion.regression import resample_time
+
+    x = np.arange(40, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    np.testing.assert_array_equal(resample_time(x, 40), x)
+    slow = resample_time(x[:20], 40)  # 20 frames played over 40: half speed, same span
+    assert slow.shape == (40, 3) and slow[0, 0] == 0 and slow[-1, 0] == 19
+    assert np.all(np.diff(slow[:, 0]) >= 0) and abs(slow[:, 0].mean() - 9.5) < 1e-4
+
+
 def test_evaluate_clip_reports_baselines(tcn, corpus):
     from avatar.audio import audio_energy
     from avatar.data.dataset import Dataset

@@ -38,14 +38,37 @@ class RegressionConfig:
     dilations: tuple[int, ...] = (1, 2, 4, 4)
     dropout: float = 0.2
     n_basis: int = 16             # PCA components of the expression predicted
+    future: int = -1              # video frames of future audio a frame may see (lookahead for streaming);
+                                  # -1: symmetric, receptive_frames() each side
+
+    def paddings(self) -> list[tuple[int, int]]:
+        """(left, right) zero padding of each dilated convolution: symmetric, or with the right
+        (future) side cut to the ``future`` budget (the stride-2 input convolution takes one frame of it,
+        the first blocks the rest) and the left side widened to keep the length."""
+        half = self.kernel // 2
+        budget = self.receptive_frames() if self.future < 0 else max(0, self.future - 1)
+        out = []
+        for d in self.dilations:
+            r = min(d * half, budget)
+            budget -= r
+            out.append((2 * d * half - r, r))
+        return out
+
+    def future_frames(self) -> int:
+        """Video frames of audio after a frame that its output depends on (the streaming lookahead)."""
+        return 1 + sum(r for _, r in self.paddings())
 
     @property
     def input_dim(self) -> int:
         return self.feature_dim + (1 if self.energy else 0)
 
     def receptive_frames(self) -> int:
-        """Video frames of audio each side that a frame's output depends on (after the transform)."""
-        return 1 + sum(d * (self.kernel // 2) for d in self.dilations)
+        """Video frames of audio each side that a frame's output may depend on (after the transform;
+        the wider side when ``future`` cuts the right one)."""
+        sym = 1 + sum(d * (self.kernel // 2) for d in self.dilations)
+        if self.future < 0:
+            return sym
+        return max(sym, 1 + sum(2 * d * (self.kernel // 2) for d in self.dilations) - (self.future_frames() - 1))
 
     def context_frames(self) -> int:
         """Context each side for chunked inference over already-transformed features."""
@@ -121,8 +144,8 @@ class TCNGenerator(nn.Module):
         self.cfg = cfg
         h = cfg.hidden
         self.inp = nn.Conv1d(cfg.input_dim, h, kernel_size=4, stride=2, padding=1)
-        self.blocks = nn.ModuleList(nn.Conv1d(h, h, cfg.kernel, padding=d * (cfg.kernel // 2), dilation=d)
-                                    for d in cfg.dilations)
+        self.blocks = nn.ModuleList(nn.Conv1d(h, h, cfg.kernel, dilation=d) for d in cfg.dilations)
+        self.pads = cfg.paddings()
         self.norms = nn.ModuleList(ChannelNorm(h) for _ in cfg.dilations)
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Conv1d(h, cfg.n_basis, 1)
@@ -137,8 +160,8 @@ class TCNGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x.transpose(1, 2))
-        for conv, norm in zip(self.blocks, self.norms):
-            h = h + self.drop(F.gelu(norm(conv(h))))
+        for conv, norm, pad in zip(self.blocks, self.norms, self.pads):
+            h = h + self.drop(F.gelu(norm(conv(F.pad(h, pad)))))
         return self.out(h).transpose(1, 2)
 
     def coefficients(self, expr: torch.Tensor) -> torch.Tensor:
