@@ -137,14 +137,43 @@ def avatar_checks(store: Path, name: str, dataset: Path, data: Path) -> str:
         f"{quiet.std():.4f} (z = {z:.2f}).", "", markdown_table(rows, list(rows[0])), ""])
 
 
+def _prepare(args) -> tuple[list[Path], list[Path], dict[Path, Path]]:
+    """Preprocess (cached) the corpora and the speakers clips; returns (corpus datasets, speakers
+    datasets, {dataset: the dataset whose landmarks score it}) — itself, or with ``--eval-cache`` the
+    same clip tracked there (clips missing from it are dropped)."""
+    from recipes.train_generator import prepare_corpus
+
+    size = {"size": args.size} if args.size else {}
+    corpus = []
+    for name in args.corpora.split(","):
+        done, _ = prepare_corpus(args.data / name, args.cache / name, progress=False, **size)
+        corpus += done
+    speakers, _ = prepare_corpus(args.data / "speakers", args.cache / "speakers", progress=False, **size)
+    truth = {d: d for d in corpus + speakers}  # the dataset whose landmarks score a clip
+    if args.eval_cache:
+        esize = {"size": args.eval_size} if args.eval_size else {}
+        other = []
+        for name in [*args.corpora.split(","), "speakers"]:
+            other += prepare_corpus(args.data / name, args.eval_cache / name, progress=False, **esize)[0]
+        by_clip = {re.sub(r"-[0-9a-f]{12}.*$", "", d.name): d for d in other}
+        truth = {d: by_clip.get(re.sub(r"-[0-9a-f]{12}.*$", "", d.name)) for d in truth}
+        corpus = [d for d in corpus if truth[d] is not None]
+        speakers = [d for d in speakers if truth[d] is not None]
+    return corpus, speakers, truth
+
+
 def main(argv=None) -> int:
     from avatar.motion.metrics import evaluate_audio, evaluate_clip, silence_check
     from avatar.motion.regression import finetune_generator
-    from recipes.train_generator import prepare_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "avatar-bench-lipsync")
+    ap.add_argument("--size", type=int, default=None, help="frame side (px) the clips are tracked at (default: "
+                    "train-generator's cache size)")
+    ap.add_argument("--eval-cache", type=Path, default=None,
+                    help="score against the landmarks of this cache instead (e.g. tracked at another --eval-size)")
+    ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--model", default="tcn", choices=["tcn", "vae-flow"])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
@@ -172,11 +201,7 @@ def main(argv=None) -> int:
     if args.fit:
         _override_fit(args.fit, args.preset)
 
-    corpus = []
-    for name in args.corpora.split(","):
-        done, _ = prepare_corpus(args.data / name, args.cache / name, progress=False)
-        corpus += done
-    speakers, _ = prepare_corpus(args.data / "speakers", args.cache / "speakers", progress=False)
+    corpus, speakers, truth = _prepare(args)
     groups = sorted({speaker_group(d.name) for d in corpus})
     perm = np.random.default_rng(0).permutation(groups)
     folds = [set(perm[i:: args.folds]) for i in range(args.folds)]  # --folds 0: unseen speakers only
@@ -196,17 +221,17 @@ def main(argv=None) -> int:
                 gen = _train(train, tmp / f"fold{k}", args.model, args.steps, seed, args.preset)
                 for d in corpus:
                     if speaker_group(d.name) in fold and long_enough[d]:
-                        fold_rows.setdefault(d.name, []).append(evaluate_clip(gen, d))
+                        fold_rows.setdefault(d.name, []).append(evaluate_clip(gen, truth[d]))
                 log.info("seed %d fold %d done", seed, k)
             gen = _train(corpus, tmp / "all", args.model, args.steps, seed, args.preset)
             for d in speakers:
-                spk_rows.setdefault(d.name, []).append(evaluate_clip(gen, d))
-                sil_rows.setdefault(d.name, []).append(silence_check(gen, d))
+                spk_rows.setdefault(d.name, []).append(evaluate_clip(gen, truth[d]))
+                sil_rows.setdefault(d.name, []).append(silence_check(gen, truth[d]))
                 person = finetune_generator(gen, d, tmp / f"person-{d.name}", preset=args.preset, overwrite=True,
                                             progress=False)
                 tail_rows.setdefault(d.name, []).append(
-                    {**evaluate_clip(person, d, part="val"), "shared_r": evaluate_clip(gen, d, part="val")["open_r"],
-                     "silence_z_person": silence_check(person, d)["silence_z"]})
+                    {**evaluate_clip(person, truth[d], part="val"), "shared_r": evaluate_clip(gen, truth[d], part="val")["open_r"],
+                     "silence_z_person": silence_check(person, truth[d])["silence_z"]})
             from avatar.media import load_audio
 
             for wav in sorted((args.data / "audio").glob("*.wav")):

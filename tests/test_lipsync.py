@@ -123,6 +123,22 @@ def test_tcn_lookahead_is_bounded(future):
     assert not torch.allclose(net(x3)[:, t], y[:, t])
 
 
+def test_cepstra_are_the_orthonormal_dct_of_the_normalised_log_mel(corpus):
+    from scipy.fft import dct
+
+    from avatar.data.dataset import Dataset
+    from avatar.motion.tcn import dct_matrix
+
+    feats = np.asarray(Dataset(corpus[2]).features, np.float32)
+    base, cep = RegressionConfig(), RegressionConfig(cepstra=20)
+    assert cep.input_dim == 21
+    x, c = transform_features(feats, base), transform_features(feats, cep)
+    np.testing.assert_allclose(c[:, :20], dct(x[:, :80].astype(np.float64), type=2, norm="ortho", axis=1)[:, :20], atol=1e-4)
+    np.testing.assert_array_equal(c[:, 20], x[:, 80])  # the energy channel is unchanged
+    m = dct_matrix(80, 80)
+    np.testing.assert_allclose(m.T @ m, np.eye(80), atol=1e-12)
+
+
 def test_speed_perturbation_resamples_audio_and_motion_together():
     from avatar.motion.regression import resample_time
 

@@ -175,10 +175,14 @@ def augment_window(clip: ClipArrays, a: int, window: int, cfg: RegressionConfig,
         raw = warp_mel(raw, float(rng.uniform(1 - tcfg.warp, 1 + tcfg.warp)))
     if cfg.energy:
         raw = raw + float(rng.uniform(-1.0, 1.0))  # loudness +-10 dB (log10 power units)
+    mask_f = rng.random() < tcfg.spec_mask_prob
+    f0, fw = (int(rng.integers(0, cfg.feature_dim - 8)), int(rng.integers(1, 9))) if mask_f else (0, 0)
+    if mask_f and cfg.cepstra:  # mask mel bins before the DCT (their window mean: 0 after the CMN)
+        o = 2 * (a - h0)
+        raw[o:, f0: f0 + fw] = raw[o:, f0: f0 + fw].mean(0)
     x = transform_features(raw, cfg, start=2 * h0)[2 * (a - h0):]
-    if rng.random() < tcfg.spec_mask_prob:
-        f0 = int(rng.integers(0, cfg.feature_dim - 8))
-        x[:, f0: f0 + int(rng.integers(1, 9))] = 0.0
+    if mask_f and not cfg.cepstra:
+        x[:, f0: f0 + fw] = 0.0
     if rng.random() < tcfg.spec_mask_prob * 0.5:
         t0 = int(rng.integers(0, len(x) - 6))
         x[t0: t0 + int(rng.integers(1, 6))] = 0.0
