@@ -102,6 +102,23 @@ def _override_fit(pairs: list[str], preset: str) -> None:
         regression.FINETUNE_PRESETS[k] = replace(v, **{k2: v2 for k2, v2 in fit.items() if k2 != "steps"})
 
 
+def _override_finetune(pairs: list[str]) -> None:
+    """Apply ``KEY=VALUE`` overrides (RegressionTrainConfig fields) to the fine-tuning presets only."""
+    import dataclasses
+
+    from avatar.motion import regression
+
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(regression.RegressionTrainConfig)}
+    over = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in kinds:
+            raise SystemExit(f"--ft {pair}: no field {key!r} in RegressionTrainConfig")
+        over[key] = int(value) if kinds[key] == "int" else float(value)
+    for k, v in list(regression.FINETUNE_PRESETS.items()):
+        regression.FINETUNE_PRESETS[k] = replace(v, **over)
+
+
 def avatar_checks(store: Path, name: str, dataset: Path, data: Path) -> str:
     """Render-path lip-sync of an onboarded avatar (fine-tuned audio2motion + postnet, the landmarks
     the NeRFs receive): its validation tail driven by its own audio, every driving-audio file,
@@ -186,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
                     help="override a RegressionTrainConfig field (shared training and fine-tuning) or a "
                          "RegressionConfig field (architecture; e.g. --fit hidden=192): a lever under test")
+    ap.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a RegressionTrainConfig field of per-person fine-tuning only")
     ap.add_argument("--avatar", default=None, help="only the render-path checks of this onboarded avatar")
     ap.add_argument("--store", type=Path, default=None, help="with --avatar: its store")
     ap.add_argument("--dataset", type=Path, default=None, help="with --avatar: its dataset (work dir, --keep-work)")
@@ -200,6 +219,8 @@ def main(argv=None) -> int:
     t_start = time.time()
     if args.fit:
         _override_fit(args.fit, args.preset)
+    if args.ft:
+        _override_finetune(args.ft)
 
     corpus, speakers, truth = _prepare(args)
     groups = sorted({speaker_group(d.name) for d in corpus})
@@ -258,6 +279,7 @@ def main(argv=None) -> int:
                           "LMD": _fmt(med(rows, "mouth_lmd")), "mean-shape LMD": _fmt(med(rows, "mean_shape_mouth_lmd")),
                           "std ratio": _fmt(med(rows, "open_std_ratio")),
                           "tail r shared": _fmt(med(t, "shared_r")), "tail r person": _fmt(med(t, "open_r")),
+                          "tail std ratio person": _fmt(med(t, "open_std_ratio")),
                           "tail energy r": _fmt(med(t, "energy_r")),
                           "silence z shared": _fmt(med(s, "silence_z")),
                           "silence z person": _fmt(med(t, "silence_z_person"))})

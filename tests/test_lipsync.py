@@ -123,32 +123,6 @@ def test_tcn_lookahead_is_bounded(future):
     assert not torch.allclose(net(x3)[:, t], y[:, t])
 
 
-def test_cepstra_are_the_orthonormal_dct_of_the_normalised_log_mel(corpus):
-    from scipy.fft import dct
-
-    from avatar.data.dataset import Dataset
-    from avatar.motion.tcn import dct_matrix
-
-    feats = np.asarray(Dataset(corpus[2]).features, np.float32)
-    base, cep = RegressionConfig(), RegressionConfig(cepstra=20)
-    assert cep.input_dim == 21
-    x, c = transform_features(feats, base), transform_features(feats, cep)
-    np.testing.assert_allclose(c[:, :20], dct(x[:, :80].astype(np.float64), type=2, norm="ortho", axis=1)[:, :20], atol=1e-4)
-    np.testing.assert_array_equal(c[:, 20], x[:, 80])  # the energy channel is unchanged
-    m = dct_matrix(80, 80)
-    np.testing.assert_allclose(m.T @ m, np.eye(80), atol=1e-12)
-
-
-def test_speed_perturbation_resamples_audio_and_motion_together():
-    from avatar.motion.regression import resample_time
-
-    x = np.arange(40, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
-    np.testing.assert_array_equal(resample_time(x, 40), x)
-    slow = resample_time(x[:20], 40)  # 20 frames played over 40: half speed, same span
-    assert slow.shape == (40, 3) and slow[0, 0] == 0 and slow[-1, 0] == 19
-    assert np.all(np.diff(slow[:, 0]) >= 0) and abs(slow[:, 0].mean() - 9.5) < 1e-4
-
-
 def test_evaluate_clip_reports_baselines(tcn, corpus):
     from avatar.audio import audio_energy
     from avatar.data.dataset import Dataset
@@ -215,3 +189,27 @@ def test_eval_motion_cli_on_clips(tcn, corpus, capsys):
     assert main(["eval-motion", "--generator", str(tcn), "--clips", str(corpus[2])]) == 0
     out = capsys.readouterr().out
     assert "open_r" in out and "energy_r" in out and "lmd_ratio" in out and "mean" in out
+
+
+def test_opening_loss_rewards_shape_and_size():
+    """``lambda_open``'s term: 0 for the real track, log(size ratio)^2 for a scaled opening, larger for
+    an opening that does not follow the real one; still windows are left out."""
+    import torch
+
+    from avatar.motion.metrics import INNER_LOWER
+    from avatar.motion.regression import opening_loss
+
+    means = torch.zeros(2, 68, 3)
+    t = torch.arange(32, dtype=torch.float32)
+    open_ = 0.05 + 0.03 * torch.sin(t / 3.0)
+    target = torch.zeros(2, 32, 68, 3)
+    target[:, :, INNER_LOWER, 1] = open_[None, :, None]  # the lower inner lip moves down by the opening
+    half = target.clone()
+    half[:, :, INNER_LOWER, 1] *= 0.5
+    flip = target.clone()
+    flip[:, :, INNER_LOWER, 1] = (0.16 - open_)[None, :, None]  # opens when the real mouth closes
+    flat = lambda x: x.reshape(2, 32, 204)  # noqa: E731
+    assert float(opening_loss(flat(target), flat(target), means, 1e-3)) < 1e-5
+    assert abs(float(opening_loss(flat(half), flat(target), means, 1e-3)) - float(np.log(0.5) ** 2)) < 1e-3
+    assert abs(float(opening_loss(flat(flip), flat(target), means, 1e-3)) - 2.0) < 1e-3  # r = -1
+    assert float(opening_loss(flat(half), flat(target), means, 1.0)) == 0.0  # no window moves enough

@@ -89,7 +89,6 @@ class RegressionTrainConfig:
     eval_every: int = 250
     silence_prob: float = 0.1     # windows with a span of digital silence -> resting expression
     warp: float = 0.1             # mel-axis warp factor range (1 +- warp): speaker augmentation
-    speed: float = 0.0            # speaking-rate perturbation range (1 +- speed): audio and motion resampled together
     noise: float = 0.1            # Gaussian noise on the normalised input
     spec_mask_prob: float = 0.5
     heldout_fraction: float = 0.15  # whole clips held out for checkpoint selection (shared training)
@@ -139,17 +138,6 @@ def warp_mel(f: np.ndarray, factor: float) -> np.ndarray:
     return f[:, i0] * (1 - w) + f[:, i1] * w
 
 
-def resample_time(x: np.ndarray, n: int) -> np.ndarray:
-    """Linearly resample frames x [N, D] to [n, D] over the same time span (frame centres aligned):
-    speed perturbation (Ko et al. 2015, "Audio augmentation for speech recognition") applied to the
-    audio features and the motion of a window together."""
-    src = np.clip((np.arange(n) + 0.5) * len(x) / n - 0.5, 0, len(x) - 1)
-    i0 = np.floor(src).astype(int)
-    i1 = np.minimum(i0 + 1, len(x) - 1)
-    w = (src - i0).astype(np.float32)[:, None]
-    return x[i0] * (1 - w) + x[i1] * w
-
-
 def augment_window(clip: ClipArrays, a: int, window: int, cfg: RegressionConfig, tcfg: RegressionTrainConfig,
                    rng: np.random.Generator, silence: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """One training window at frame ``a``: (transformed, un-normalised input [2W, input_dim], expr [W, 204]).
@@ -160,11 +148,6 @@ def augment_window(clip: ClipArrays, a: int, window: int, cfg: RegressionConfig,
     h0 = max(0, a - cfg.history_frames())
     raw = clip.features[2 * h0: 2 * (a + window)].copy()
     expr = clip.expr[a: a + window].copy()
-    if tcfg.speed > 0:  # the window's speech at another rate (its CMN history keeps its own rate)
-        n_src = min(len(clip) - a, max(2, round(window * rng.uniform(1 - tcfg.speed, 1 + tcfg.speed))))
-        seg = resample_time(clip.features[2 * a: 2 * (a + n_src)], 2 * window)
-        raw = np.concatenate([clip.features[2 * h0: 2 * a], seg])
-        expr = resample_time(clip.expr[a: a + n_src], window)
     if silence is not None and rng.random() < tcfg.silence_prob:
         n = int(rng.integers(max(1, window // 4), window + 1))
         s = int(rng.integers(0, window - n + 1))
@@ -175,14 +158,10 @@ def augment_window(clip: ClipArrays, a: int, window: int, cfg: RegressionConfig,
         raw = warp_mel(raw, float(rng.uniform(1 - tcfg.warp, 1 + tcfg.warp)))
     if cfg.energy:
         raw = raw + float(rng.uniform(-1.0, 1.0))  # loudness +-10 dB (log10 power units)
-    mask_f = rng.random() < tcfg.spec_mask_prob
-    f0, fw = (int(rng.integers(0, cfg.feature_dim - 8)), int(rng.integers(1, 9))) if mask_f else (0, 0)
-    if mask_f and cfg.cepstra:  # mask mel bins before the DCT (their window mean: 0 after the CMN)
-        o = 2 * (a - h0)
-        raw[o:, f0: f0 + fw] = raw[o:, f0: f0 + fw].mean(0)
     x = transform_features(raw, cfg, start=2 * h0)[2 * (a - h0):]
-    if mask_f and not cfg.cepstra:
-        x[:, f0: f0 + fw] = 0.0
+    if rng.random() < tcfg.spec_mask_prob:
+        f0 = int(rng.integers(0, cfg.feature_dim - 8))
+        x[:, f0: f0 + int(rng.integers(1, 9))] = 0.0
     if rng.random() < tcfg.spec_mask_prob * 0.5:
         t0 = int(rng.integers(0, len(x) - 6))
         x[t0: t0 + int(rng.integers(1, 6))] = 0.0

@@ -38,8 +38,6 @@ class RegressionConfig:
     dilations: tuple[int, ...] = (1, 2, 4, 4)
     dropout: float = 0.2
     n_basis: int = 16             # PCA components of the expression predicted
-    cepstra: int = 0              # > 0: keep the first N cepstral coefficients (DCT-II of the log-mel, as in
-                                  # MFCCs): the spectral envelope without the pitch harmonics (the speaker)
     future: int = -1              # video frames of future audio a frame may see (lookahead for streaming);
                                   # -1: symmetric, receptive_frames() each side
 
@@ -62,7 +60,7 @@ class RegressionConfig:
 
     @property
     def input_dim(self) -> int:
-        return (self.cepstra or self.feature_dim) + (1 if self.energy else 0)
+        return self.feature_dim + (1 if self.energy else 0)
 
     def receptive_frames(self) -> int:
         """Video frames of audio each side that a frame's output may depend on (after the transform;
@@ -107,8 +105,6 @@ def transform_features(features: np.ndarray, cfg: RegressionConfig, start: int =
     pad = idx < 0
     if cfg.cmn:
         out[pad] = 0.0
-    if cfg.cepstra:
-        out = out @ dct_matrix(f.shape[1], cfg.cepstra)
     if cfg.energy:
         e = np.log10(np.sum(np.power(10.0, f), axis=1) + 1e-12)
         mx = _running_max(np.where(pad, -np.inf, e), cfg.cmn_window)
@@ -117,16 +113,6 @@ def transform_features(features: np.ndarray, cfg: RegressionConfig, start: int =
         rel[pad] = ENERGY_FLOOR
         out = np.concatenate([out, rel[:, None]], axis=1)
     return out.astype(np.float32)
-
-
-def dct_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """Orthonormal DCT-II matrix float64 [n_in, n_out]: log-mel frames [F, n_in] @ it -> cepstra [F, n_out]
-    (the MFCC transform without liftering; Davis & Mermelstein 1980)."""
-    k = np.arange(n_out)[None, :]
-    i = np.arange(n_in)[:, None]
-    m = np.cos(np.pi / n_in * (i + 0.5) * k) * np.sqrt(2.0 / n_in)
-    m[:, 0] /= np.sqrt(2.0)
-    return m
 
 
 def _running_max(x: np.ndarray, w: int) -> np.ndarray:
