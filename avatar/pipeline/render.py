@@ -16,7 +16,7 @@ identical landmarks. Frame ``t`` is then rendered once the landmarks of ``t + W/
 
 Latency: a frame can be emitted once the audio up to the end of its block plus ``CTX_RIGHT``
 frames (and W//2 frames for the attention window) has arrived: at most
-``(BLOCK + CTX_RIGHT + W//2) / 25`` s of lookahead (0.92 s with the defaults), see
+``(BLOCK + CTX_RIGHT + W//2) / 25`` s of lookahead (0.88 s with the defaults, W = 5), see
 :attr:`StreamSession.lookahead_s`.
 """
 from __future__ import annotations
