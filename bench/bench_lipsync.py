@@ -53,6 +53,11 @@ def speaker_group(name: str) -> str:
     return n
 
 
+def clip_name(name: str) -> str:
+    """A cached dataset's directory name without its config hashes (the clip's file stem)."""
+    return re.sub(r"-[0-9a-f]{12}.*$", "", name)
+
+
 def _fmt(x: float) -> str:
     return "nan" if x != x else f"{x:.3f}"
 
@@ -71,50 +76,44 @@ def _train(datasets: list[Path], out: Path, model: str, steps: int | None, seed:
     return train_generator(datasets, out, cfg, overwrite=True, progress=False)
 
 
-def _override_fit(pairs: list[str], preset: str) -> None:
-    """Apply ``KEY=VALUE`` overrides to the shared-training preset (a RegressionTrainConfig field, or a
-    RegressionConfig field for the architecture, e.g. ``hidden=192`` or ``dilations=1,2,4,8``) and to
-    every fine-tuning preset (training fields only: fine-tuning keeps the shared architecture)."""
+def _parse_overrides(pairs: list[str], flag: str, *configs) -> list[dict]:
+    """``KEY=VALUE`` strings -> one dict of typed values per dataclass in ``configs`` (a key goes to the
+    first that has that field; tuples as ``1,2,4``). Exits with a message for an unknown key."""
     import dataclasses
-
-    from avatar.motion import regression, train
 
     def parse(kind: str, value: str):
         if kind.startswith("tuple"):
             return tuple(int(v) for v in value.split(","))
         return {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(kind, float)(value)
 
-    fit_kinds = {f.name: str(f.type) for f in dataclasses.fields(regression.RegressionTrainConfig)}
-    arch_kinds = {f.name: str(f.type) for f in dataclasses.fields(regression.RegressionConfig)}
-    fit, arch = {}, {}
+    kinds = [{f.name: str(f.type) for f in dataclasses.fields(c)} for c in configs]
+    out: list[dict] = [{} for _ in configs]
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key in fit_kinds:
-            fit[key] = parse(fit_kinds[key], value)
-        elif key in arch_kinds:
-            arch[key] = parse(arch_kinds[key], value)
-        else:
-            raise SystemExit(f"--fit {pair}: no field {key!r} in RegressionTrainConfig or RegressionConfig")
+        i = next((i for i, k in enumerate(kinds) if key in k), None)
+        if i is None:
+            raise SystemExit(f"{flag} {pair}: no field {key!r} in {' or '.join(c.__name__ for c in configs)}")
+        out[i][key] = parse(kinds[i][key], value)
+    return out
+
+
+def _override_fit(pairs: list[str], preset: str) -> None:
+    """Apply ``KEY=VALUE`` overrides to the shared-training preset (a RegressionTrainConfig field, or a
+    RegressionConfig field for the architecture, e.g. ``hidden=192`` or ``dilations=1,2,4,8``) and to
+    every fine-tuning preset (training fields only: fine-tuning keeps the shared architecture)."""
+    from avatar.motion import regression, train
+
+    fit, arch = _parse_overrides(pairs, "--fit", regression.RegressionTrainConfig, regression.RegressionConfig)
     p = train.PRESETS[preset]
     train.PRESETS[preset] = replace(p, regression_fit=replace(p.regression_fit, **fit),
                                     regression=replace(p.regression, **arch))
-    for k, v in list(regression.FINETUNE_PRESETS.items()):
-        regression.FINETUNE_PRESETS[k] = replace(v, **{k2: v2 for k2, v2 in fit.items() if k2 != "steps"})
+    _override_finetune_fields({k: v for k, v in fit.items() if k != "steps"})
 
 
-def _override_finetune(pairs: list[str]) -> None:
-    """Apply ``KEY=VALUE`` overrides (RegressionTrainConfig fields) to the fine-tuning presets only."""
-    import dataclasses
-
+def _override_finetune_fields(over: dict) -> None:
+    """Replace fields of every per-person fine-tuning preset (``--ft``, and ``--fit`` but its steps)."""
     from avatar.motion import regression
 
-    kinds = {f.name: str(f.type) for f in dataclasses.fields(regression.RegressionTrainConfig)}
-    over = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key not in kinds:
-            raise SystemExit(f"--ft {pair}: no field {key!r} in RegressionTrainConfig")
-        over[key] = int(value) if kinds[key] == "int" else float(value)
     for k, v in list(regression.FINETUNE_PRESETS.items()):
         regression.FINETUNE_PRESETS[k] = replace(v, **over)
 
@@ -172,8 +171,8 @@ def _prepare(args) -> tuple[list[Path], list[Path], dict[Path, Path]]:
         other = []
         for name in [*args.corpora.split(","), "speakers"]:
             other += prepare_corpus(args.data / name, args.eval_cache / name, progress=False, **esize)[0]
-        by_clip = {re.sub(r"-[0-9a-f]{12}.*$", "", d.name): d for d in other}
-        truth = {d: by_clip.get(re.sub(r"-[0-9a-f]{12}.*$", "", d.name)) for d in truth}
+        by_clip = {clip_name(d.name): d for d in other}
+        truth = {d: by_clip.get(clip_name(d.name)) for d in truth}
         corpus = [d for d in corpus if truth[d] is not None]
         speakers = [d for d in speakers if truth[d] is not None]
     return corpus, speakers, truth
@@ -220,7 +219,9 @@ def main(argv=None) -> int:
     if args.fit:
         _override_fit(args.fit, args.preset)
     if args.ft:
-        _override_finetune(args.ft)
+        from avatar.motion.regression import RegressionTrainConfig
+
+        _override_finetune_fields(_parse_overrides(args.ft, "--ft", RegressionTrainConfig)[0])
 
     corpus, speakers, truth = _prepare(args)
     groups = sorted({speaker_group(d.name) for d in corpus})
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
         return _median([r[key] for r in rows])
 
     def short(name: str) -> str:
-        return re.sub(r"-[0-9a-f]{12}.*$", "", name)[-40:]
+        return clip_name(name)[-40:]
 
     fold_table = [{"clip": short(n), "s": f"{rows[0]['frames'] / 25:.0f}", "r": _fmt(med(rows, "open_r")),
                    "energy r": _fmt(med(rows, "energy_r")), "LMD / mean shape": _fmt(med(rows, "lmd_ratio")),
