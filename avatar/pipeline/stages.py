@@ -36,7 +36,7 @@ PRESET_NAMES: tuple[str, ...] = ("cpu-smoke", "cpu-small", "gpu-full")
 PRESET_HELP = "cpu-smoke (seconds: tests), cpu-small (the 2-core CPU setting), gpu-full (the product, one GPU)"
 #: old names (``train-generator`` / ``train-postnet``), still accepted with a warning
 PRESET_ALIASES: dict[str, str] = {"smoke": "cpu-smoke", "cpu": "cpu-small", "gpu": "gpu-full"}
-_MOTION = {"cpu-smoke": "smoke", "cpu-small": "cpu", "gpu-full": "gpu"}
+_MOTION = {new: old for old, new in PRESET_ALIASES.items()}  # the motion stages still use the old names
 #: each training stage's own preset for each unified name: the keys of ``avatar.motion.train.PRESETS``
 #: (generator), ``avatar.motion.postnet.PRESETS`` and ``avatar.motion.regression.FINETUNE_PRESETS``
 #: (postnet: both person stages), ``avatar.nerf.presets.PRESETS`` (nerf) and :data:`PRESETS` (onboard)
