@@ -12,13 +12,15 @@ non-zero exit code; ``--debug`` shows the traceback instead:
 Flags every subcommand shares (added here when its module does not define them, so the command
 modules stay short; :func:`_add_shared_flags`):
 
-- ``-q/--quiet`` (warnings and errors only) and ``-v/--verbose`` (debug logs) on every subcommand;
+- ``-q/--quiet`` (warnings and errors only, no progress bars) and ``-v/--verbose`` (debug logs) on
+  every subcommand;
 - ``--device`` on every subcommand that trains or renders (:data:`DEVICE_COMMANDS`): checked before
   the command runs (:func:`check_device`) and the process default of
   :func:`avatar.runtime.resolve_device` while it runs (:func:`avatar.runtime.default_device`), so
   every stage that picks its own device follows it;
-- ``--seed`` where the work is sampled (``render``, ``train-nerf``, ``eval-motion``, ``client
-  render|stream``; their modules define it); the training presets fix their own seeds;
+- ``--seed`` (default 0) where the work is sampled or trained (``render``, ``eval-motion``, ``client
+  render|stream``, ``train-generator``, ``train-postnet``, ``train-nerf``, ``train-emotion``,
+  ``onboard``; their modules define it and hand it to the training code's RNGs);
 - ``--json`` on ``list``, ``show``, ``render``, ``onboard``: one JSON object (a list for ``list``) on
   stdout and nothing else (progress and logs go to stderr);
 - ``--preset`` takes the one vocabulary ``cpu-smoke | cpu-small | gpu-full`` on every command that

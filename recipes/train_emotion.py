@@ -35,6 +35,7 @@ def register(subparsers) -> None:
                    help="speaker id (e.g. W009) kept out of training; per-label cosine metrics are computed on it")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
     p.add_argument("--cache", default=None, metavar="DIR", help="cache tracked landmarks here (re-runs skip tracking)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); runs are deterministic per seed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_run)
 
@@ -44,13 +45,14 @@ def _run(args) -> int:
     from avatar.motion.emotion import EmotionConfig, train_emotion
     from avatar.store import AvatarStore
 
-    cfg = EmotionConfig(holdout=args.holdout)
+    cfg = EmotionConfig(holdout=args.holdout, seed=args.seed)
     if args.steps is not None:
         if args.steps < 1:
             raise InvalidInput(f"--steps must be >= 1, got {args.steps}")
         cfg.steps = args.steps
     out = args.out or AvatarStore().emotion_dir
-    metrics = train_emotion(args.clips_dir, out, cfg, overwrite=args.overwrite, cache_dir=args.cache)
+    metrics = train_emotion(args.clips_dir, out, cfg, overwrite=args.overwrite, cache_dir=args.cache,
+                            progress=not getattr(args, "quiet", False))
     summary = {"out": str(out), "train_s": round(metrics["train_s"], 1), "final_loss": round(metrics["final_loss"], 4)}
     if "holdout" in metrics:
         summary["holdout_mean_cosine"] = round(metrics["holdout"]["mean_cosine"], 3)

@@ -96,11 +96,13 @@ def prepare_corpus(corpus: Path, cache: Path, features: str = "mel", hubert: str
 
 def train_generator(corpus: str | Path | list, out: str | Path, preset: str = "cpu", features: str = "mel",
                     hubert: str | None = None, overwrite: bool = False, progress: bool = True,
-                    steps: int | None = None, size: int = CACHE_SIZE, model: str | None = None) -> Path:
+                    steps: int | None = None, size: int = CACHE_SIZE, model: str | None = None,
+                    seed: int | None = None) -> Path:
     """Corpus directory (or several) -> generator bundle in ``out`` (see module docstring).
 
     ``steps`` overrides the preset's training steps; ``size`` is the cached datasets' frame side;
-    ``model`` ("tcn" or "vae-flow") overrides the preset's audio2motion model.
+    ``model`` ("tcn" or "vae-flow") overrides the preset's audio2motion model; ``seed`` the preset's
+    seed (``TrainGeneratorConfig.seed``: SyncNet and generator initialisation and window sampling).
 
     Raises: OutputExists (a bundle is already there and not ``overwrite``), InvalidInput (bad
     corpus / preset / features), FeatureMismatch, TrainingDiverged.
@@ -127,6 +129,8 @@ def train_generator(corpus: str | Path | list, out: str | Path, preset: str = "c
         cfg = replace(cfg, model=model)
     if steps is not None:
         cfg = replace(cfg, steps=int(steps), regression_fit=replace(cfg.regression_fit, steps=int(steps)))
+    if seed is not None:
+        cfg = replace(cfg, seed=int(seed))
     cache = out / "cache"
     # the cache lives beside the bundle files: keep it out of the atomic swap, then put it back
     staging = out.parent / f".{out.name}.cache"

@@ -86,8 +86,9 @@ def _options(args) -> dict:
             "head_speed": args.head_speed, "head_amplitude": args.head_amplitude}
 
 
-def _write_mp4(out: Path, frames, audio, fps: float) -> int:
-    """Write decoded frames + the driving audio (float32 16 kHz) like ``avatar render``."""
+def _write_mp4(out: Path, frames, audio, fps: float, progress: bool = True) -> int:
+    """Write decoded frames + the driving audio (float32 16 kHz) like ``avatar render`` (a bar unless
+    not ``progress``)."""
     import itertools
 
     from tqdm import tqdm
@@ -101,7 +102,7 @@ def _write_mp4(out: Path, frames, audio, fps: float) -> int:
     h, w = first.image.shape[:2]
     n = 0
     with VideoWriter(out, fps=fps, size=(w, h), audio=audio, audio_rate=16000) as writer:
-        for f in tqdm(itertools.chain([first], it), desc="frames", unit="frame"):
+        for f in tqdm(itertools.chain([first], it), desc="frames", unit="frame", disable=not progress):
             writer.write(f.image)
             n += 1
     return n
@@ -129,7 +130,7 @@ def _cmd_render(args) -> int:
     audio = load_audio(args.audio)  # validates locally and gives the track to mux
     with _client(args) as c:
         call = c.render(args.avatar, args.audio, _options(args), image_format=args.format)
-        n = _write_mp4(args.out, call, audio, 25.0)
+        n = _write_mp4(args.out, call, audio, 25.0, progress=not getattr(args, "quiet", False))
     print(json.dumps({"out": str(args.out), "frames": n,
                       "render_s": round(call.summary.render_s, 3) if call.summary else None}))
     return 0
@@ -158,7 +159,7 @@ def _cmd_stream(args) -> int:
         # no idle frames: the MP4 holds exactly the file's audio, however the chunks were delayed
         call = c.stream(args.avatar, chunks(), _options(args), image_format=args.format, realtime=args.realtime,
                         idle_frames=False, frame_audio=False)
-        n = _write_mp4(args.out, call, audio, 25.0)
+        n = _write_mp4(args.out, call, audio, 25.0, progress=not getattr(args, "quiet", False))
     s = call.summary
     print(json.dumps({"out": str(args.out), "frames": n, "lookahead_s": call.header.lookahead_s if call.header else None,
                       "first_frame_latency_s": round(s.first_frame_latency_s, 3) if s else None}))

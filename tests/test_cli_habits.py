@@ -51,7 +51,7 @@ def test_train_and_render_commands_take_device():
     for path in DEVICE_COMMANDS:
         if path in leaves:  # an area may be absent from an install (service, recipes)
             assert "--device" in leaves[path]._option_string_actions, f"avatar {path} lacks --device"
-    for path in ("render", "train-nerf", "eval-motion"):
+    for path in ("render", "train-nerf", "eval-motion", "train-generator", "train-postnet", "onboard", "train-emotion"):
         assert "--seed" in leaves[path]._option_string_actions, f"avatar {path} lacks --seed"
 
 
@@ -74,6 +74,33 @@ def test_device_flag_is_the_default_device_while_the_command_runs(monkeypatch):
     assert seen == {"device": "cpu", "verbose": 1}
     assert str(runtime.resolve_device(None)) == before
     assert runtime.resolve_device("cpu").type == "cpu"
+
+
+
+def test_onboard_seed_and_quiet_reach_every_training_stage(monkeypatch, tmp_path, capsys):
+    """``onboard --seed N -q``: the seed reaches each training stage (motion fine-tuning, postnet, head
+    and torso NeRF) and ``-q`` turns their bars off; without the flags: seed 0, bars on. (The seeds
+    themselves are checked for determinism by train-generator / train-postnet / train-emotion tests.)"""
+    from avatar.motion import postnet, regression
+    from avatar.nerf import trainer
+    from avatar.pipeline import onboard as onboard_module
+    from avatar.pipeline.stages import run_stage
+
+    seen: dict = {}
+    monkeypatch.setattr(onboard_module, "onboard", lambda *a, **kw: seen.update(onboard=kw) or tmp_path)
+    assert main(["onboard", "v.mp4", "--name", "n", "--seed", "7", "-q", "--store", str(tmp_path)]) == 0
+    assert seen["onboard"]["seed"] == 7 and seen["onboard"]["bars"] is False
+    assert main(["onboard", "v.mp4", "--name", "n", "--store", str(tmp_path)]) == 0
+    assert seen["onboard"]["seed"] == 0 and seen["onboard"]["bars"] is True
+    capsys.readouterr()
+
+    calls = []
+    for module, name in ((regression, "finetune_generator"), (postnet, "train_postnet"), (trainer, "train_nerf")):
+        monkeypatch.setattr(module, name, lambda *a, _n=name, **kw: calls.append((_n, kw["seed"], kw["progress"])))
+    for stage in ("motion", "postnet", "head", "torso"):
+        run_stage(stage, tmp_path, tmp_path / "v.mp4", "cpu-smoke", tmp_path / "gen", seed=7, show_bars=False)
+    assert calls == [("finetune_generator", 7, False), ("train_postnet", 7, False), ("train_nerf", 7, False),
+                     ("train_nerf", 7, False)]
 
 
 def test_json_errors_leave_stdout_empty(tmp_path, capsys):

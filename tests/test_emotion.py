@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from avatar.errors import AvatarNotFound, InvalidInput, InvalidMedia, NoFaceDetected
 from avatar.motion import emotion as E
@@ -370,3 +371,27 @@ def test_cli_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["train-emotion", str(empty), "--out", str(tmp_path / "o")]) == InvalidInput.exit_code
+
+
+def test_cli_seed_and_quiet(clip_dir, tmp_path, capfd):
+    """``train-emotion --seed``: the same seed gives identical weights, another seed other weights;
+    ``-q`` hides the progress bars (tracking and training), which show without it."""
+    from safetensors.torch import load_file
+
+    from avatar.cli import main
+
+    def run(seed: int, name: str, *flags: str) -> tuple[dict, str]:
+        out = tmp_path / name
+        assert main(["train-emotion", str(clip_dir), "--out", str(out), "--steps", "20", "--seed", str(seed),
+                     "--cache", str(tmp_path / "cache"), "--device", "cpu", *flags]) == 0
+        return load_file(str(out / "model.safetensors")), capfd.readouterr().err
+
+    a, err_a = run(0, "a", "-q")
+    b, err_b = run(0, "b", "-q")
+    c, err_c = run(1, "c")
+    for err in (err_a, err_b):
+        assert "%|" not in err and "\r" not in err and "train-emotion:" not in err, err[-500:]
+    assert "train-emotion: 100%|" in err_c  # the bar the -q runs hid
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -290,6 +290,45 @@ def test_cli_help_lists_motion_commands():
         assert e.value.code == 0
 
 
+
+def _bars(err: str) -> bool:
+    """Whether ``err`` holds tqdm progress-bar output."""
+    return "%|" in err or "\r" in err
+
+
+def test_cli_train_generator_and_postnet_seed_and_quiet(trained, may, tmp_path, capfd):
+    """``train-generator`` / ``train-postnet`` ``--seed``: the same seed gives identical weights, another
+    seed other weights; ``-q`` prints no progress bar (the run without it does)."""
+    from safetensors.torch import load_file
+
+    from avatar.cli import main
+    from avatar.motion.generator import GENERATOR_FILE
+
+    gen_dir = trained[0]
+
+    def generator(seed: int, name: str, *flags: str) -> tuple[dict, str]:
+        out = tmp_path / name
+        shutil.copytree(gen_dir / "cache", out / "cache")  # the corpus preprocessed once, by the fixture
+        assert main(["train-generator", str(gen_dir.parent / "corpus"), "--out", str(out), "--preset", "cpu-smoke",
+                     "--seed", str(seed), "--device", "cpu", *flags]) == 0
+        return load_file(str(out / GENERATOR_FILE)), capfd.readouterr().err
+
+    def postnet(seed: int, name: str, *flags: str) -> tuple[dict, str]:
+        out = tmp_path / name
+        assert main(["train-postnet", str(may), "--generator", str(gen_dir), "--out", str(out), "--preset", "cpu-smoke",
+                     "--seed", str(seed), "--device", "cpu", *flags]) == 0
+        return load_file(str(out / "postnet.safetensors")), capfd.readouterr().err
+
+    for train in (generator, postnet):
+        (a, err_a), (b, err_b), (c, err_c) = (train(0, "a", "-q"), train(0, "b", "-q"), train(1, "c"))
+        assert not _bars(err_a) and not _bars(err_b) and _bars(err_c), (train.__name__, err_a[-500:])
+        assert a.keys() == b.keys() == c.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), train.__name__
+        assert any(not torch.equal(a[k], c[k]) for k in a), train.__name__
+        for d in ("a", "b", "c"):
+            shutil.rmtree(tmp_path / d)
+
+
 def test_feature_kind_mismatch_between_dataset_and_generator(trained, may, tmp_path):
     """A generator trained on one kind refuses datasets/features of another, naming both kinds."""
     from avatar.motion.metrics import evaluate_motion

@@ -12,7 +12,8 @@ def _train_generator(args: argparse.Namespace) -> int:
     from recipes.train_generator import train_generator
 
     out = train_generator(args.corpus, args.out, preset=args.preset, features=args.features, hubert=args.hubert,
-                          overwrite=args.overwrite, steps=args.steps, model=args.model)
+                          overwrite=args.overwrite, steps=args.steps, model=args.model, seed=args.seed,
+                          progress=not getattr(args, "quiet", False))
     m = json.loads((out / "metrics.json").read_text())
     print(f"generator bundle: {out} ({m.get('model', 'vae-flow')}, {m['train_seconds']:.0f} s)\n"
           f"  held-out mouth-opening r {m['val_open_r']:.3f} (Pearson r of predicted vs real lip opening; 0 = no "
@@ -25,7 +26,7 @@ def _train_postnet(args: argparse.Namespace) -> int:
     from avatar.motion.postnet import train_postnet
 
     out = train_postnet(args.dataset, args.generator, args.out, preset=args.preset, corpus_cache=args.corpus_cache,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, seed=args.seed, progress=not getattr(args, "quiet", False))
     m = json.loads((out / "metrics.json").read_text())
     print(f"postnet bundle: {out}  (val mouth LMD {m['generator_val_mouth_lmd']:.4f} -> {m['val_mouth_lmd']:.4f}, "
           f"checkpoint step {m['best_step']})")
@@ -132,6 +133,7 @@ def register(subparsers) -> None:
     p.add_argument("--features", default="mel", choices=["mel", "hubert"], help="audio features (default mel)")
     p.add_argument("--hubert", default=None, help="local HuBERT model directory (needed for --features hubert)")
     p.add_argument("--steps", type=int, default=None, help="override the preset's generator steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); runs are deterministic per seed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
     p.set_defaults(func=_train_generator)
 
@@ -145,6 +147,7 @@ def register(subparsers) -> None:
     p.add_argument("--corpus-cache", type=Path, default=None,
                    help="directory of corpus datasets (default: GENERATOR/cache when present)")
     p.add_argument("--preset", default="cpu", choices=["smoke", "cpu", "gpu"], help="training preset (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); runs are deterministic per seed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
     p.set_defaults(func=_train_postnet)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -189,7 +189,7 @@ def _sequence_sync(gen: Audio2Motion, feats_norm: torch.Tensor, expr: np.ndarray
 
 def train_postnet(dataset: str | Path, generator: str | Path, out: str | Path, preset: str | TrainPostnetConfig = "cpu",
                   corpus_cache: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-                  callback: Callable[[float, str], None] | None = None, cancel=None) -> Path:
+                  callback: Callable[[float, str], None] | None = None, cancel=None, seed: int | None = None) -> Path:
     """Train a person's postnet and write its bundle atomically.
 
     Args:
@@ -199,6 +199,8 @@ def train_postnet(dataset: str | Path, generator: str | Path, out: str | Path, p
         corpus_cache: a directory of corpus datasets (e.g. ``GENERATOR/cache``) for the unpaired
             adversarial + sync terms; default: ``generator/cache`` when it exists, else none.
         callback: ``callback(fraction, message)`` progress hook. cancel: a ``threading.Event``.
+        seed: replaces the preset's ``seed`` (initialisation, window sampling) and shifts its
+            generator sampling ``seeds`` by as much (``(0, 1)`` with seed 3: ``(3, 4)``); None keeps them.
     Returns: ``out``.
     Raises:
         OutputExists, FeatureMismatch (dataset features differ from the generator's), InvalidInput,
@@ -207,6 +209,8 @@ def train_postnet(dataset: str | Path, generator: str | Path, out: str | Path, p
     cfg = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
     if not isinstance(cfg, TrainPostnetConfig):
         raise InvalidInput(f"unknown postnet preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if seed is not None:
+        cfg = replace(cfg, seed=int(seed), seeds=tuple(int(seed) + s - cfg.seed for s in cfg.seeds))
     from avatar.runtime import cpu_threads
 
     device = resolve_device(cfg.device)

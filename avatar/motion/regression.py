@@ -361,7 +361,7 @@ FINETUNE_PRESETS: dict[str, RegressionTrainConfig] = {
 
 def finetune_generator(generator: str | Path, dataset: str | Path, out: str | Path, preset: str = "cpu",
                        overwrite: bool = False, progress: bool = True, callback: Callable | None = None,
-                       cancel=None) -> Path:
+                       cancel=None, seed: int = 0) -> Path:
     """Adapt the shared audio2motion to one person: fine-tune on the person's own audio and tracked
     landmarks (the dataset's training range); the checkpoint (the shared weights included) with the
     best mouth-opening r on the person's validation tail is kept.
@@ -374,6 +374,7 @@ def finetune_generator(generator: str | Path, dataset: str | Path, out: str | Pa
         generator: shared generator bundle. dataset: the person's dataset. out: the adapted bundle
             (same format as the shared one, plus ``person_*`` metrics).
         preset: a key of :data:`FINETUNE_PRESETS`. cancel: an Event checked between evaluations.
+        seed: the fine-tuning's window sampling and augmentation seed (:attr:`RegressionTrainConfig.seed`).
     Returns: ``out``.
     Raises: InvalidInput (bad preset, too short a clip), OutputExists, BundleCorrupt,
         FeatureMismatch (dataset features differ from the generator's), Cancelled.
@@ -402,7 +403,7 @@ def finetune_generator(generator: str | Path, dataset: str | Path, out: str | Pa
             log.info("generator %s is %s: copied without per-person fine-tuning", generator, gen.model)
             return out
         net = gen.net.train()
-        tcfg = FINETUNE_PRESETS[preset]
+        tcfg = replace(FINETUNE_PRESETS[preset], seed=int(seed))
         train = clips_from_datasets([ds.root], "train")
         val = clips_from_datasets([ds.root], "val")
         if len(val[0]) < 8:

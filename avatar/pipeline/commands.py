@@ -39,7 +39,7 @@ def cmd_onboard(args) -> int:
     t0 = time.perf_counter()
     out = onboard(args.video, args.name, store=_store(args), preset=args.preset, generator=args.generator,
                   overwrite=args.overwrite, audio=args.audio, keep_work=args.keep_work,
-                  ray_address=getattr(args, "ray", None))
+                  ray_address=getattr(args, "ray", None), seed=args.seed, bars=not getattr(args, "quiet", False))
     if getattr(args, "json", False):
         info = _store(args).info(args.name)
         print(json.dumps({"name": args.name, "path": str(out), "preset": info["preset"], "size": info["size"],
@@ -164,6 +164,7 @@ def register(sub) -> None:
     p.add_argument("--audio", type=Path, default=None, help="separate audio file for a silent video")
     p.add_argument("--overwrite", action="store_true", help="replace an existing avatar of that name")
     p.add_argument("--keep-work", action="store_true", help="keep the dataset and checkpoints after success")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); runs are deterministic per seed")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (name, path, preset, size, metrics, wall_s) instead of the text line")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",

@@ -129,7 +129,7 @@ class _RemoteCancel:
 
 
 @ray.remote(max_retries=DEFAULT_RETRIES, retry_exceptions=False)
-def _stage_task(stage: str, work: str, video: str, preset: str, gen_dir: str, audio: str | None, control,
+def _stage_task(stage: str, work: str, video: str, preset: str, gen_dir: str, audio: str | None, seed: int, control,
                 num_cpus: float, *_upstream) -> float:
     """One stage on a Ray worker; ``_upstream`` are the finished upstream stages' results (ordering only)."""
     if not ray.get_gpu_ids():  # a CPU stage on a GPU node never touches the GPUs the NeRF tasks hold
@@ -147,16 +147,18 @@ def _stage_task(stage: str, work: str, video: str, preset: str, gen_dir: str, au
             control.report.remote(stage, float(fraction), str(message))
 
     t0 = time.perf_counter()
-    run_stage(stage, Path(work), Path(video), preset, Path(gen_dir), audio=audio, cb=cb, cancel=_RemoteCancel(control))
+    run_stage(stage, Path(work), Path(video), preset, Path(gen_dir), audio=audio, cb=cb, cancel=_RemoteCancel(control),
+              seed=seed)
     return round(time.perf_counter() - t0, 1)
 
 
 def run_stages(address: str | None, *, name: str, work: Path, video: Path, preset: str, gen_dir: Path, audio,
                state: dict, save_state, progress=None, cancel=None, max_retries: int = DEFAULT_RETRIES,
-               cancel_grace_s: float = 10.0) -> dict[str, int]:
+               cancel_grace_s: float = 10.0, seed: int = 0) -> dict[str, int]:
     """Run the onboarding stages not yet in ``state["done"]`` as Ray tasks (called by
     :func:`avatar.pipeline.onboard.onboard` under its per-name lock). Records each finished stage in
-    ``state`` (``done``, ``times``, ``attempts``) and calls ``save_state()`` at once.
+    ``state`` (``done``, ``times``, ``attempts``) and calls ``save_state()`` at once. ``seed``: the
+    training stages' seed (:func:`~avatar.pipeline.stages.run_stage`).
 
     Returns:
         {stage: number of task attempts} of the stages run here.
@@ -185,7 +187,7 @@ def run_stages(address: str | None, *, name: str, work: Path, video: Path, prese
             continue
         req = stage_resources(stage, preset, gpus)
         ref = _stage_task.options(**req, max_retries=max_retries, name=f"onboard:{name}:{stage}").remote(
-            stage, str(work), str(video), preset, str(gen_dir), str(audio) if audio else None, control,
+            stage, str(work), str(video), preset, str(gen_dir), str(audio) if audio else None, seed, control,
             req.get("num_cpus", 1), *[refs[d] for d in deps if d in refs])
         refs[stage] = ref
         pending[ref] = stage

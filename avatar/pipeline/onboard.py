@@ -42,7 +42,7 @@ def _stage_progress(progress: Progress | None, stage: str):
 def onboard(video: str | Path, name: str, store: AvatarStore | None = None, preset: str = "cpu-small",
             generator: str | Path | None = None, overwrite: bool = False, progress: Progress | None = None,
             cancel=None, audio: str | Path | None = None, keep_work: bool = False,
-            ray_address: str | None = None) -> Path:
+            ray_address: str | None = None, seed: int = 0, bars: bool = True) -> Path:
     """Onboard the speaker in ``video`` as avatar ``name``.
 
     Args:
@@ -59,6 +59,9 @@ def onboard(video: str | Path, name: str, store: AvatarStore | None = None, pres
         ray_address: run the training stages as Ray tasks (:mod:`avatar.pipeline.distributed`) on the
             cluster at this address ("" = ``$RAY_ADDRESS`` or a local Ray instance); None (default)
             runs them here and never imports Ray. The work dir must be on storage every node shares.
+        seed: the training stages' seed (:func:`~avatar.pipeline.stages.run_stage`); work of another
+            seed is not resumed.
+        bars: tqdm bars of the local stages when there is no ``progress`` callback (False: ``-q``).
     Returns:
         the bundle directory.
     Raises:
@@ -99,7 +102,7 @@ def onboard(video: str | Path, name: str, store: AvatarStore | None = None, pres
                             "wait for it to finish or cancel it") from None
     try:
         out = _onboard_locked(video, name, store, p, preset, gen, gen_dir, work, overwrite, progress, cancel,
-                              audio, keep_work, ray_address)
+                              audio, keep_work, ray_address, seed, bars)
     except InvalidInput:
         # the input itself is bad (no face, no audio, too short...): rerunning cannot resume it
         shutil.rmtree(work, ignore_errors=True)
@@ -125,18 +128,19 @@ def estimate_work_bytes(video: Path, size: int) -> int:
 
 def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset, preset: str, gen, gen_dir: Path,
                     work: Path, overwrite: bool, progress, cancel, audio, keep_work: bool,
-                    ray_address: str | None = None) -> Path:
+                    ray_address: str | None = None, seed: int = 0, bars: bool = True) -> Path:
     """The body of :func:`onboard`, run while holding the per-name lock."""
     clean_stale_temps(store.avatars_dir, name)
     sha = sha256_file(video)
     state_path = work / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if state and (state.get("sha256") != sha or state.get("preset") != preset or state.get("generator") != str(gen_dir)):
-        log.info("work dir %s is for another input/preset; starting over", work)
+    if state and (state.get("sha256") != sha or state.get("preset") != preset or state.get("generator") != str(gen_dir)
+                  or state.get("seed", 0) != seed):
+        log.info("work dir %s is for another input/preset/seed; starting over", work)
         shutil.rmtree(work)
         state = {}
     work.mkdir(parents=True, exist_ok=True)
-    state.update({"sha256": sha, "preset": preset, "generator": str(gen_dir), "video": str(video)})
+    state.update({"sha256": sha, "preset": preset, "generator": str(gen_dir), "video": str(video), "seed": seed})
     state.setdefault("times", {})
 
     def save_state():
@@ -163,7 +167,7 @@ def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset
         log.info("onboarding %r: %s, %s (preset %s)", name, k, stage, preset)  # announced before its bars
         t0 = time.perf_counter()
         run_stage(stage, work, video, preset, gen_dir, audio=audio, cb=_stage_progress(progress, stage), cancel=cancel,
-                  show_bars=progress is None, gen=gen)
+                  show_bars=bars and progress is None, gen=gen, seed=seed)
         _stage_progress(progress, stage)(1.0, "done")
         state["times"][stage] = round(time.perf_counter() - t0, 1)
         log.info("onboarding %r: %s done in %.1f s", name, stage, state["times"][stage])
@@ -174,7 +178,7 @@ def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset
         from avatar.pipeline.distributed import run_stages
 
         run_stages(ray_address, name=name, work=work, video=video, preset=preset, gen_dir=gen_dir, audio=audio,
-                   state=state, save_state=save_state, progress=progress, cancel=cancel)
+                   state=state, save_state=save_state, progress=progress, cancel=cancel, seed=seed)
     else:
         for stage in STAGE_DEPS:
             run(stage)
@@ -228,6 +232,7 @@ def _assemble(store: AvatarStore, name: str, dataset_dir: Path, gen_dir: Path, p
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "preset": preset,
             "preset_config": to_dict(p),
+            "seed": state.get("seed", 0),
             "source": {"path": str(video), "sha256": sha, **{k: v for k, v in ds.manifest["source"].items() if k not in ("path", "sha256")}},
             "dataset": {k: ds.manifest[k] for k in ("n_frames", "crop_box", "intrinsics", "head_scale", "split", "features") if k in ds.manifest},
             "tools": ds.manifest.get("tools", {}),

@@ -85,7 +85,7 @@ STAGE_DEPS: dict[str, tuple[str, ...]] = {"preprocess": (), "motion": ("preproce
 
 
 def run_stage(stage: str, work: Path, video: Path, preset: str, gen_dir: Path, audio: str | Path | None = None,
-              cb=None, cancel=None, show_bars: bool = False, gen=None) -> None:
+              cb=None, cancel=None, show_bars: bool = False, gen=None, seed: int = 0) -> None:
     """Run one training stage of an onboarding in ``work``: it reads the files of the stages in
     ``STAGE_DEPS[stage]`` and writes its own (``dataset/``, ``generator/``, ``postnet/``, ``nerf/head``,
     ``nerf/torso``), so any process that sees ``work`` can run it (a Ray task on another node).
@@ -93,6 +93,8 @@ def run_stage(stage: str, work: Path, video: Path, preset: str, gen_dir: Path, a
     Args:
         cb: ``callback(fraction, message)``. cancel: an Event-like (``is_set()``), checked between steps.
         show_bars: tqdm bars. gen: the loaded shared generator (loaded from ``gen_dir`` when None).
+        seed: the training stages' seed (motion fine-tuning, postnet, head and torso NeRF); preprocess
+            samples nothing.
     """
     p = PRESETS[preset]
     dataset_dir, motion_dir, postnet_dir, nerf_dir = (work / d for d in ("dataset", "generator", "postnet", "nerf"))
@@ -109,16 +111,17 @@ def run_stage(stage: str, work: Path, video: Path, preset: str, gen_dir: Path, a
         from avatar.motion.regression import finetune_generator
 
         finetune_generator(gen_dir, dataset_dir, motion_dir, preset=p.postnet, overwrite=True,
-                           progress=show_bars, callback=cb, cancel=cancel)
+                           progress=show_bars, callback=cb, cancel=cancel, seed=seed)
     elif stage == "postnet":
         from avatar.motion.postnet import train_postnet
 
         train_postnet(dataset_dir, motion_dir, postnet_dir, preset=p.postnet, overwrite=True,
                       corpus_cache=gen_dir / "cache" if (gen_dir / "cache").is_dir() else None,
-                      progress=show_bars, callback=cb, cancel=cancel)
+                      progress=show_bars, callback=cb, cancel=cancel, seed=seed)
     elif stage in ("head", "torso"):
         from avatar.nerf.trainer import train_nerf
 
-        train_nerf(dataset_dir, nerf_dir, part=stage, preset=p.nerf, progress=show_bars, callback=cb, cancel=cancel)
+        train_nerf(dataset_dir, nerf_dir, part=stage, preset=p.nerf, seed=seed, progress=show_bars, callback=cb,
+                   cancel=cancel)
     else:
         raise InvalidInput(f"unknown onboarding stage {stage!r}; one of {', '.join(STAGE_DEPS)}")
