@@ -11,8 +11,10 @@ Modules, one role each:
 * :mod:`.geometry` - landmark groups (frozen lips/jaw, movable, stable), retargeting, symmetry;
 * :mod:`.tracks` - tracking + canonicalising labelled clips (MEAD naming), tracked-point cache;
 * :mod:`.neutral` - the neutral reference (recorded clip, neutral segment, shared-statistics estimate);
-* :mod:`.model` - the category model (EAT, Gan et al. ICCV 2023, Sec. 3.3-3.4): training,
-  calibration, held-out evaluation with baselines, persistence;
+* :mod:`.model` - the category model's network (EAT, Gan et al. ICCV 2023, Sec. 3.3-3.4), config, files;
+* :mod:`.targets` - its training set: neutral-relative displacements of the tracked speakers;
+* :mod:`.train` - its training: fit, per-label gain calibration, the whole run (``train_emotion``);
+* :mod:`.evaluate` - its held-out metrics on one speaker and the two trivial baselines;
 * :mod:`.reference` - the reference-video path (EAMM, Ji et al. SIGGRAPH 2022, Sec. 3.3);
 * :mod:`.delta` - the render hook (schedule x model or reference, lip-sync mask, clamp).
 
@@ -22,12 +24,13 @@ from .delta import CLAMP_MARGIN, EmotionDelta, build_emotion_delta, clamp_to_ref
 from .geometry import (ASYMMETRIC, EVAL_POINTS, FROZEN, LIP_CLOSURE, LOWER_JAW, MIRROR, MOVABLE, MOVABLE_MASK, REGIONS,
                        SPEECH, STABLE, causal_windows, cosine, expression_range, mirror, norm, pingpong, range_scale,
                        region_scale, similarity_fit, speech_features, symmetrize)
-from .model import (EmotionConfig, EmotionNet, baselines, build_training_set, calibrate_gain, evaluate_speaker,
-                    fit_emotion_net, load_emotion_model, neutral_stats_from_tracks, save_emotion_model,
-                    speaker_displacements, speaker_neutral, train_emotion, train_on)
+from .evaluate import baselines, evaluate_speaker
+from .model import EmotionConfig, EmotionNet, load_emotion_model, save_emotion_model
 from .neutral import NeutralStats, build_neutral_stats, estimate_neutral, expression_energy, neutral_segment
 from .reference import ReferenceExpression, measure_reference, reference_displacement, retarget_scale
 from .schedule import CROSSFADE_S, LABELS, MAX_STRENGTH, parse_emotion_schedule, schedule_weights
+from .targets import build_training_set, neutral_stats_from_tracks, speaker_displacements, speaker_neutral
+from .train import calibrate_gain, fit_emotion_net, train_emotion, train_on
 from .tracks import (MAX_REFERENCE_FRAMES, SpeakerTracks, TrackedClip, canonicalise_speaker, label_of, list_clips,
                      speaker_of, track_clip, track_speakers)
 
