@@ -94,15 +94,31 @@ def prepare_corpus(corpus: Path, cache: Path, features: str = "mel", hubert: str
     return done, skipped
 
 
+def with_future(cfg, future: int):
+    """``cfg`` (a TrainGeneratorConfig) with the tcn's right receptive field cut to ``future`` frames.
+
+    Raises: InvalidInput for a vae-flow config or a value outside [0, the symmetric receptive field].
+    """
+    if cfg.model != "tcn":
+        raise InvalidInput(f"--future needs the tcn generator (--model tcn), not {cfg.model}")
+    if not 0 <= int(future) <= cfg.regression.receptive_frames():
+        raise InvalidInput(f"--future must be in [0, {cfg.regression.receptive_frames()}] frames, got {future}")
+    return replace(cfg, regression=replace(cfg.regression, future=int(future)))
+
+
 def train_generator(corpus: str | Path | list, out: str | Path, preset: str = "cpu", features: str = "mel",
                     hubert: str | None = None, overwrite: bool = False, progress: bool = True,
                     steps: int | None = None, size: int = CACHE_SIZE, model: str | None = None,
-                    seed: int | None = None) -> Path:
+                    seed: int | None = None, future: int | None = None) -> Path:
     """Corpus directory (or several) -> generator bundle in ``out`` (see module docstring).
 
     ``steps`` overrides the preset's training steps; ``size`` is the cached datasets' frame side;
     ``model`` ("tcn" or "vae-flow") overrides the preset's audio2motion model; ``seed`` the preset's
-    seed (``TrainGeneratorConfig.seed``: SyncNet and generator initialisation and window sampling).
+    seed (``TrainGeneratorConfig.seed``: SyncNet and generator initialisation and window sampling);
+    ``future`` the tcn's frames of future audio (``RegressionConfig.future``: its right receptive field,
+    the generator's share of the streaming lookahead; None = symmetric, 12 frames). An avatar
+    onboarded on a ``future=4`` generator gets a causal postnet and streams with 0.28 s of lookahead
+    at block 2 (docs/WEB.md).
 
     Raises: OutputExists (a bundle is already there and not ``overwrite``), InvalidInput (bad
     corpus / preset / features), FeatureMismatch, TrainingDiverged.
@@ -131,6 +147,8 @@ def train_generator(corpus: str | Path | list, out: str | Path, preset: str = "c
         cfg = replace(cfg, steps=int(steps), regression_fit=replace(cfg.regression_fit, steps=int(steps)))
     if seed is not None:
         cfg = replace(cfg, seed=int(seed))
+    if future is not None:
+        cfg = with_future(cfg, future)
     cache = out / "cache"
     # the cache lives beside the bundle files: keep it out of the atomic swap, then put it back
     staging = out.parent / f".{out.name}.cache"

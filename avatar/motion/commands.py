@@ -12,7 +12,7 @@ def _train_generator(args: argparse.Namespace) -> int:
     from recipes.train_generator import train_generator
 
     out = train_generator(args.corpus, args.out, preset=args.preset, features=args.features, hubert=args.hubert,
-                          overwrite=args.overwrite, steps=args.steps, model=args.model, seed=args.seed,
+                          overwrite=args.overwrite, steps=args.steps, model=args.model, seed=args.seed, future=args.future,
                           progress=not getattr(args, "quiet", False))
     m = json.loads((out / "metrics.json").read_text())
     print(f"generator bundle: {out} ({m.get('model', 'vae-flow')}, {m['train_seconds']:.0f} s)\n"
@@ -133,6 +133,10 @@ def register(subparsers) -> None:
     p.add_argument("--features", default="mel", choices=["mel", "hubert"], help="audio features (default mel)")
     p.add_argument("--hubert", default=None, help="local HuBERT model directory (needed for --features hubert)")
     p.add_argument("--steps", type=int, default=None, help="override the preset's generator steps")
+    p.add_argument("--future", type=int, default=None, metavar="FRAMES",
+                   help="tcn: frames (40 ms) of future audio a frame's motion may depend on (default: the "
+                        "symmetric receptive field, 12); 4 keeps the lip-sync and lets avatars built on it "
+                        "stream with 0.28 s of lookahead (docs/WEB.md)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); runs are deterministic per seed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
     p.set_defaults(func=_train_generator)

@@ -254,6 +254,14 @@ class Audio2Motion:
         return out.reshape(n, 68, 3)
 
     @property
+    def future_frames(self) -> int:
+        """Video frames after a frame whose audio features its output depends on (its share of the
+        streaming lookahead): the TCN's right receptive field (``RegressionConfig.future_frames``, cut by
+        ``future``), or the VAE + flow's context (:attr:`context_frames`, symmetric)."""
+        cfg = self.config
+        return int(cfg.future_frames()) if hasattr(cfg, "future_frames") else int(cfg.context_frames())
+
+    @property
     def history_frames(self) -> int:
         """Video frames of past audio the input transform of a frame looks at (0 for vae-flow)."""
         return self.config.history_frames() if hasattr(self.config, "history_frames") else 0

@@ -50,6 +50,24 @@ class PostnetConfig:
     kernel: int = 3
     disc_hidden: tuple[int, ...] = (128, 256, 256, 128)
     disc_dropout: float = 0.25
+    future: int | None = None   # frames of generator output after a frame that its refinement reads (the
+                                # postnet's share of the streaming lookahead): -1 symmetric (radius each
+                                # side, GeneFace); n >= 0 the right side cut to n, the left widened to keep
+                                # the receptive field. None: follow the generator (training resolves it:
+                                # symmetric for a symmetric generator, 0 for one built with a limited future,
+                                # so an avatar onboarded on a low-latency generator stays low-latency)
+
+    def paddings(self) -> list[tuple[int, int]]:
+        """(left, right) zero padding of each convolution (see ``future``; None counts as symmetric)."""
+        half = self.kernel // 2
+        n = len(self.channels) + 1
+        budget = n * half if self.future is None or self.future < 0 else int(self.future)
+        out = []
+        for _ in range(n):
+            r = min(half, budget)
+            budget -= r
+            out.append((2 * half - r, r))
+        return out
 
 
 @dataclass
@@ -91,16 +109,25 @@ class CNNPostNet(nn.Module):
 
     def __init__(self, cfg: PostnetConfig):
         super().__init__()
+        self.cfg = cfg
         dims = (EXPR_DIM, *cfg.channels, EXPR_DIM)
-        self.convs = nn.ModuleList(nn.Conv1d(a, b, cfg.kernel, padding=cfg.kernel // 2) for a, b in zip(dims[:-1], dims[1:]))
+        pads = cfg.paddings()
+        # symmetric: the convolutions pad themselves (the original layout, bit-identical outputs);
+        # a cut future: explicit (left, right) zero padding before each convolution
+        self.symmetric = all(a == b for a, b in pads)
+        self.pads = pads
+        self.convs = nn.ModuleList(nn.Conv1d(a, b, cfg.kernel, padding=cfg.kernel // 2 if self.symmetric else 0)
+                                   for a, b in zip(dims[:-1], dims[1:]))
         nn.init.zeros_(self.convs[-1].weight)
         nn.init.zeros_(self.convs[-1].bias)
-        self.radius = len(self.convs) * (cfg.kernel // 2)
+        self.left = sum(a for a, _ in pads)    # frames before / after a frame that its output reads
+        self.right = sum(b for _, b in pads)
+        self.radius = max(self.left, self.right)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.transpose(1, 2)
         for i, conv in enumerate(self.convs):
-            h = conv(h)
+            h = conv(h if self.symmetric else F.pad(h, self.pads[i]))
             if i < len(self.convs) - 1:
                 h = leaky(h)
         return x + h.transpose(1, 2)
@@ -132,6 +159,11 @@ class Postnet:
         self.es = torch.as_tensor(np.asarray(expr_std, np.float32), device=self.device)
         self.metrics = metrics or {}
 
+    @property
+    def future_frames(self) -> int:
+        """Frames of generator output after a frame that its refined output depends on."""
+        return int(self.net.right)
+
     @torch.no_grad()
     def apply(self, expr: np.ndarray, chunk: int = 4096) -> np.ndarray:
         """Refine an expression sequence.
@@ -146,15 +178,22 @@ class Postnet:
             raise InvalidInput(f"postnet input must be [N, 68, 3], got {expr.shape}")
         if not np.isfinite(expr).all():
             raise InvalidInput("postnet input contains NaN/inf")
-        n, r = expr.shape[0], self.net.radius
+        n = expr.shape[0]
         out = np.empty_like(expr)
         x = (torch.from_numpy(expr.reshape(n, EXPR_DIM)).to(self.device) - self.em) / self.es
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            a0, b0 = max(0, a - r), min(n, b + r)
+            a0, b0 = max(0, a - self.net.left), min(n, b + self.net.right)
             y = self.net(x[a0:b0][None])[0] * self.es + self.em
             out[a:b] = y[a - a0: b - a0].reshape(-1, 68, 3).cpu().numpy()
         return out
+
+
+def follow_generator_future(gen: Audio2Motion) -> int:
+    """``PostnetConfig.future`` for ``future=None``: -1 (symmetric) for a generator that sees its symmetric
+    receptive field, 0 (causal: the refinement of a frame reads no later generator frame) for a
+    generator built with a limited ``future`` (``avatar train-generator --future N``)."""
+    return 0 if getattr(gen.config, "future", -1) >= 0 else -1
 
 
 def load_postnet(root: str | Path, device=None) -> Postnet:
@@ -222,6 +261,8 @@ def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cach
     out = check_output_dir(out, overwrite)
     t0 = time.perf_counter()
     gen = load_generator(generator, device=device)
+    if cfg.postnet.future is None:  # follow the generator: a low-latency generator gets a causal postnet
+        cfg = replace(cfg, postnet=replace(cfg.postnet, future=follow_generator_future(gen)))
     ds = Dataset(dataset)
     gen.stats.check_features(np.asarray(ds.features[:2]), ds.feature_kind)
     tr, va = ds.train_range, ds.val_range
