@@ -309,7 +309,6 @@ class LiveSession:
 
     def __init__(self, sid: str, avatar, options, loop: asyncio.AbstractEventLoop, max_backlog_s: float,
                  max_audio_s: float, on_end=None, max_idle_s: float = 600.0):
-        from avatar.pipeline.render import BLOCK, CTX_RIGHT
         from service.stream import Pacer, PacerConfig
 
         self.sid = sid
@@ -320,7 +319,8 @@ class LiveSession:
         self.size = options.size or avatar.size
         self.max_backlog = int(max_backlog_s * AUDIO_RATE)
         self.max_audio = int(max_audio_s * AUDIO_RATE)
-        self._block, self._ctx_right = BLOCK, CTX_RIGHT
+        # the session's block and right context (derived from the avatar's models, StreamSession.latency)
+        self._block, self._ctx_right = self.session.latency.block, self.session.latency.ctx_right
         self.stats: dict = {"frames_rendered": 0, "frames_sent": 0, "idle_frames": 0, "interrupts": 0,
                             "audio_in_s": 0.0, "audio_dropped_s": 0.0, "state": "new", "error": ""}
         self.t: dict[str, float] = {"created": time.monotonic()}  # first-frame stage marks (monotonic s)

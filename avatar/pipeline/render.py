@@ -5,19 +5,41 @@ The same engine serves batch rendering (:meth:`Avatar.render`), real-time stream
 
 Block scheme (why a stream equals a batch render bit for bit)
 -------------------------------------------------------------
-Motion is computed in fixed blocks of ``BLOCK`` video frames aligned to absolute frame 0. Block
-``b`` (frames ``[b*BLOCK, (b+1)*BLOCK)``) is computed from the audio window of frames
-``[b*BLOCK - CTX_LEFT, (b+1)*BLOCK + CTX_RIGHT)`` (zeros outside the audio), through the feature
-extractor, the generator (latent noise indexed by absolute position, so neighbouring windows
-share it) and the postnet; only the block's own frames are kept. The computation of a block
+Motion is computed in fixed blocks of ``block`` video frames (default ``BLOCK`` = 8) aligned to
+absolute frame 0. Block ``b`` (frames ``[b*block, (b+1)*block)``) is computed from the audio window
+of frames ``[b*block - ctx_left, (b+1)*block + ctx_right)`` (zeros outside the audio), through the
+feature extractor, the generator (latent noise indexed by absolute position, so neighbouring
+windows share it) and the postnet; only the block's own frames are kept. The computation of a block
 depends only on its audio window, never on how the audio arrived, so streaming and batch give
-identical landmarks. Frame ``t`` is then rendered once the landmarks of ``t + W//2`` are final
-(``W`` = the head NeRF's attention window), one frame per NeRF call.
+identical landmarks. Frame ``t`` is then rendered once the landmarks of ``t + nerf_right`` are
+final (``nerf_right`` <= ``W//2``, ``W`` = the head NeRF's attention window), one frame per NeRF call.
+The numbers are one :class:`Latency` per session, :func:`stream_latency`.
 
-Latency: a frame can be emitted once the audio up to the end of its block plus ``CTX_RIGHT``
-frames (and W//2 frames for the attention window) has arrived: at most
-``(BLOCK + CTX_RIGHT + W//2) / 25`` s of lookahead (0.88 s with the defaults, W = 5), see
-:attr:`StreamSession.lookahead_s`.
+Latency
+-------
+A frame can be emitted once the audio up to the end of its block plus ``ctx_right`` frames (and
+``nerf_right`` frames for the attention window) has arrived: a lookahead of at most
+``(block + ctx_right + nerf_right) / 25`` s counted from the start of the frame's audio
+(:attr:`Latency.lookahead_s`, :attr:`StreamSession.lookahead_s`).
+
+``ctx_right`` is derived from the avatar's models (:func:`motion_right_frames`): the frames of
+future audio that the last frame of a block really depends on = the generator's right receptive
+field (:attr:`Audio2Motion.future_frames`: 12 for the symmetric TCN, ``future`` for one trained with
+``avatar train-generator --future N``, 84 for the VAE + flow) + the postnet's
+(:attr:`Postnet.future_frames`: 4 symmetric, 0 for a causal one), capped at ``CTX_RIGHT`` = 12, the
+engine's historical budget. With the cap, every avatar whose models reach further than 12 frames
+(all symmetric ones) keeps exactly its former 12-frame window, so its output is bit-identical to
+before (lookahead 0.88 s with block 8 and W = 5; those models are truncated there, as they always
+were). A chain that reaches less (a ``--future 4`` generator with its causal postnet: 4 + 0 = 4)
+reads only what it needs, and a block's landmarks then equal those of one pass over the whole
+audio on the right side (tested).
+
+Low latency: ``block`` (frames per motion block) and ``nerf_right`` (frames of landmarks after a
+frame that its NeRF attention window reads; the later ones are clamped to it, as at the end of
+every clip) are per-session parameters of :class:`StreamSession` / :func:`render_frames`. With a
+``--future 4`` avatar, ``block=2, nerf_right=1`` gives (2 + 4 + 1) / 25 = 0.28 s (``block=1`` with
+the full centred window W = 5 too). Smaller blocks
+cost more compute per frame (each block runs the motion models over its whole context window).
 """
 from __future__ import annotations
 
@@ -39,10 +61,71 @@ from avatar.pipeline.controls import BlinkSchedule, PoseReplay, apply_eyes
 
 log = logging.getLogger(__name__)
 
-BLOCK = 8        # frames per motion block (0.32 s)
+BLOCK = 8        # frames per motion block (0.32 s), the default of Latency.block
+MAX_BLOCK = 64   # the largest block a session may choose (2.56 s)
 CTX_LEFT = 24    # frames of audio context before a block (0.96 s); more when the generator's input
                  # transform looks further back (Audio2Motion.history_frames, e.g. a 2 s sliding CMN)
-CTX_RIGHT = 12   # frames of audio context after a block (0.48 s)
+CTX_RIGHT = 12   # the most frames of audio context after a block the engine reads (0.48 s); models
+                 # that depend on less future audio read less (motion_right_frames)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """How a session cuts the motion into blocks and how far ahead it reads (module docstring).
+
+    Attributes:
+        block: frames per motion block. ctx_left / ctx_right: frames of audio read before / after a
+            block. nerf_right: frames of landmarks after a frame that its NeRF window reads.
+    """
+
+    block: int
+    ctx_left: int
+    ctx_right: int
+    nerf_right: int
+
+    @property
+    def lookahead_frames(self) -> int:
+        """Worst-case frames of audio needed from the start of a frame's audio until it can be emitted."""
+        return self.block + self.ctx_right + self.nerf_right
+
+    @property
+    def lookahead_s(self) -> float:
+        return self.lookahead_frames / FPS
+
+
+def motion_right_frames(models) -> int:
+    """Frames of future audio the landmarks of a frame depend on through the motion models: the
+    generator's right receptive field + the postnet's (module docstring).
+
+    The audio features add nothing: a model's last input for a future of ``F`` frames is the first
+    feature frame of frame ``t + F`` (the stride-2 input convolution), whose audio ends inside that
+    frame (log-mel: 480 samples after the frame's start, the 640-sample Hann window centred on 320;
+    HuBERT's conv front end: 360). ``tests/test_stream_latency.py`` checks that the result is exact.
+    """
+    return int(models.generator.future_frames) + int(models.postnet.future_frames)
+
+
+def stream_latency(models, block: int | None = None, nerf_right: int | None = None) -> Latency:
+    """The :class:`Latency` of a session of ``models``.
+
+    Args:
+        block: frames per motion block (1 .. MAX_BLOCK; None = ``BLOCK``).
+        nerf_right: frames of landmarks after a frame its NeRF window reads (0 .. W//2; None = W//2,
+            the full centred window).
+    Raises:
+        InvalidInput: a value out of range.
+    """
+    half = int(models.nerf.window) // 2
+    block = BLOCK if block is None else block
+    nerf_right = half if nerf_right is None else nerf_right
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not (1 <= block <= MAX_BLOCK):
+        raise InvalidInput(f"block must be an integer number of frames in [1, {MAX_BLOCK}], got {block!r}")
+    if isinstance(nerf_right, bool) or not isinstance(nerf_right, (int, np.integer)) or not (0 <= nerf_right <= half):
+        raise InvalidInput(f"nerf_right must be an integer in [0, {half}] (the NeRF window is {models.nerf.window} "
+                           f"frames), got {nerf_right!r}")
+    gen = models.generator
+    return Latency(block=int(block), ctx_left=max(CTX_LEFT, gen.history_frames + gen.context_frames),
+                   ctx_right=min(CTX_RIGHT, motion_right_frames(models)), nerf_right=int(nerf_right))
 
 
 @dataclass
@@ -145,11 +228,13 @@ class MotionEngine:
     Args:
         models: the loaded avatar (:class:`avatar.pipeline.bundle.AvatarModels`).
         options: validated :class:`RenderOptions`.
+        latency: the block length and contexts (None = :func:`stream_latency` defaults).
     """
 
-    def __init__(self, models, options: RenderOptions):
+    def __init__(self, models, options: RenderOptions, latency: Latency | None = None):
         self.m = models
         self.options = options
+        self.latency = latency or stream_latency(models)
         self._emotion = models.emotion_delta(options)
         self.blink_schedule = BlinkSchedule(
             (options.blink_rate if options.blink_rate is not None else models.blink.rate_per_min) if options.blink else 0.0,
@@ -165,7 +250,7 @@ class MotionEngine:
     def ctx_left(self) -> int:
         """Frames of audio context before a block: CTX_LEFT, or more when the generator's input
         transform looks further back."""
-        return max(CTX_LEFT, self.m.generator.history_frames + self.m.generator.context_frames)
+        return self.latency.ctx_left
 
     def block(self, b: int, audio: np.ndarray, total_frames: int | None, offset: int = 0) -> np.ndarray:
         """Landmarks of block ``b``.
@@ -178,12 +263,13 @@ class MotionEngine:
             offset: absolute sample index of ``audio[0]`` (a stream drops the samples no block needs
                 any more); ``audio`` must start at or before the block's left context.
         Returns:
-            float32 [k, 68, 3] canonical landmarks for frames [b*BLOCK, b*BLOCK + k), k <= BLOCK.
+            float32 [k, 68, 3] canonical landmarks for frames [b*block, b*block + k), k <= block.
         """
-        f0 = b * BLOCK
-        f1 = f0 + BLOCK if total_frames is None else min(f0 + BLOCK, total_frames)
+        L = self.latency.block
+        f0 = b * L
+        f1 = f0 + L if total_frames is None else min(f0 + L, total_frames)
         ctx_left = self.ctx_left
-        w0, w1 = f0 - ctx_left, f0 + BLOCK + CTX_RIGHT
+        w0, w1 = f0 - ctx_left, f0 + L + self.latency.ctx_right
         window = np.zeros((w1 - w0) * SAMPLES_PER_FRAME, dtype=np.float32)
         s0, s1 = w0 * SAMPLES_PER_FRAME, w1 * SAMPLES_PER_FRAME
         a0, a1 = max(s0, offset), min(s1, offset + len(audio))
@@ -213,14 +299,20 @@ class MotionEngine:
 
 
 class FrameEngine:
-    """Landmarks + poses -> composited RGB frames through the head and torso NeRFs."""
+    """Landmarks + poses -> composited RGB frames through the head and torso NeRFs.
 
-    def __init__(self, models, options: RenderOptions):
+    ``nerf_right`` (default W//2): frames of landmarks after ``t`` that the attention window of frame
+    ``t`` reads; its later positions repeat the landmarks of ``t + nerf_right`` (the clamping every
+    clip's last frames get), so a frame is final ``nerf_right`` frames after its landmarks.
+    """
+
+    def __init__(self, models, options: RenderOptions, nerf_right: int | None = None):
         self.m = models
         self.size = options.size or models.size
         self.poses = PoseReplay(models.pose_track, speed=options.head_speed,
                                 amplitude=options.head_amplitude, still=options.still)
         self.window = models.nerf.window
+        self.right = self.window // 2 if nerf_right is None else int(nerf_right)
 
     @torch.no_grad()
     def frame(self, t: int, lm3d: np.ndarray, n_final: int, pose: np.ndarray | None = None) -> np.ndarray:
@@ -237,7 +329,7 @@ class FrameEngine:
             uint8 [S, S, 3] RGB.
         """
         half = self.window // 2
-        idx = np.clip(np.arange(t - half, t - half + self.window), 0, n_final - 1)
+        idx = np.clip(np.arange(t - half, t - half + self.window), 0, min(n_final - 1, t + self.right))
         win = torch.from_numpy(np.ascontiguousarray(lm3d[idx]))[None]
         pose = torch.from_numpy(self.poses(np.array([t])) if pose is None else np.asarray(pose, np.float32)[None])
         blink = torch.from_numpy(eye_aspect_ratio(lm3d[t : t + 1]))
@@ -257,19 +349,27 @@ class StreamSession:
     deadlines, cancellation, barge-in). Both give the same frames. A real-time caller can also pad
     silence (:meth:`silence_needed`, idle frames) and drop what was not shown yet (:meth:`rewind`).
 
+    Args:
+        models: the loaded avatar. options: :class:`RenderOptions`.
+        block: frames per motion block (None = ``BLOCK``, 8); nerf_right: frames of landmarks after a
+            frame that its NeRF window reads (None = W//2). Smaller values lower the lookahead; the
+            right audio context comes from the models (:func:`stream_latency`, module docstring).
+
     Attributes:
-        lookahead_s: worst-case audio (seconds) needed after a frame's own audio before it is
-            emitted: ``(BLOCK + CTX_RIGHT + W//2) / 25``.
+        latency: the session's :class:`Latency`.
+        lookahead_s: worst-case audio (seconds) needed from the start of a frame's audio before it is
+            emitted: ``(block + ctx_right + nerf_right) / 25`` (0.88 s with the defaults).
         rewind_frames: how many already-emitted frames :meth:`rewind` must be able to go back over
             (the session keeps the audio their motion blocks read); 0 = keep only what later blocks read.
     """
 
-    def __init__(self, models, options: RenderOptions):
+    def __init__(self, models, options: RenderOptions, block: int | None = None, nerf_right: int | None = None):
         options.validate()
         self.m = models
         self.options = options
-        self.motion = MotionEngine(models, options)
-        self.frames = FrameEngine(models, options)
+        self.latency = stream_latency(models, block, nerf_right)
+        self.motion = MotionEngine(models, options, self.latency)
+        self.frames = FrameEngine(models, options, self.latency.nerf_right)
         self._audio = np.zeros(0, dtype=np.float32)
         self._audio_offset = 0  # absolute sample index of self._audio[0] (older samples are dropped)
         self._lm3d = np.zeros((0, 68, 3), dtype=np.float32)
@@ -279,7 +379,7 @@ class StreamSession:
         self.frames_emitted = 0
         self.finished = False
         self.rewind_frames = 0
-        self.lookahead_s = (BLOCK + CTX_RIGHT + self.frames.window // 2) / FPS
+        self.lookahead_s = self.latency.lookahead_s
 
     @property
     def samples(self) -> int:
@@ -325,11 +425,12 @@ class StreamSession:
         """Yield ``(index, frame)`` for every frame final with the audio fed so far, one NeRF render
         per step; a motion block is computed only when the next frame needs it. Audio fed while the
         iterator is suspended is used by it; closing it early loses nothing."""
-        half = self.frames.window // 2
+        lat = self.latency
+        half, L = lat.nerf_right, lat.block
         while True:
             n = len(self._lm3d)
             total = self._total
-            if total is not None and self._next_block * BLOCK >= total:
+            if total is not None and self._next_block * L >= total:
                 self._lm3d = self._lm3d[:total]
                 limit = bound = min(n, total)
             else:
@@ -339,9 +440,9 @@ class StreamSession:
                 frame = self.frames.frame(t, self._lm3d, bound)
                 self.frames_emitted = t + 1
                 yield t, frame
-            elif total is not None and self._next_block * BLOCK < total:
+            elif total is not None and self._next_block * L < total:
                 self._compute_block(total)
-            elif total is None and (self._next_block + 1) * BLOCK + CTX_RIGHT <= self.samples / SAMPLES_PER_FRAME:
+            elif total is None and (self._next_block + 1) * L + lat.ctx_right <= self.samples / SAMPLES_PER_FRAME:
                 self._compute_block(None)
             else:
                 return
@@ -365,9 +466,10 @@ class StreamSession:
         audio arrives: the generator's resting face, blinks and the head track go on); 0 if it already is."""
         if self.finished:
             return 0
-        need_lm = self.frames_emitted + self.frames.window // 2 + 1
-        blocks = max(-(-need_lm // BLOCK), self._next_block)
-        return max(0, (blocks * BLOCK + CTX_RIGHT) * SAMPLES_PER_FRAME - self.samples)
+        L = self.latency.block
+        need_lm = self.frames_emitted + self.latency.nerf_right + 1
+        blocks = max(-(-need_lm // L), self._next_block)
+        return max(0, (blocks * L + self.latency.ctx_right) * SAMPLES_PER_FRAME - self.samples)
 
     def rewind(self, frame: int) -> int:
         """Forget the audio from frame ``frame`` on (sample ``frame * 640``) and the frames emitted from
@@ -381,8 +483,9 @@ class StreamSession:
         """
         if self.finished:
             raise InvalidInput("stream already finished")
-        b = min(frame // BLOCK, self._next_block)
-        need = (b * BLOCK - self.motion.ctx_left) * SAMPLES_PER_FRAME
+        L = self.latency.block
+        b = min(frame // L, self._next_block)
+        need = (b * L - self.motion.ctx_left) * SAMPLES_PER_FRAME
         if frame < 0 or frame < self.frames_emitted - self.rewind_frames or max(need, 0) < self._audio_offset:
             raise InvalidInput(f"cannot rewind to frame {frame} (emitted {self.frames_emitted}, "
                                f"rewind_frames {self.rewind_frames})")
@@ -390,17 +493,18 @@ class StreamSession:
         dropped = max(0, self.samples - cut)
         self._audio = self._audio[: max(0, cut - self._audio_offset)].copy()
         shown = min(frame, self.frames_emitted)
-        self._keep = (shown, self._lm3d[b * BLOCK: shown].copy()) if shown > b * BLOCK else None
-        self._lm3d = self._lm3d[: b * BLOCK]
+        self._keep = (shown, self._lm3d[b * L: shown].copy()) if shown > b * L else None
+        self._lm3d = self._lm3d[: b * L]
         self._next_block = b
         self.frames_emitted = shown
         return dropped
 
     def _compute_block(self, total: int | None) -> None:
+        L = self.latency.block
         lm = self.motion.block(self._next_block, self._audio, total, offset=self._audio_offset)
         if self._keep is not None:  # frames already shown before a rewind keep their landmarks
             frame, kept = self._keep
-            if frame // BLOCK == self._next_block:
+            if frame // L == self._next_block:
                 lm = lm.copy()
                 lm[: len(kept)] = kept[: len(lm)]
             self._keep = None
@@ -410,9 +514,9 @@ class StreamSession:
         # keep what a rewind over the last ``rewind_frames`` frames would read again
         oldest = self._next_block
         if self.rewind_frames:
-            oldest = min(oldest, max(0, self.frames_emitted - self.rewind_frames) // BLOCK)
-        keep_from = max(0, (oldest * BLOCK - self.motion.ctx_left) * SAMPLES_PER_FRAME)
-        if keep_from - self._audio_offset >= SAMPLES_PER_FRAME * BLOCK:
+            oldest = min(oldest, max(0, self.frames_emitted - self.rewind_frames) // L)
+        keep_from = max(0, (oldest * L - self.motion.ctx_left) * SAMPLES_PER_FRAME)
+        if keep_from - self._audio_offset >= SAMPLES_PER_FRAME * L:
             self._audio = self._audio[keep_from - self._audio_offset:].copy()
             self._audio_offset = keep_from
 
@@ -421,27 +525,31 @@ class StreamSession:
         return self._lm3d
 
 
-def landmarks_for_audio(models, audio, options: RenderOptions | None = None) -> np.ndarray:
-    """The canonical landmark track (float32 [N, 68, 3]) the renderer would use for ``audio``."""
+def landmarks_for_audio(models, audio, options: RenderOptions | None = None, block: int | None = None) -> np.ndarray:
+    """The canonical landmark track (float32 [N, 68, 3]) the renderer would use for ``audio`` (with
+    motion blocks of ``block`` frames, as :class:`StreamSession`)."""
     options = options or RenderOptions()
     options.validate()
     wav = as_waveform(audio)
     total = n_frames_for(len(wav))
-    engine = MotionEngine(models, options)
-    return np.concatenate([engine.block(b, wav, total) for b in range(-(-total // BLOCK))])[:total]
+    latency = stream_latency(models, block)
+    engine = MotionEngine(models, options, latency)
+    return np.concatenate([engine.block(b, wav, total) for b in range(-(-total // latency.block))])[:total]
 
 
-def render_frames(models, audio, options: RenderOptions | None = None) -> Iterator[np.ndarray]:
+def render_frames(models, audio, options: RenderOptions | None = None, block: int | None = None,
+                  nerf_right: int | None = None) -> Iterator[np.ndarray]:
     """Lazily render all frames for ``audio`` (path or float32 16 kHz array).
 
     Yields uint8 [S, S, 3] RGB frames; their count is ``round(len(audio) / 640)``. Stopping the
-    iteration stops the work.
+    iteration stops the work. ``block`` / ``nerf_right``: as :class:`StreamSession` (a stream with
+    the same values gives the same frames).
     """
     options = options or RenderOptions()
     options.validate()
     wav = as_waveform(audio)
-    session = StreamSession(models, options)
-    step = BLOCK * SAMPLES_PER_FRAME
+    session = StreamSession(models, options, block=block, nerf_right=nerf_right)
+    step = session.latency.block * SAMPLES_PER_FRAME
     for s in range(0, len(wav), step):  # one frame per step: a consumer that stops stops the work
         session.feed(wav[s : s + step])
         yield from (frame for _, frame in session.pull())
