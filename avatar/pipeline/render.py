@@ -38,8 +38,10 @@ Low latency: ``block`` (frames per motion block) and ``nerf_right`` (frames of l
 frame that its NeRF attention window reads; the later ones are clamped to it, as at the end of
 every clip) are per-session parameters of :class:`StreamSession` / :func:`render_frames`. With a
 ``--future 4`` avatar, ``block=2, nerf_right=1`` gives (2 + 4 + 1) / 25 = 0.28 s (``block=1`` with
-the full centred window W = 5 too). Smaller blocks
-cost more compute per frame (each block runs the motion models over its whole context window).
+the full centred window W = 5 too). Smaller blocks cost more compute per frame (each block runs the
+motion models over its whole context window; CPU timings in docs/WEB.md). They are session
+parameters, not :class:`RenderOptions` fields: those map 1:1 onto the ``avatar render`` flags and the
+gRPC message, and wiring a block into the StreamRender config and the web console is still to do.
 """
 from __future__ import annotations
 
