@@ -11,16 +11,18 @@ def _train(args: argparse.Namespace) -> int:
     from avatar.nerf.trainer import train_nerf
 
     train_nerf(args.dataset, args.out, part=args.part, preset=args.preset, steps=args.steps, seed=args.seed,
-               overwrite=args.overwrite, device=args.device)
+               overwrite=args.overwrite, device=args.device, progress=not getattr(args, "quiet", False))
     print(args.out)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from avatar.nerf.evaluate import evaluate_nerf
+    from avatar.nerf.evaluate import evaluate_nerf, fidelity_table
 
-    m = evaluate_nerf(args.dataset, args.model, out=args.out, max_frames=args.max_frames, device=args.device)
-    print(json.dumps(m, indent=2))
+    m = evaluate_nerf(args.dataset, args.model, out=args.out, max_frames=args.max_frames, device=args.device,
+                      progress=not getattr(args, "quiet", False))
+    # the table for people, the metrics (without the evaluated frame list) for scripts with --json
+    print(json.dumps({k: v for k, v in m.items() if k != "frames"}, indent=2) if args.json else fidelity_table(m))
     return 0
 
 
@@ -55,4 +57,6 @@ def register(subparsers) -> None:
     e.add_argument("--out", default=None, help="directory for metrics.json, side_by_side.mp4 and PNGs")
     e.add_argument("--max-frames", type=int, default=None, help="evaluate at most this many validation frames (evenly spaced)")
     e.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the table "
+                   "(the full metrics, with the evaluated frames, are in OUT/metrics.json)")
     e.set_defaults(func=_eval)

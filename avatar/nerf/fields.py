@@ -30,6 +30,11 @@ class HeadConfig:
     geo_dim: int = 64
     ind_dim: int = 4          # per-frame individual code
     box_margin: float = 0.9   # head box = landmark bbox + margin (canonical units)
+    # extra room above the landmark box for the hair (canonical units; the trainer raises it further until
+    # the rays of >= 99.5 % of the head-mask pixels meet the box). With the margin alone (0.9) the box top
+    # cut through the hair of the acosta clip (95 % of head pixels met): the head was opaque only below a
+    # straight line and the torso / plate showed through above it (the "second crown" seam of issue 18)
+    box_top: float = 0.8
 
 
 @dataclass

@@ -109,6 +109,50 @@ class AvatarNerf:
             InvalidInput: wrong shapes.
         """
         size = int(size or self.size)
+        head_rgb, head_acc, all_pix, pose = self._head_pass(lm3d_window, pose, blink, size)
+        B, P = head_acc.shape
+        dev = self.device
+        bg = self._background_at(size, background).reshape(-1, 3)         # [S*S, 3]
+        rgb = composite(bg.expand(B, P, 3).reshape(-1, 3), head_rgb.reshape(-1, 3), head_acc.reshape(-1)).view(B, P, 3)
+
+        # torso: only inside the person box (outside it the torso is transparent by training)
+        if self.torso is not None:
+            tf = self.torso.field
+            x0, y0, x1, y1 = self._person_box_px(size)
+            if x1 > x0 and y1 > y0:
+                box = ((all_pix[:, 0] >= x0) & (all_pix[:, 0] < x1) & (all_pix[:, 1] >= y0) & (all_pix[:, 1] < y1))
+                pidx = box.nonzero().squeeze(1)                                          # [Pb] (static per size)
+                flat_t = (torch.arange(B, device=dev)[:, None] * P + pidx[None]).reshape(-1)  # [B*Pb]
+                hr, ha = head_rgb.reshape(-1, 3), head_acc.reshape(-1)
+                out_rgb = rgb.reshape(-1, 3)
+                for i in range(0, flat_t.numel(), 4 * self.chunk):
+                    sel = flat_t[i : i + 4 * self.chunk]
+                    bi = torch.div(sel, P, rounding_mode="floor")
+                    p = sel - bi * P
+                    n = sel.numel()
+                    uv = (all_pix[p].float() + 0.5) / size
+                    alpha, trgb = tf(uv, pose[bi], tf.individual_code(None, n), torch.cat((hr[sel], ha[sel, None]), -1))
+                    out_rgb[sel] = composite(bg[p], hr[sel], ha[sel], trgb.float(), alpha.float())
+        return (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).view(B, size, size, 3)
+
+    @torch.no_grad()
+    def head_alpha(self, lm3d_window: torch.Tensor, pose: torch.Tensor, blink: torch.Tensor | None = None,
+                   size: int | None = None) -> torch.Tensor:
+        """Accumulated opacity of the head NeRF alone (what is composited over torso and plate).
+
+        Same inputs as :meth:`render`. Returns float32 [B, size, size] in [0, 1] on ``self.device``
+        (0 outside the projected head box). Used to check that the head is opaque on the tracked
+        head mask and transparent elsewhere (no semi-transparent band above the hair, issue 18).
+
+        Raises:
+            InvalidInput: wrong shapes.
+        """
+        size = int(size or self.size)
+        _, acc, _, _ = self._head_pass(lm3d_window, pose, blink, size)
+        return acc.view(-1, size, size)
+
+    def _head_pass(self, lm3d_window, pose, blink, size: int):
+        """Head rays of all B frames: (premultiplied rgb [B, P, 3], acc [B, P], pixel grid [P, 2], pose)."""
         lm3d_window = torch.as_tensor(lm3d_window, dtype=torch.float32, device=self.device)
         pose = torch.as_tensor(pose, dtype=torch.float32, device=self.device)
         if lm3d_window.dim() != 4 or lm3d_window.shape[2:] != (68, 3) or pose.shape != (lm3d_window.shape[0], 4, 4):
@@ -125,7 +169,6 @@ class AvatarNerf:
         if field.cfg.use_blink and blink is not None:
             blink_w = torch.as_tensor(blink, dtype=torch.float32, device=dev).reshape(B, 1).expand(B, W)
         cond = field.cond_net(lm3d_window, blink_w)                       # [B, cond_dim]
-        bg = self._background_at(size, background).reshape(-1, 3)         # [S*S, 3]
         P = size * size
         ys, xs = torch.meshgrid(torch.arange(size, device=dev), torch.arange(size, device=dev), indexing="ij")
         all_pix = torch.stack((xs, ys), -1).reshape(-1, 2)                # [S*S, 2] (x, y)
@@ -150,27 +193,7 @@ class AvatarNerf:
             head_rgb[sel] = r["rgb"].float()
             head_acc[sel] = r["acc"].float()
         head_rgb, head_acc = head_rgb.view(B, P, 3), head_acc.view(B, P)
-        rgb = composite(bg.expand(B, P, 3).reshape(-1, 3), head_rgb.reshape(-1, 3), head_acc.reshape(-1)).view(B, P, 3)
-
-        # torso: only inside the person box (outside it the torso is transparent by training)
-        if self.torso is not None:
-            tf = self.torso.field
-            x0, y0, x1, y1 = self._person_box_px(size)
-            if x1 > x0 and y1 > y0:
-                box = ((all_pix[:, 0] >= x0) & (all_pix[:, 0] < x1) & (all_pix[:, 1] >= y0) & (all_pix[:, 1] < y1))
-                pidx = box.nonzero().squeeze(1)                                          # [Pb] (static per size)
-                flat_t = (torch.arange(B, device=dev)[:, None] * P + pidx[None]).reshape(-1)  # [B*Pb]
-                hr, ha = head_rgb.reshape(-1, 3), head_acc.reshape(-1)
-                out_rgb = rgb.reshape(-1, 3)
-                for i in range(0, flat_t.numel(), 4 * self.chunk):
-                    sel = flat_t[i : i + 4 * self.chunk]
-                    bi = torch.div(sel, P, rounding_mode="floor")
-                    p = sel - bi * P
-                    n = sel.numel()
-                    uv = (all_pix[p].float() + 0.5) / size
-                    alpha, trgb = tf(uv, pose[bi], tf.individual_code(None, n), torch.cat((hr[sel], ha[sel, None]), -1))
-                    out_rgb[sel] = composite(bg[p], hr[sel], ha[sel], trgb.float(), alpha.float())
-        return (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).view(B, size, size, 3)
+        return head_rgb, head_acc, all_pix, pose
 
     def _person_box_px(self, size: int) -> tuple[int, int, int, int]:
         """The torso's person box in pixels of a ``size`` frame (host ints; cached per size)."""

@@ -27,10 +27,13 @@ from avatar.nerf.presets import NerfConfig
 from avatar.nerf.render import OccupancyGrid
 
 
-def head_aabb(lm3d_mean: np.ndarray, margin: float) -> torch.Tensor:
-    """Head box float32 [6] in canonical units: landmark bounding box grown by ``margin``."""
+def head_aabb(lm3d_mean: np.ndarray, margin: float, top: float = 0.0) -> torch.Tensor:
+    """Head box float32 [6] ``(x0, y0, z0, x1, y1, z1)`` in canonical units (x right, y down, z
+    forward): the landmark bounding box of ``lm3d_mean`` (float [68, 3]) grown by ``margin`` on every
+    side and by ``top`` more above it (-y: room for the hair, which no landmark marks)."""
     lo = lm3d_mean.min(0) - margin
     hi = lm3d_mean.max(0) + margin
+    lo[1] -= top
     return torch.tensor(np.concatenate([lo, hi]), dtype=torch.float32)
 
 

@@ -30,7 +30,7 @@ from avatar.nerf.cuda_sampler import grid_from_estimator, render_step_size, upda
 from avatar.nerf.model import (HeadNerf, TorsoNerf, atomic_save, build_head, build_torso, grid_parameters,
                                head_aabb, load_head, part_info, write_json_atomic)
 from avatar.nerf.presets import NerfConfig, get_preset
-from avatar.nerf.rays import box_pixel_bounds, camera_rays
+from avatar.nerf.rays import box_pixel_bounds, camera_rays, ray_aabb
 from avatar.nerf.render import composite, render_head_rays
 from avatar.runtime import configure_threads, resolve_device
 
@@ -133,6 +133,25 @@ def person_box(pixels: FramePixels, frames: np.ndarray, size: int, margin: float
     return torch.tensor([x0, y0, x1, y1], dtype=torch.float32) / size
 
 
+def head_box_coverage(ds: Dataset, aabb: torch.Tensor, frames: np.ndarray, max_frames: int = 24) -> float:
+    """Share of head-mask pixels whose camera ray meets the head NeRF's box ``aabb`` (float32 [6],
+    canonical units), over up to ``max_frames`` of ``frames`` (evenly spaced). Below ~1 the box cuts
+    the head (typically the top of the hair): those pixels cannot be rendered by the head NeRF and
+    show a seam / a ghost crown where the torso and plate fill in (issue 18). Returns 1.0 when no
+    head pixel exists."""
+    pick = np.asarray(frames)[np.unique(np.linspace(0, len(frames) - 1, min(len(frames), max_frames)).round().astype(int))]
+    pose = torch.from_numpy(np.asarray(ds.pose, dtype=np.float32)[pick])
+    hit, total = 0, 0
+    for f, P in zip(pick, pose):
+        ys, xs = np.nonzero(np.asarray(ds.masks[int(f)]) == MASK_HEAD)
+        if not len(xs):
+            continue
+        o, d = camera_rays(torch.from_numpy(np.stack((xs, ys), -1)).float(), ds.intrinsics, torch.linalg.inv(P), ds.head_scale)
+        hit += int(ray_aabb(o, d, aabb)[2].sum())
+        total += len(xs)
+    return hit / total if total else 1.0
+
+
 class _Scene:
     """Frame-independent tensors derived from a dataset (normalisation stats, head box) and the
     decoded frames (:class:`FramePixels`)."""
@@ -148,7 +167,20 @@ class _Scene:
         if len(self.train) < 2:
             raise InvalidInput(f"{ds.root}: only {len(self.train)} training frames; NeRF training needs a longer clip")
         self.val = np.arange(ds.val_range.start, ds.val_range.stop)
-        self.aabb = head_aabb(np.asarray(ds.lm3d_mean), cfg.head.box_margin)
+        # the box grows upwards (0.2 units at a time, up to 3) until the rays of >= 99.5 % of the head-mask
+        # pixels meet it: big hair is not cut by a straight line (the "second crown" seam of issue 18)
+        self.box_top = cfg.head.box_top
+        while True:
+            self.aabb = head_aabb(np.asarray(ds.lm3d_mean), cfg.head.box_margin, self.box_top)
+            self.box_coverage = head_box_coverage(ds, self.aabb, self.train)
+            if self.box_coverage >= 0.995 or self.box_top >= 3.0:
+                break
+            self.box_top = round(self.box_top + 0.2, 3)
+        if self.box_top != cfg.head.box_top:
+            log.info("head box raised to %.1f units above the landmarks to hold the hair", self.box_top)
+        if self.box_coverage < 0.99:
+            log.warning("the head box meets only %.1f %% of the head-mask pixels; the rest will show the torso / "
+                        "plate through a seam", 100 * self.box_coverage)
         self.lm3d = torch.from_numpy(np.array(ds.lm3d, dtype=np.float32))
         self.blink = torch.from_numpy(np.array(ds.blink, dtype=np.float32))
         self.pose = torch.from_numpy(np.array(ds.pose, dtype=np.float32))
@@ -423,6 +455,9 @@ def _train_part(part: str, scene: _Scene, out: Path, steps: int, seed: int, prog
     metrics = {"part": part, "steps": step, "steps_planned": steps, "seed": seed,
                "train_psnr_last": _psnr(float(np.mean(losses[-20:]))) if losses else None,
                "seconds_this_run": round(time.perf_counter() - t_start, 1), "preset": cfg.preset}
+    if part == "head":
+        metrics["head_box_coverage"] = round(scene.box_coverage, 4)
+        metrics["head_box_top"] = scene.box_top
     if len(scene.val):
         metrics["val_psnr_preview"] = _val_psnr(part, model, head_frozen, scene)
     atomic_save(model.state_dict(), pdir / "model.safetensors")
