@@ -81,3 +81,17 @@ def tiny_avatar(data_dir, tmp_path_factory) -> tuple[Path, str]:
             pytest.skip(f"AVATAR_TEST_STORE={env} holds no avatar")
         return Path(env), names[0]
     return build_tiny_store(tmp_path_factory.mktemp("tiny_avatar"), data_dir)
+
+
+def push_in_random_chunks(session, audio, seed: int, max_chunk: int) -> list:
+    """Feed ``audio`` to a streaming session in random chunks of 0..max_chunk-1 samples, then finish;
+    returns every frame the session produced (the stream == batch tests)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    got, i = [], 0
+    while i < len(audio):
+        k = int(rng.integers(0, max_chunk))
+        got += session.push(audio[i: i + k])
+        i += k
+    return got + session.finish()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from avatar.cli import main as cli
+from conftest import push_in_random_chunks
 from avatar.errors import AvatarNotFound, InvalidInput, InvalidMedia, NoAudio, OutputExists
 
 
@@ -119,14 +120,8 @@ def test_stream_equals_batch_any_chunking(av, speech):
 
     opts = api.RenderOptions(seed=5, size=32)
     batch = list(av.render(speech, opts))
-    rng = np.random.default_rng(0)
     session = av.stream(opts)
-    got, i = [], 0
-    while i < len(speech):
-        k = int(rng.integers(0, 4000))
-        got += session.push(speech[i : i + k])
-        i += k
-    got += session.finish()
+    got = push_in_random_chunks(session, speech, seed=0, max_chunk=4000)
     assert len(got) == len(batch) == round(len(speech) / 640)
     assert all(np.array_equal(a, b) for a, b in zip(got, batch))
     assert 0 < session.lookahead_s <= 1.0

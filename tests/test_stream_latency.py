@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from avatar.errors import InvalidInput
+from conftest import push_in_random_chunks
 from avatar.pipeline.render import (CTX_RIGHT, Latency, MotionEngine, RenderOptions, StreamSession,
                                     landmarks_for_audio, motion_right_frames, render_frames, stream_latency)
 
@@ -114,13 +115,7 @@ def test_low_latency_stream_equals_batch(low_models, speech):
     batch = list(render_frames(low_models, speech, opts, block=2, nerf_right=1))
     s = StreamSession(low_models, opts, block=2, nerf_right=1)
     assert s.lookahead_s == pytest.approx(0.28)
-    rng = np.random.default_rng(1)
-    got, i = [], 0
-    while i < len(speech):
-        k = int(rng.integers(0, 3000))
-        got += s.push(speech[i: i + k])
-        i += k
-    got += s.finish()
+    got = push_in_random_chunks(s, speech, seed=1, max_chunk=3000)
     assert len(got) == len(batch) == round(len(speech) / 640)
     assert all(np.array_equal(a, b) for a, b in zip(got, batch))
     np.testing.assert_array_equal(s.landmarks(), landmarks_for_audio(low_models, speech, opts, block=2))
