@@ -244,7 +244,7 @@ def bench_quality(t: Table, dataset: Path, out: Path, device: torch.device, max_
     from avatar.data import Dataset
     from avatar.nerf import load_nerf
     from avatar.nerf.evaluate import psnr
-    from avatar.nerf.trainer import face_box, landmark_window
+    from avatar.nerf.datamanager import face_box, landmark_window
 
     ds = Dataset(dataset)
     nerf = load_nerf(out, device=str(device))
@@ -271,7 +271,7 @@ def bench_render(t: Table, dataset: Path, out: Path, device: torch.device, sizes
     largest size."""
     from avatar.data import Dataset
     from avatar.nerf import load_nerf
-    from avatar.nerf.trainer import landmark_window
+    from avatar.nerf.datamanager import landmark_window
 
     _peak_reset(device)
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0

@@ -102,16 +102,12 @@ def bench_train(dev, runs: int, preset: str, dataset: str | None) -> list[tuple[
         return []
     from avatar.data.dataset import Dataset
     from avatar.nerf.presets import get_preset
-    from avatar.nerf.trainer import (
-        _head_step,
-        _make_optimizer,
-        _Scene,
-        _update_occupancy,
-        build_head,
-    )
+    from avatar.nerf.datamanager import Scene
+    from avatar.nerf.model import build_head
+    from avatar.nerf.trainer import _head_step, _make_optimizer, _update_occupancy
 
     cfg = get_preset(preset)
-    scene = _Scene(Dataset(dataset), cfg, dev)
+    scene = Scene(Dataset(dataset), cfg, dev)
     head = build_head(cfg, len(scene.train), scene.aabb).to(dev)
     scene.init_head_stats(head)
     opt = _make_optimizer(head, cfg)

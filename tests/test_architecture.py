@@ -219,3 +219,28 @@ def test_no_dynamic_imports_outside_the_cli():
                 if name in ("import_module", "__import__"):
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not bad, f"dynamic imports: {bad}"
+
+
+#: ``avatar/nerf`` by role (nerfstudio's field / model with its losses / data manager / trainer split,
+#: docs/ARCHITECTURE.md "Inside avatar/nerf"), highest first; a module imports its own row and rows below
+NERF_ROLES: list[tuple[str, ...]] = [
+    ("trainer", "evaluate"),
+    ("checkpoint",),
+    ("losses",),
+    ("datamanager",),
+    ("inference",),
+    ("model",),
+    ("render", "cuda_sampler", "rays"),
+    ("fields", "encoding", "triton_hashgrid", "grid", "presets"),
+]
+
+
+def test_nerf_roles_import_downward():
+    """The NeRF trainer stays split: the data manager, losses and checkpoint never import the trainer (or
+    each other upwards), so each role can be read and tested on its own."""
+    row = {f"avatar.nerf.{name}": i for i, names in enumerate(NERF_ROLES) for name in names}
+    listed = {m for m in MODULES if m.startswith("avatar.nerf.")} - {"avatar.nerf.commands"}
+    assert listed == set(row), f"add new avatar/nerf modules to NERF_ROLES: {sorted(listed ^ set(row))}"
+    bad = [f"{mod} imports {dep}" for mod in sorted(row) for dep in GRAPH.get(mod, {})
+           if dep in row and row[dep] < row[mod]]
+    assert not bad, "avatar/nerf imports must run down NERF_ROLES:\n" + "\n".join(bad)

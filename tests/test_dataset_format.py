@@ -112,16 +112,16 @@ def test_old_format_is_refused_and_converts(tmp_path):
 
 
 def test_training_pixels_decoded_once_match_per_batch_decoding(tmp_path, monkeypatch):
-    from avatar.nerf import trainer
+    from avatar.nerf import datamanager
 
     ds = Dataset(make_dataset(tmp_path / "ds", n_frames=10, size=32))
     frames, masks = _raw(ds)
     rng = np.random.default_rng(0)
     f, y, x = rng.integers(0, 10, 200), rng.integers(0, 32, 200), rng.integers(0, 32, 200)
-    once = trainer.FramePixels(ds, torch.device("cpu"))
+    once = datamanager.FramePixels(ds, torch.device("cpu"))
     assert once.decoded
-    monkeypatch.setattr(trainer, "DECODE_BUDGET_BYTES", 0)
-    lazy = trainer.FramePixels(ds, torch.device("cpu"))
+    monkeypatch.setattr(datamanager, "DECODE_BUDGET_BYTES", 0)
+    lazy = datamanager.FramePixels(ds, torch.device("cpu"))
     assert not lazy.decoded
     for px in (once, lazy):
         rgb, lab = px.gather(f, y, x)

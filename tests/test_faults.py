@@ -941,7 +941,7 @@ def test_soak_four_streams(tiny_avatar, tmp_path, data_dir):
 def test_disk_full_during_an_onboarding_checkpoint(tiny_avatar, tmp_path, capsys, monkeypatch):
     """ENOSPC while the head NeRF saves a checkpoint: one line, exit 74, the work dir is kept and the
     rerun resumes after the finished stages."""
-    import avatar.nerf.trainer as trainer
+    from avatar.nerf.checkpoint import Checkpoint
     from avatar.store import AvatarStore
 
     store = AvatarStore(tmp_path / "store")
@@ -952,7 +952,7 @@ def test_disk_full_during_an_onboarding_checkpoint(tiny_avatar, tmp_path, capsys
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
     with monkeypatch.context() as m:
-        m.setattr(trainer._Checkpoint, "save", full)
+        m.setattr(Checkpoint, "save", full)
         code = cli(["onboard", clip, "--name", "full", "--preset", "cpu-smoke", "--store", store.root])
     err = capsys.readouterr().err
     assert code == 74 and "Traceback" not in err and err.count("error:") == 1, err[-2000:]

@@ -40,7 +40,8 @@ import avatar.cli, avatar.api  # the CLI and the Python API import without the p
 from avatar.data import Dataset
 from avatar.nerf import load_nerf
 from avatar.nerf.evaluate import evaluate_nerf
-from avatar.nerf.trainer import landmark_window, train_nerf
+from avatar.nerf.datamanager import landmark_window
+from avatar.nerf.trainer import train_nerf
 ds_dir, out = sys.argv[1], sys.argv[2]
 train_nerf(ds_dir, out, part="all", preset="cpu-smoke", steps=3, progress=False, device="cpu")
 nerf = load_nerf(out, device="cpu")

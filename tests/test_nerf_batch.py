@@ -12,7 +12,7 @@ from avatar.nerf.model import build_head, build_torso, head_aabb
 from avatar.nerf.presets import get_preset
 from avatar.nerf.rays import box_pixel_bounds, box_pixel_bounds_batch, camera_rays
 from avatar.nerf.render import composite, render_head_rays
-from avatar.nerf.trainer import FramePixels, landmark_window, person_box
+from avatar.nerf.datamanager import FramePixels, landmark_window, person_box
 from synthetic_dataset import make_dataset
 
 

@@ -110,7 +110,7 @@ def trained_cuda(dataset, tmp_path_factory) -> Path:  # noqa: F811
 def _val_rays(dataset, head, n_max: int = 2048):  # noqa: F811
     from avatar.data.dataset import Dataset
     from avatar.nerf.rays import box_pixel_bounds, camera_rays
-    from avatar.nerf.trainer import landmark_window
+    from avatar.nerf.datamanager import landmark_window
 
     ds = Dataset(dataset)
     f = int(ds.val_range.start)
@@ -160,7 +160,7 @@ def test_estimator_round_trip_cuda(trained_cuda):
 def test_inference_cuda_bf16_close_to_cpu(dataset, trained_cuda):  # noqa: F811
     from avatar.data.dataset import Dataset
     from avatar.nerf.inference import load_nerf
-    from avatar.nerf.trainer import landmark_window
+    from avatar.nerf.datamanager import landmark_window
 
     ds = Dataset(dataset)
     f = int(ds.val_range.start)

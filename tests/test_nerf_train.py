@@ -72,10 +72,11 @@ def _fixed_batch_mse(head, dataset) -> float:
     from avatar.data.dataset import Dataset
     from avatar.nerf.presets import get_preset
     from avatar.nerf.render import composite
-    from avatar.nerf.trainer import _head_forward, _HeadBatch, _Scene
+    from avatar.nerf.datamanager import HeadBatch, Scene
+    from avatar.nerf.trainer import _head_forward
 
-    scene = _Scene(Dataset(dataset), get_preset("cpu-smoke"), torch.device("cpu"))
-    batch = _HeadBatch(scene, np.random.default_rng(123))
+    scene = Scene(Dataset(dataset), get_preset("cpu-smoke"), torch.device("cpu"))
+    batch = HeadBatch(scene, np.random.default_rng(123))
     with torch.no_grad():
         r = _head_forward(head, scene, batch, False, torch.Generator().manual_seed(0))
     return float(((composite(batch.bg, r["rgb"], r["acc"]) - batch.target) ** 2).mean())
@@ -85,10 +86,10 @@ def test_train_lowers_loss(dataset, trained):
     from avatar.data.dataset import Dataset
     from avatar.nerf.model import build_head, head_aabb, load_head
     from avatar.nerf.presets import get_preset
-    from avatar.nerf.trainer import _Scene
+    from avatar.nerf.datamanager import Scene
 
     cfg = get_preset("cpu-smoke")
-    scene = _Scene(Dataset(dataset), cfg, torch.device("cpu"))
+    scene = Scene(Dataset(dataset), cfg, torch.device("cpu"))
     torch.manual_seed(0)
     fresh = build_head(cfg, len(scene.train), head_aabb(np.asarray(scene.ds.lm3d_mean), cfg.head.box_margin))
     scene.init_head_stats(fresh)
@@ -104,10 +105,13 @@ def test_train_lowers_loss(dataset, trained):
 def test_checkpoint_round_trip_bit_exact(dataset, tmp_path):
     from avatar.data.dataset import Dataset
     from avatar.nerf.presets import get_preset
-    from avatar.nerf.trainer import _Checkpoint, _head_step, _make_optimizer, _Scene, build_head
+    from avatar.nerf.checkpoint import Checkpoint
+    from avatar.nerf.datamanager import Scene
+    from avatar.nerf.model import build_head
+    from avatar.nerf.trainer import _head_step, _make_optimizer
 
     cfg = get_preset("cpu-smoke")
-    scene = _Scene(Dataset(dataset), cfg, torch.device("cpu"))
+    scene = Scene(Dataset(dataset), cfg, torch.device("cpu"))
 
     def fresh():
         h = build_head(cfg, len(scene.train), scene.aabb)
@@ -120,7 +124,7 @@ def test_checkpoint_round_trip_bit_exact(dataset, tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ck = _Checkpoint(tmp_path / "checkpoint.safetensors")
+    ck = Checkpoint(tmp_path / "checkpoint.safetensors")
     ck.save(2, head, opt, rng, gen)
     expect_np, expect_gen, expect_torch = rng.random(), torch.rand(3, generator=gen), torch.rand(3)
     head2, opt2 = fresh()
@@ -177,7 +181,8 @@ def test_torso_inference_and_eval(dataset, trained, tmp_path):
     from avatar.data.dataset import Dataset
     from avatar.nerf import load_nerf
     from avatar.nerf.evaluate import evaluate_nerf
-    from avatar.nerf.trainer import landmark_window, train_nerf
+    from avatar.nerf.datamanager import landmark_window
+    from avatar.nerf.trainer import train_nerf
 
     train_nerf(dataset, trained, part="torso", preset="cpu-smoke", steps=8, progress=False)
     assert json.loads((trained / "torso" / "metrics.json").read_text())["steps"] == 8
@@ -198,7 +203,7 @@ def test_torso_inference_and_eval(dataset, trained, tmp_path):
         assert set(m[name]) == {f"{k}_{r}" for k in ("psnr", "ssim") for r in ("full", "face", "mouth")}
     # the frozen-frame baseline by hand: the last training frame against each evaluated frame
     from avatar.nerf.evaluate import fidelity_table, ssim
-    from avatar.nerf.trainer import mouth_box
+    from avatar.nerf.datamanager import mouth_box
 
     S = ds.size
     frozen = np.asarray(ds.frames[ds.train_range[-1]]).astype(np.float64)
@@ -243,7 +248,7 @@ def test_head_box_holds_the_hair(dataset):
     from avatar.data.dataset import Dataset
     from avatar.nerf.model import head_aabb
     from avatar.nerf.presets import get_preset
-    from avatar.nerf.trainer import head_box_coverage
+    from avatar.nerf.datamanager import head_box_coverage
 
     ds = Dataset(dataset)
     cfg = get_preset("cpu-small")
@@ -273,7 +278,7 @@ def test_head_alpha_stays_on_the_head(dataset, trained_longer):
 
     from avatar.data.dataset import MASK_HEAD, Dataset
     from avatar.nerf.inference import load_nerf
-    from avatar.nerf.trainer import landmark_window
+    from avatar.nerf.datamanager import landmark_window
 
     ds = Dataset(dataset)
     nerf = load_nerf(trained_longer, device="cpu")

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from avatar.data.dataset import Dataset
 from avatar.errors import InvalidInput
 from avatar.nerf.inference import load_nerf
-from avatar.nerf.trainer import face_box, landmark_window, mouth_box, psnr_from_mse
+from avatar.nerf.datamanager import face_box, landmark_window, mouth_box
+from avatar.nerf.losses import psnr_from_mse
 
 log = logging.getLogger(__name__)
 
