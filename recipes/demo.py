@@ -38,8 +38,11 @@ def _compare_png(av, video: Path, rendered_mp4: Path, out: Path) -> None:
     cv2.imwrite(str(out), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
 
 
-def run_demo(data: Path, out: Path, preset: str = "cpu-small") -> int:
-    """Run the demo; returns 0. Raises InvalidInput when the media root is missing."""
+def run_demo(data: Path, out: Path, preset: str = "cpu-small", progress: bool = True) -> int:
+    """Run the demo; returns 0. Raises InvalidInput when the media root is missing.
+
+    ``progress=False`` (``avatar demo -q``) hides the progress bars of every stage it runs: generator
+    and emotion training, onboarding, both renders."""
     from avatar.api import RenderOptions, load
     from avatar.pipeline.onboard import onboard
     from avatar.store import AvatarStore
@@ -56,7 +59,7 @@ def run_demo(data: Path, out: Path, preset: str = "cpu-small") -> int:
     if not (store.generator_dir / "config.json").is_file():
         corpora = [d for d in (data / "corpus", data / "corpus2") if d.is_dir()]
         print(f"[demo] training the shared generator on {', '.join(str(c) for c in corpora)} (CPU preset)")
-        train_generator(corpora, store.generator_dir, preset="cpu")
+        train_generator(corpora, store.generator_dir, preset="cpu", progress=progress)
     times["train_generator"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -65,13 +68,14 @@ def run_demo(data: Path, out: Path, preset: str = "cpu-small") -> int:
 
         print(f"[demo] training the shared emotion model on {data / 'emotion'} + the MEAD clips of {data / 'corpus2'}")
         # the MEAD clips of corpus2 add speakers (the other corpus2 clips carry no emotion label and are skipped)
-        train_emotion([d for d in (data / "emotion", data / "corpus2") if d.is_dir()], store.emotion_dir)
+        train_emotion([d for d in (data / "emotion", data / "corpus2") if d.is_dir()], store.emotion_dir,
+                      progress=progress)
     times["train_emotion"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if not store.exists("acosta"):
         print(f"[demo] onboarding {data / SPEAKER} as 'acosta' (preset {preset})")
-        onboard(data / SPEAKER, "acosta", store=store, preset=preset)
+        onboard(data / SPEAKER, "acosta", store=store, preset=preset, bars=progress)
     times["onboard"] = time.perf_counter() - t0
     stage_seconds = store.manifest("acosta").get("stage_seconds", {})
 
@@ -80,7 +84,7 @@ def run_demo(data: Path, out: Path, preset: str = "cpu-small") -> int:
     for key, rel in AUDIOS.items():
         t0 = time.perf_counter()
         dst = out / f"acosta_{key}.mp4"
-        res = av.render_to_mp4(data / rel, dst, RenderOptions(), progress=True)
+        res = av.render_to_mp4(data / rel, dst, RenderOptions(), progress=progress)
         times[f"render_{key}"] = time.perf_counter() - t0
         videos[key] = res
     _compare_png(av, data / SPEAKER, out / "acosta_eng.mp4", out / "compare.png")

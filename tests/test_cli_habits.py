@@ -103,6 +103,61 @@ def test_onboard_seed_and_quiet_reach_every_training_stage(monkeypatch, tmp_path
                      ("train_nerf", 7, False)]
 
 
+def test_demo_quiet_reaches_every_stage(monkeypatch, tmp_path, capsys):
+    """``demo -q`` hands ``progress=False`` to the demo and the demo to every stage it runs (generator
+    and emotion training, onboarding, both renders); without ``-q`` the bars stay on. The stages are
+    stubs: only the flag's path is under test (the real demo takes ~35 minutes)."""
+    import avatar.api
+    import avatar.motion.emotion
+    import avatar.store
+    import recipes.demo
+    import recipes.train_generator
+    from avatar.pipeline import onboard as onboard_module
+
+    seen: dict = {}
+    real_run_demo = recipes.demo.run_demo
+    monkeypatch.setattr(recipes.demo, "run_demo", lambda *a, **kw: seen.update(kw) or 0)
+    assert main(["demo", "-q", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    assert seen["progress"] is False
+    assert main(["demo", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
+    assert seen["progress"] is True
+
+    class Store:  # an empty store: every stage runs
+        def __init__(self, root):
+            self.root = Path(root)
+            self.generator_dir, self.emotion_dir = self.root / "gen", self.root / "emo"
+
+        def exists(self, name):
+            return False
+
+        def manifest(self, name):
+            return {}
+
+        def info(self, name):
+            return {"metrics": {}}
+
+    class Avatar:
+        def render_to_mp4(self, audio, dst, options, progress=True):
+            calls.append(("render", progress))
+            return {"path": str(dst)}
+
+    (tmp_path / recipes.demo.SPEAKER).parent.mkdir(parents=True)
+    (tmp_path / recipes.demo.SPEAKER).touch()
+    monkeypatch.setattr(avatar.store, "AvatarStore", Store)
+    monkeypatch.setattr(recipes.train_generator, "train_generator",
+                        lambda *a, **kw: calls.append(("generator", kw["progress"])))
+    monkeypatch.setattr(avatar.motion.emotion, "train_emotion", lambda *a, **kw: calls.append(("emotion", kw["progress"])))
+    monkeypatch.setattr(onboard_module, "onboard", lambda *a, **kw: calls.append(("onboard", kw["bars"])))
+    monkeypatch.setattr(avatar.api, "load", lambda *a, **kw: Avatar())
+    monkeypatch.setattr(recipes.demo, "_compare_png", lambda *a: None)
+    for progress in (False, True):
+        calls: list = []
+        assert real_run_demo(tmp_path, tmp_path / "out", preset="cpu-smoke", progress=progress) == 0
+        assert calls == [("generator", progress), ("emotion", progress), ("onboard", progress),
+                         ("render", progress), ("render", progress)]
+    capsys.readouterr()
+
+
 def test_json_errors_leave_stdout_empty(tmp_path, capsys):
     """A failing ``--json`` command prints its error on stderr only: stdout stays parseable (empty)."""
     assert main(["show", "nobody", "--json", "--store", str(tmp_path)]) != 0
