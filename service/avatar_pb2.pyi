@@ -166,7 +166,7 @@ class AudioFormat(_message.Message):
     def __init__(self, encoding: _Optional[_Union[AudioFormat.Encoding, str]] = ..., sample_rate: _Optional[int] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
-    __slots__ = ("avatar", "audio_format", "options", "encoding", "realtime", "idle_frames", "output_audio", "frame_audio")
+    __slots__ = ("avatar", "audio_format", "options", "encoding", "realtime", "idle_frames", "output_audio", "frame_audio", "block", "nerf_right")
     AVATAR_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FORMAT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,8 @@ class StreamConfig(_message.Message):
     IDLE_FRAMES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_AUDIO_FIELD_NUMBER: _ClassVar[int]
     FRAME_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NERF_RIGHT_FIELD_NUMBER: _ClassVar[int]
     avatar: str
     audio_format: AudioFormat
     options: RenderOptions
@@ -183,7 +185,9 @@ class StreamConfig(_message.Message):
     idle_frames: bool
     output_audio: AudioFormat
     frame_audio: bool
-    def __init__(self, avatar: _Optional[str] = ..., audio_format: _Optional[_Union[AudioFormat, _Mapping]] = ..., options: _Optional[_Union[RenderOptions, _Mapping]] = ..., encoding: _Optional[_Union[FrameEncoding, _Mapping]] = ..., realtime: _Optional[bool] = ..., idle_frames: _Optional[bool] = ..., output_audio: _Optional[_Union[AudioFormat, _Mapping]] = ..., frame_audio: _Optional[bool] = ...) -> None: ...
+    block: int
+    nerf_right: int
+    def __init__(self, avatar: _Optional[str] = ..., audio_format: _Optional[_Union[AudioFormat, _Mapping]] = ..., options: _Optional[_Union[RenderOptions, _Mapping]] = ..., encoding: _Optional[_Union[FrameEncoding, _Mapping]] = ..., realtime: _Optional[bool] = ..., idle_frames: _Optional[bool] = ..., output_audio: _Optional[_Union[AudioFormat, _Mapping]] = ..., frame_audio: _Optional[bool] = ..., block: _Optional[int] = ..., nerf_right: _Optional[int] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
     __slots__ = ("data",)
@@ -222,7 +226,7 @@ class StreamRenderRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., options_update: _Optional[_Union[OptionsUpdate, _Mapping]] = ..., end_of_audio: _Optional[_Union[EndOfAudio, _Mapping]] = ..., interrupt: _Optional[_Union[Interrupt, _Mapping]] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
-    __slots__ = ("request_id", "avatar", "size", "fps", "lookahead_s", "start_time_unix_ns", "output_audio", "max_idle_s", "idle_frames")
+    __slots__ = ("request_id", "avatar", "size", "fps", "lookahead_s", "start_time_unix_ns", "output_audio", "max_idle_s", "idle_frames", "block", "nerf_right")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     AVATAR_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +236,8 @@ class StreamHeader(_message.Message):
     OUTPUT_AUDIO_FIELD_NUMBER: _ClassVar[int]
     MAX_IDLE_S_FIELD_NUMBER: _ClassVar[int]
     IDLE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NERF_RIGHT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     avatar: AvatarInfo
     size: int
@@ -241,7 +247,9 @@ class StreamHeader(_message.Message):
     output_audio: AudioFormat
     max_idle_s: float
     idle_frames: bool
-    def __init__(self, request_id: _Optional[str] = ..., avatar: _Optional[_Union[AvatarInfo, _Mapping]] = ..., size: _Optional[int] = ..., fps: _Optional[float] = ..., lookahead_s: _Optional[float] = ..., start_time_unix_ns: _Optional[int] = ..., output_audio: _Optional[_Union[AudioFormat, _Mapping]] = ..., max_idle_s: _Optional[float] = ..., idle_frames: _Optional[bool] = ...) -> None: ...
+    block: int
+    nerf_right: int
+    def __init__(self, request_id: _Optional[str] = ..., avatar: _Optional[_Union[AvatarInfo, _Mapping]] = ..., size: _Optional[int] = ..., fps: _Optional[float] = ..., lookahead_s: _Optional[float] = ..., start_time_unix_ns: _Optional[int] = ..., output_audio: _Optional[_Union[AudioFormat, _Mapping]] = ..., max_idle_s: _Optional[float] = ..., idle_frames: _Optional[bool] = ..., block: _Optional[int] = ..., nerf_right: _Optional[int] = ...) -> None: ...
 
 class StreamSummary(_message.Message):
     __slots__ = ("frames", "audio_duration_s", "first_frame_latency_s", "idle_frames", "interrupts")

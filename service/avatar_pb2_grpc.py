@@ -110,7 +110,8 @@ class AvatarServiceServicer:
     def StreamRender(self, request_iterator, context):
         """Real-time session. Client sends StreamConfig first, then AudioChunk / OptionsUpdate / Interrupt
         messages in any order, then EndOfAudio. Server sends a StreamHeader (with lookahead_s: the audio
-        needed after a frame before it can be rendered, i.e. the minimum latency), then Frames as soon
+        needed after a frame before it can be rendered, i.e. the minimum latency; computed per avatar and
+        session, StreamConfig.block / nerf_right lower it), then Frames as soon
         as their audio context has arrived (paced at fps unless realtime=false), each with its own
         40 ms of audio, then a StreamSummary after EndOfAudio. Frames are never duplicated; indices are
         consecutive. While no audio arrives the server sends idle frames (resting face, blinks, the head

@@ -9,7 +9,8 @@ Serving design (anchors: NVIDIA Audio2Face-3D's bidirectional audio->animation s
   (streaming resampler) into events for the stream pacer (:mod:`service.stream`: frame timing,
   render-ahead queue, idle frames, barge-in), which drives :class:`avatar.api.StreamSession` one
   frame at a time. Latency = ``StreamSession.lookahead_s`` of audio after a frame (sent in the
-  header) plus render time. Each frame carries its own 40 ms of audio.
+  header; computed from the avatar's models and the session's ``StreamConfig.block`` / ``nerf_right``,
+  :func:`stream_latency_args`) plus render time. Each frame carries its own 40 ms of audio.
 - **Onboard**: the upload is spooled to disk, then :class:`service.jobs.JobManager` runs it in a
   spawned worker process.
 - Errors: :class:`avatar.errors.AvatarError` subclasses map to their ``grpc_code``; anything else is
@@ -233,6 +234,61 @@ def cap_size(options, native: int):
     if options.size is not None and options.size > native:
         return options.updated(size=native)
     return options
+
+
+def stream_latency_args(block, nerf_right, nerf_window: int | None = None,
+                        where: str = "StreamConfig") -> tuple[int | None, int | None]:
+    """A client's low-latency session settings -> the ``block`` / ``nerf_right`` arguments of
+    :class:`avatar.api.StreamSession` (None = the library default).
+
+    Args:
+        block: frames per motion block (1 .. ``MAX_BLOCK`` = 64); None or 0 = the default (8 frames).
+        nerf_right: frames of landmarks after a frame that its NeRF attention window reads
+            (0 .. ``nerf_window // 2``); None = the default (``nerf_window // 2``, the full centred window).
+        nerf_window: the avatar's NeRF attention window, frames (None: the upper bound of
+            ``nerf_right`` is left to :class:`StreamSession`).
+        where: the message that carried them, for the error messages (``StreamConfig``: the proto
+            message; ``offer``: the web console's JSON offer).
+
+    Returns:
+        ``(block, nerf_right)``, each an int or None.
+
+    Raises:
+        InvalidInput: not an integer, or out of range (the message names the valid range and the default).
+    """
+    from avatar.pipeline.render import BLOCK, MAX_BLOCK
+
+    def integer(name, value):
+        if value is None or isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return value
+        raise InvalidInput(f"{where}.{name} must be an integer number of frames, got {value!r}")
+
+    block, nerf_right = integer("block", block), integer("nerf_right", nerf_right)
+    if block is not None and not 0 <= block <= MAX_BLOCK:
+        raise InvalidInput(f"{where}.block must be 1..{MAX_BLOCK} frames per motion block (0 or unset = the default, "
+                           f"{BLOCK}), got {block}; smaller blocks lower the lookahead")
+    half = None if nerf_window is None else int(nerf_window) // 2
+    if nerf_right is not None and not (0 <= nerf_right and (half is None or nerf_right <= half)):
+        limit = ">= 0" if half is None else f"0..{half} for this avatar (its NeRF window is {nerf_window} frames)"
+        raise InvalidInput(f"{where}.nerf_right (frames of NeRF look-ahead) must be {limit}, got {nerf_right}; "
+                           "unset = the full centred window")
+    return (int(block) or None) if block is not None else None, None if nerf_right is None else int(nerf_right)
+
+
+def open_stream(av, options, block: int | None = None, nerf_right: int | None = None):
+    """A :class:`avatar.api.StreamSession` of the loaded avatar ``av`` with ``block`` frames per motion
+    block and ``nerf_right`` frames of NeRF look-ahead (None = the library defaults; validate a client's
+    values with :func:`stream_latency_args` first). Its ``lookahead_s`` (seconds) is computed from the
+    avatar's models and these two values.
+
+    Raises:
+        InvalidInput: bad options, or ``block`` / ``nerf_right`` out of range.
+    """
+    if block is None and nerf_right is None:
+        return av.stream(options)
+    from avatar.api import RenderOptions, StreamSession
+
+    return StreamSession(av.models, options or RenderOptions(), block=block, nerf_right=nerf_right)
 
 
 def upload_suffix(filename: str) -> str:
@@ -693,13 +749,20 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
         realtime = cfg.realtime if cfg.HasField("realtime") else True
         idle = cfg.idle_frames if cfg.HasField("idle_frames") else realtime
         with_audio = cfg.frame_audio if cfg.HasField("frame_audio") else True
+        block, nerf_right = stream_latency_args(cfg.block if cfg.HasField("block") else None,
+                                                cfg.nerf_right if cfg.HasField("nerf_right") else None)
         self._acquire_slot()
         session = None
         try:
             av = self.cache.get(cfg.avatar)
             check_deadline(context)
             options = cap_size(options, av.size)
-            session = av.stream(options)
+            if nerf_right is not None:  # its upper bound is the avatar's NeRF window
+                stream_latency_args(block, nerf_right, av.models.nerf.window)
+            session = open_stream(av, options, block, nerf_right)
+            latency = getattr(session, "latency", None)
+            if latency is not None:
+                call.fields.update(block=latency.block, nerf_right=latency.nerf_right)
             fps = float(av.fps)
             pacer = stream.Pacer(session, stream.PacerConfig(
                 fps=fps, realtime=realtime, idle=idle, out_rate=out_fmt.sample_rate,
@@ -707,7 +770,9 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             yield pb.StreamRenderResponse(header=pb.StreamHeader(
                 request_id=call.request_id, avatar=avatar_info_msg(av.info()), size=options.size or av.size,
                 fps=fps, lookahead_s=session.lookahead_s, start_time_unix_ns=time.time_ns(), output_audio=out_fmt,
-                max_idle_s=self.cfg.max_idle_s if idle else 0.0, idle_frames=idle))
+                max_idle_s=self.cfg.max_idle_s if idle else 0.0, idle_frames=idle,
+                block=latency.block if latency is not None else 0,
+                nerf_right=latency.nerf_right if latency is not None else 0))
 
             def check() -> bool:  # before every frame's work
                 if not context.is_active():
