@@ -175,13 +175,17 @@ class AvatarClient:
                encoding: str = "float32", image_format: str = "jpeg", jpeg_quality: int = 0,
                realtime: bool = True, timeout: float | None = None, decode: bool = True,
                end: bool = True, idle_frames: bool | None = None, output_rate: int | None = None,
-               output_encoding: str | None = None, frame_audio: bool | None = None) -> FrameCall:
+               output_encoding: str | None = None, frame_audio: bool | None = None, block: int | None = None,
+               nerf_right: int | None = None) -> FrameCall:
         """Real-time session. ``chunks`` yields audio (float32 arrays, or raw bytes already in
         ``encoding``), dicts of mid-stream option changes (``{"emotion": "happy"}``) or
         :data:`INTERRUPT` (barge-in); it is consumed lazily, so a generator can pace the audio. ``end``
         sends EndOfAudio afterwards. ``idle_frames`` (default: as ``realtime``): idle frames while no
         audio arrives. ``output_rate`` / ``output_encoding``: the frames' audio (default: as the input);
-        ``frame_audio=False``: none."""
+        ``frame_audio=False``: none. ``block`` (frames per motion block, 1..64) and ``nerf_right`` (frames
+        of NeRF look-ahead, 0..W//2): low-latency session settings, None = the server's defaults (8 and
+        W//2); ``header.lookahead_s`` (seconds) reports the result. Bad values end the call with
+        INVALID_ARGUMENT (a :class:`grpc.RpcError` raised while iterating)."""
         encodings = {"float32": pb.AudioFormat.ENCODING_FLOAT32, "pcm16": pb.AudioFormat.ENCODING_PCM16}
         enc = encodings[encoding]
 
@@ -194,6 +198,10 @@ class AvatarClient:
                 cfg.idle_frames = idle_frames
             if frame_audio is not None:
                 cfg.frame_audio = frame_audio
+            if block is not None:
+                cfg.block = block
+            if nerf_right is not None:
+                cfg.nerf_right = nerf_right
             if output_rate is not None or output_encoding is not None:
                 cfg.output_audio.CopyFrom(pb.AudioFormat(encoding=encodings[output_encoding or encoding],
                                                          sample_rate=output_rate or sample_rate))

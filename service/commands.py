@@ -86,6 +86,15 @@ def _options(args) -> dict:
             "head_speed": args.head_speed, "head_amplitude": args.head_amplitude}
 
 
+def _latency(args) -> dict:
+    """``block`` / ``nerf_right`` of ``avatar client stream`` (``--low-latency`` = block 2, NeRF look-ahead 1;
+    explicit ``--block`` / ``--nerf-right`` win); None = the server's defaults. The server validates them."""
+    low = getattr(args, "low_latency", False)
+    block = args.block if args.block is not None else (2 if low else None)
+    nerf_right = args.nerf_right if args.nerf_right is not None else (1 if low else None)
+    return {"block": block, "nerf_right": nerf_right}
+
+
 def _write_mp4(out: Path, frames, audio, fps: float, progress: bool = True) -> int:
     """Write decoded frames + the driving audio (float32 16 kHz) like ``avatar render`` (a bar unless
     not ``progress``)."""
@@ -158,10 +167,12 @@ def _cmd_stream(args) -> int:
     with _client(args) as c:
         # no idle frames: the MP4 holds exactly the file's audio, however the chunks were delayed
         call = c.stream(args.avatar, chunks(), _options(args), image_format=args.format, realtime=args.realtime,
-                        idle_frames=False, frame_audio=False)
+                        idle_frames=False, frame_audio=False, **_latency(args))
         n = _write_mp4(args.out, call, audio, 25.0, progress=not getattr(args, "quiet", False))
     s = call.summary
-    print(json.dumps({"out": str(args.out), "frames": n, "lookahead_s": call.header.lookahead_s if call.header else None,
+    h = call.header
+    print(json.dumps({"out": str(args.out), "frames": n, "lookahead_s": round(h.lookahead_s, 4) if h else None,
+                      "block": h.block if h else None, "nerf_right": h.nerf_right if h else None,
                       "first_frame_latency_s": round(s.first_frame_latency_s, 3) if s else None}))
     return 0
 
@@ -274,6 +285,13 @@ def register(sub) -> None:
                    help="send audio as fast as possible and ask for unpaced frames")
     p.add_argument("--emotion-at", type=float, default=None, help="switch emotion at this audio time (s)")
     p.add_argument("--switch-emotion", default="happy", help="emotion to switch to at --emotion-at")
+    g = p.add_argument_group("latency (StreamConfig.block / nerf_right; the lookahead is printed)")
+    g.add_argument("--block", type=int, default=None, metavar="FRAMES",
+                   help="frames per motion block, 1..64 (default 8); smaller = lower lookahead, more compute per frame")
+    g.add_argument("--nerf-right", type=int, default=None, metavar="FRAMES",
+                   help="frames of NeRF look-ahead, 0..W//2 (default W//2 = 2, the full centred window)")
+    g.add_argument("--low-latency", action="store_true",
+                   help="shorthand for --block 2 --nerf-right 1 (0.28 s lookahead with an avatar trained --future 4)")
     _render_flags(p)
     p.set_defaults(func=_cmd_stream)
 
