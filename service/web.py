@@ -14,8 +14,9 @@ the same store, job manager, avatar cache, render slots and bearer tokens as the
                                                     ``video`` file -> the job (202)
 ``GET  /api/jobs/{id}``                    onboard  the job (state, stage, progress, message)
 ``POST /api/jobs/{id}/cancel``             onboard  cancel it
-``POST /api/webrtc/offer``                 render   JSON ``avatar``, ``sdp``, ``type``, ``options`` ->
-                                                    the answer and a session id
+``POST /api/webrtc/offer``                 render   JSON ``avatar``, ``sdp``, ``type``, ``options``,
+                                                    ``block``, ``nerf_right`` (low latency, optional) ->
+                                                    the answer, a session id and its ``lookahead_s``
 ``GET  /api/webrtc/{sid}/stats``           render   live session statistics (fps, first-frame stages)
 ``POST /api/webrtc/{sid}/interrupt``       render   barge-in: drop the queued audio, back to idle frames
 ``POST /api/webrtc/{sid}/close``           render   end it
@@ -302,19 +303,26 @@ class LiveSession:
         loop: the aiohttp event loop. max_backlog_s: unrendered input audio (seconds, beyond the
             engine's lookahead) above which new input audio is dropped. max_audio_s: audio after
             which the session ends itself. on_end: called once when the render thread stops.
+        block / nerf_right: the StreamSession's frames per motion block and frames of NeRF look-ahead
+            (None = the library defaults; :func:`service.server.stream_latency_args` validates a client's).
+
+    Raises:
+        InvalidInput: ``block`` / ``nerf_right`` out of range.
 
     Attributes:
         stats: counters and first-frame stage timings (see :meth:`snapshot`).
     """
 
     def __init__(self, sid: str, avatar, options, loop: asyncio.AbstractEventLoop, max_backlog_s: float,
-                 max_audio_s: float, on_end=None, max_idle_s: float = 600.0):
+                 max_audio_s: float, on_end=None, max_idle_s: float = 600.0, block: int | None = None,
+                 nerf_right: int | None = None):
+        from service.server import open_stream
         from service.stream import Pacer, PacerConfig
 
         self.sid = sid
         self.avatar = avatar
         self.loop = loop
-        self.session = avatar.stream(options)
+        self.session = open_stream(avatar, options, block, nerf_right)
         self.lookahead_s = self.session.lookahead_s
         self.size = options.size or avatar.size
         self.max_backlog = int(max_backlog_s * AUDIO_RATE)
@@ -461,6 +469,7 @@ class LiveSession:
         s = dict(self.stats)
         t = self.t
         s["lookahead_s"] = self.lookahead_s
+        s["block"], s["nerf_right"] = self._block, self.session.latency.nerf_right
         s["size"] = self.size
         s["avatar"] = self.avatar.name
 
@@ -759,11 +768,17 @@ class WebApp:
 
     # -- live WebRTC --
     async def offer(self, request: web.Request) -> web.Response:
-        """JSON ``{avatar, sdp, type: "offer", options}`` with one audio track (sendrecv) and a video
-        transceiver -> ``{sdp, type: "answer", session, lookahead_s, size}``.
+        """JSON ``{avatar, sdp, type: "offer", options, block, nerf_right}`` with one audio track
+        (sendrecv) and a video transceiver -> ``{sdp, type: "answer", session, lookahead_s, block,
+        nerf_right, size}``. ``block`` (frames per motion block, 1..64) and ``nerf_right`` (frames of
+        NeRF look-ahead, 0..W//2) are optional: null/absent = the defaults; smaller values lower the
+        session's ``lookahead_s`` (seconds), as StreamConfig's fields of the same names.
 
-        Raises (as JSON errors): 400 bad JSON/SDP/options, 404 unknown avatar, 429 no free render slot.
+        Raises (as JSON errors): 400 bad JSON/SDP/options/block/nerf_right, 404 unknown avatar, 429 no
+        free render slot.
         """
+        from service.server import stream_latency_args
+
         require(request, "render")
         try:
             body = await request.json()
@@ -775,6 +790,8 @@ class WebApp:
         await self._run(self._info, name)
         av = await self._run(self.servicer.cache.get, name)
         options = parse_options(body.get("options"), av.size)
+        block, nerf_right = stream_latency_args(body.get("block"), body.get("nerf_right"), av.models.nerf.window,
+                                                where="offer")
         self.servicer._acquire_slot()
         sid = uuid.uuid4().hex[:12]
         released = threading.Event()
@@ -787,7 +804,7 @@ class WebApp:
         loop = asyncio.get_running_loop()
         try:
             live = LiveSession(sid, av, options, loop, self.max_backlog_s, self.cfg.max_audio_s, on_end=release,
-                               max_idle_s=self.cfg.max_idle_s)
+                               max_idle_s=self.cfg.max_idle_s, block=block, nerf_right=nerf_right)
         except BaseException:
             release()
             raise
@@ -821,7 +838,8 @@ class WebApp:
             await self._end(sid)
             release()
             raise InvalidInput("the offer carries no audio track; send microphone or file audio")
-        log.info("web live session %s: avatar %s, %d px", sid, name, live.size)
+        log.info("web live session %s: avatar %s, %d px, block %d, nerf_right %d, lookahead %.2f s", sid, name,
+                 live.size, live._block, live.session.latency.nerf_right, live.lookahead_s)
 
         def unconnected():  # a browser that never completes ICE must not hold a render slot
             if sid in self.sessions and "connected" not in live.t:
@@ -829,7 +847,8 @@ class WebApp:
                 asyncio.ensure_future(self._end(sid))
         loop.call_later(self.connect_timeout_s, unconnected)
         return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": sid,
-                                  "lookahead_s": live.lookahead_s, "size": live.size})
+                                  "lookahead_s": live.lookahead_s, "block": live._block,
+                                  "nerf_right": live.session.latency.nerf_right, "size": live.size})
 
     async def _end(self, sid: str) -> None:
         live = self.sessions.pop(sid, None)

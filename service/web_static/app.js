@@ -4,7 +4,8 @@
 const $ = (id) => document.getElementById(id);
 const S = { avatar: null, job: null, jobTimer: null, live: null };
 // what the live session measured, read by the browser test (tests/test_web.py)
-window.avatarLive = { frames: 0, audioTracks: 0, videoTracks: 0, firstFrameMs: null, framesDecoded: 0, server: null, state: 'idle' };
+window.avatarLive = { frames: 0, audioTracks: 0, videoTracks: 0, firstFrameMs: null, framesDecoded: 0, server: null, state: 'idle',
+                      lookahead: null };
 
 function token() { return sessionStorage.getItem('avatarToken') || ''; }
 
@@ -167,11 +168,30 @@ async function liveAudio() {
 
 function setLiveState(s) { window.avatarLive.state = s; $('live-state').textContent = s; }
 
+// latency presets fill block / NeRF look-ahead; editing either makes it "custom". Blank = the server's default.
+$('live-latency').addEventListener('change', () => {
+  const v = $('live-latency').value;
+  if (v === 'custom') return;
+  const [block, nerfRight] = v ? v.split(',') : ['', ''];
+  $('live-block').value = block || '';
+  $('live-nerf-right').value = nerfRight || '';
+});
+for (const id of ['live-block', 'live-nerf-right']) {
+  $(id).addEventListener('input', () => { $('live-latency').value = 'custom'; });
+}
+
+function liveLatency() {
+  const num = (el) => (el.value.trim() === '' ? null : Number(el.value));
+  return { block: num($('live-block')), nerf_right: num($('live-nerf-right')) };
+}
+
 async function liveStart() {
   if (!S.avatar) { setLiveState('select an avatar first'); return; }
   $('live-start').disabled = true;
   const L = window.avatarLive;
-  Object.assign(L, { frames: 0, audioTracks: 0, videoTracks: 0, firstFrameMs: null, framesDecoded: 0, server: null });
+  Object.assign(L, { frames: 0, audioTracks: 0, videoTracks: 0, firstFrameMs: null, framesDecoded: 0, server: null,
+                     lookahead: null });
+  $('live-lookahead').textContent = '-';
   const live = { pc: new RTCPeerConnection(), times: [] };
   S.live = live;
   try {
@@ -202,9 +222,13 @@ async function liveStart() {
     setLiveState('negotiating');
     const answer = await (await api('/api/webrtc/offer', {
       method: 'POST', headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ avatar: S.avatar, sdp: pc.localDescription.sdp, type: 'offer', options: {} }),
+      body: JSON.stringify(Object.assign({ avatar: S.avatar, sdp: pc.localDescription.sdp, type: 'offer', options: {} },
+                                          liveLatency())),
     })).json();
     live.session = answer.session;
+    L.lookahead = answer.lookahead_s;
+    $('live-lookahead').textContent =
+      `${answer.lookahead_s.toFixed(2)} s (block ${answer.block}, NeRF look-ahead ${answer.nerf_right})`;
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
     $('live-stop').disabled = false;
     $('live-interrupt').disabled = false;
