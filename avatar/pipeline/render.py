@@ -41,7 +41,9 @@ every clip) are per-session parameters of :class:`StreamSession` / :func:`render
 the full centred window W = 5 too). Smaller blocks cost more compute per frame (each block runs the
 motion models over its whole context window; CPU timings in docs/WEB.md). They are session
 parameters, not :class:`RenderOptions` fields: those map 1:1 onto the ``avatar render`` flags and the
-gRPC message, and wiring a block into the StreamRender config and the web console is still to do.
+gRPC message. The service exposes them as ``StreamConfig.block`` / ``nerf_right`` (gRPC), the
+``block`` / ``nerf_right`` of the web console's WebRTC offer and ``avatar client stream --block
+--nerf-right`` (service/README.md).
 """
 from __future__ import annotations
 
