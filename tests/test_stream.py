@@ -199,6 +199,79 @@ def test_deadline_stops_the_server_promptly(client, tiny_avatar, server, speech)
     assert _active_streams(server) == 0 and stop < 1.0
 
 
+# ---- low latency: StreamConfig.block / nerf_right (issue 15) ---------------------------------------
+def test_low_latency_stream_reports_its_lookahead_and_equals_the_library(client, tiny_avatar, server, speech):
+    """block=2, nerf_right=1 over gRPC: the header reports the session's computed lookahead, lower than the
+    default's ((2 + 12 + 1) / 25 = 0.60 s vs 0.88 s on the tiny symmetric avatar) and the resolved values;
+    the frames (any chunking) equal the library's render_frames with the same block / NeRF right half."""
+    from avatar.api import RenderOptions
+    from avatar.pipeline.render import StreamSession, render_frames
+
+    models = server.servicer.cache.get(tiny_avatar[1]).models
+    default = client.stream(tiny_avatar[1], iter([speech[:1280]]), {"size": SIZE}, realtime=False)
+    assert len(list(default)) == 2
+    assert default.header.lookahead_s == pytest.approx(0.88)
+    assert (default.header.block, default.header.nerf_right) == (8, 2)
+
+    audio = speech[:6000]  # 9.4 frames: the rounding of the tail
+    rng = np.random.default_rng(11)
+    chunks = np.split(audio, np.sort(rng.choice(np.arange(1, len(audio)), size=5, replace=False)))
+    call = client.stream(tiny_avatar[1], iter(chunks), {"seed": 4, "size": SIZE}, image_format="png", realtime=False,
+                         block=2, nerf_right=1)
+    got = list(call)
+    opts = RenderOptions(seed=4, size=SIZE)
+    assert call.header.lookahead_s == pytest.approx(StreamSession(models, opts, block=2, nerf_right=1).lookahead_s)
+    assert call.header.lookahead_s == pytest.approx(0.60) < default.header.lookahead_s
+    assert (call.header.block, call.header.nerf_right) == (2, 1)
+    ref = list(render_frames(models, audio, opts, block=2, nerf_right=1))
+    n = round(len(audio) / 640)
+    assert [f.index for f in got] == list(range(n)) and len(ref) == n and call.summary.frames == n
+    assert all(np.array_equal(a.image, b) for a, b in zip(got, ref))
+    # nerf_right 0 is a value, not "unset"; block 0 is the default
+    call = client.stream(tiny_avatar[1], iter([speech[:640]]), {"size": SIZE}, realtime=False, block=0, nerf_right=0)
+    assert len(list(call)) == 1
+    assert (call.header.block, call.header.nerf_right) == (8, 0) and call.header.lookahead_s == pytest.approx(0.80)
+
+
+@pytest.mark.parametrize("latency, field, valid", [
+    ({"block": -1}, "block", "1..64"), ({"block": 65}, "block", "1..64"),
+    ({"nerf_right": -1}, "nerf_right", ">= 0"), ({"nerf_right": 3}, "nerf_right", "0..2"),
+    ({"block": 2, "nerf_right": 5}, "nerf_right", "0..2")])
+def test_bad_block_or_nerf_right_is_invalid_argument(client, tiny_avatar, server, speech, latency, field, valid):
+    """Out-of-range latency settings end the call with INVALID_ARGUMENT naming the field and its valid
+    range (nerf_right's upper bound is the avatar's NeRF window, 5 -> 2); no frame is rendered, no slot kept."""
+    call = client.stream(tiny_avatar[1], iter([speech[:1280]]), {"size": SIZE}, realtime=False, **latency)
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"StreamConfig.{field}" in e.value.details() and valid in e.value.details(), e.value.details()
+    t0 = time.monotonic()
+    while _active_streams(server) > 0 and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert _active_streams(server) == 0
+
+
+def test_client_cli_stream_low_latency(server, tiny_avatar, speech, tmp_path, capsys):
+    """``avatar client stream --low-latency`` (= --block 2 --nerf-right 1) reaches the server and prints the
+    session's lookahead; ``--block`` out of range fails with the server's message and exit code 1."""
+    import json
+
+    import soundfile as sf
+
+    from avatar.cli import main
+
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, speech[:3200], 16000, subtype="FLOAT")
+    base = ["client", "--target", f"127.0.0.1:{server.port}", "--token", TOKEN, "stream", "--avatar", tiny_avatar[1],
+            "--audio", str(wav), "--size", str(SIZE), "--no-realtime", "-q"]
+    assert main(base + ["--out", str(tmp_path / "low.mp4"), "--low-latency"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["frames"] == 5 and (out["block"], out["nerf_right"]) == (2, 1)
+    assert out["lookahead_s"] == pytest.approx(0.60)
+    assert main(base + ["--out", str(tmp_path / "bad.mp4"), "--block", "99"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
 # ---- the pacer alone: a fake clock and an instant fake session ------------------------------------
 class _FakeSession:
     """StreamSession's interface without models: frame t is a 2x2 image of value t % 256, final as soon

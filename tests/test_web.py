@@ -370,6 +370,47 @@ def test_webrtc_session_that_never_connects_frees_its_slot(server, tiny_avatar):
     assert _active(server) == 0
 
 
+def test_webrtc_offer_low_latency_block(server, tiny_avatar):
+    """The offer's ``block`` / ``nerf_right`` reach the live session: the answer reports the computed
+    lookahead ((2 + 12 + 1) / 25 = 0.60 s on the tiny symmetric avatar, 0.88 s by default) and the
+    resolved values; out-of-range or non-integer values are 400 with the field's valid range, before a
+    render slot is taken."""
+    from aiortc import AudioStreamTrack, RTCPeerConnection
+
+    async def offer(c, **latency):
+        pc = RTCPeerConnection()
+        pc.addTrack(AudioStreamTrack())
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        r = await c.post("/api/webrtc/offer", headers=_auth(RENDER),
+                         json={"avatar": tiny_avatar[1], "sdp": pc.localDescription.sdp, "type": "offer", **latency})
+        body = await r.json()
+        if r.status == 200:
+            await c.post(f"/api/webrtc/{body['session']}/close", headers=_auth())
+        await pc.close()
+        return r.status, body
+
+    async def body(c):
+        return [await offer(c), await offer(c, block=2, nerf_right=1), await offer(c, block=None, nerf_right=0),
+                await offer(c, block=-1), await offer(c, block=2.5), await offer(c, nerf_right=3)]
+
+    (s0, default), (s1, low), (s2, no_nerf), *bad = run_client(server, body)
+    assert s0 == s1 == s2 == 200, (default, low, no_nerf)
+    assert default["lookahead_s"] == pytest.approx(0.88) and (default["block"], default["nerf_right"]) == (8, 2)
+    assert low["lookahead_s"] == pytest.approx(0.60) and (low["block"], low["nerf_right"]) == (2, 1)
+    assert no_nerf["lookahead_s"] == pytest.approx(0.80) and (no_nerf["block"], no_nerf["nerf_right"]) == (8, 0)
+    (s3, e3), (s4, e4), (s5, e5) = bad
+    assert s3 == s4 == s5 == 400
+    assert "offer.block" in e3["error"] and "1..64" in e3["error"]
+    assert "offer.block" in e4["error"] and "integer" in e4["error"]
+    assert "offer.nerf_right" in e5["error"] and "0..2" in e5["error"]
+    for _ in range(50):
+        if _active(server) == 0:
+            break
+        time.sleep(0.1)
+    assert _active(server) == 0
+
+
 def test_form_fields_are_bounded(server, tiny_avatar):
     async def body(c):
         fd = FormData(default_to_multipart=True)
