@@ -7,7 +7,10 @@ compares with the real frames:
 * PSNR (full frame) of the full pipeline, beside the NeRF-only PSNR from the *tracked* landmarks
   and two baselines (background plate; mean training frame);
 * mouth LMD in pixels: landmarks re-detected (MediaPipe FaceMesh -> iBUG-68) on the rendered
-  frames versus on the real frames, mouth points 48-67, for both drivings.
+  frames versus on the real frames, mouth points 48-67, for both drivings;
+* the mouth amplitude end to end (issue 18): inner-lip opening of the re-detected landmarks, its
+  std on the rendered frames / on the real frames (target 0.8-1.2) and its Pearson r with the real
+  opening; with the postnet's speech-amplitude gain and, beside it, without it (gain 1).
 
 Usage::
 
@@ -41,6 +44,20 @@ def detect_mouth(frames: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def opening(mouth: np.ndarray) -> np.ndarray:
+    """Inner-lip opening [N] (pixels) of re-detected mouth points [N, 20, 2] (iBUG 61-63 vs 67-65)."""
+    return np.linalg.norm(mouth[:, [13, 14, 15]] - mouth[:, [19, 18, 17]], axis=-1).mean(-1)
+
+
+def amplitude(rendered: np.ndarray, real: np.ndarray) -> tuple[float, float]:
+    """(opening std rendered / real, Pearson r) over frames where both faces were found."""
+    from avatar.motion.metrics import pearson
+
+    ok = ~(np.isnan(rendered).any((1, 2)) | np.isnan(real).any((1, 2)))
+    a, b = opening(rendered[ok]), opening(real[ok])
+    return float(a.std() / max(b.std(), 1e-9)), pearson(a, b)
+
+
 def mouth_lmd(a: np.ndarray, b: np.ndarray) -> float:
     ok = ~(np.isnan(a).any((1, 2)) | np.isnan(b).any((1, 2)))
     return float(np.linalg.norm(a[ok] - b[ok], axis=-1).mean()) if ok.any() else float("nan")
@@ -52,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--avatar", required=True)
     ap.add_argument("--dataset", type=Path, required=True, help="dataset of the same video at the avatar's size")
     ap.add_argument("--max-frames", type=int, default=100, help="validation frames evaluated (from the start of the tail)")
+    ap.add_argument("--sheet", type=Path, default=None,
+                    help="write a PNG: real frames (top row) over each driving's render, the 6 most open real mouths")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args(argv)
 
@@ -72,27 +91,43 @@ def main(argv: list[str] | None = None) -> int:
     poses = np.asarray(ds.pose[v0:v0 + n])
     opts = RenderOptions(blink=False, temperature=0.0)
     t0 = time.perf_counter()
-    lm_audio = landmarks_for_audio(av.models, wav, opts)[:n]
-    lm_tracked = np.asarray(ds.lm3d[v0:v0 + n])
     engine = FrameEngine(av.models, opts)
-    full = [engine.frame(i, lm_audio, n, pose=poses[i]) for i in range(n)]
-    nerf_only = [engine.frame(i, lm_tracked, n, pose=poses[i]) for i in range(n)]
+    drivings = {"full pipeline (val audio)": landmarks_for_audio(av.models, wav, opts)[:n]}
+    post = av.models.postnet
+    gain = getattr(post, "gain", 1.0)
+    if gain != 1.0:  # the same avatar without its speech-amplitude calibration, for the before/after
+        post.gain = 1.0
+        drivings["full pipeline, gain 1 (uncalibrated)"] = landmarks_for_audio(av.models, wav, opts)[:n]
+        post.gain = gain
+    drivings["NeRF only (tracked landmarks)"] = np.asarray(ds.lm3d[v0:v0 + n])
+    rendered = {k: [engine.frame(i, lm, n, pose=poses[i]) for i in range(n)] for k, lm in drivings.items()}
     dt = time.perf_counter() - t0
     mean_train = np.mean([np.asarray(ds.frames[i], np.float64) for i in range(0, ds.val_range.start, 10)], axis=0)
     mouth_real = detect_mouth(real)
-    rows = {
-        "full pipeline (val audio)": (np.mean([psnr(a, b) for a, b in zip(full, real)]), mouth_lmd(detect_mouth(full), mouth_real)),
-        "NeRF only (tracked landmarks)": (np.mean([psnr(a, b) for a, b in zip(nerf_only, real)]), mouth_lmd(detect_mouth(nerf_only), mouth_real)),
-        "background plate": (np.mean([psnr(np.asarray(ds.background), b) for b in real]), float("nan")),
-        "mean training frame": (np.mean([psnr(mean_train, b) for b in real]), float("nan")),
-    }
-    lines = ["| driving | PSNR full frame (dB) | mouth LMD (px, re-detected) |", "|---|---|---|"]
-    lines += [f"| {k} | {p:.2f} | {m:.2f} |" for k, (p, m) in rows.items()]
+    nan = float("nan")
+    rows = {}
+    for k, frames in rendered.items():
+        mouth = detect_mouth(frames)
+        rows[k] = (np.mean([psnr(a, b) for a, b in zip(frames, real)]), mouth_lmd(mouth, mouth_real), *amplitude(mouth, mouth_real))
+    if args.sheet is not None:
+        import cv2
+
+        ok = ~np.isnan(mouth_real).any((1, 2))
+        pick = np.sort(np.flatnonzero(ok)[np.argsort(-opening(mouth_real[ok]))[:6]])
+        grid = np.concatenate([np.concatenate([np.asarray(f[i]) for i in pick], axis=1)
+                               for f in [real, *rendered.values()]], axis=0)
+        cv2.imwrite(str(args.sheet), cv2.cvtColor(grid.astype(np.uint8), cv2.COLOR_RGB2BGR))
+        print(f"sheet: {args.sheet} (rows: real, {', '.join(rendered)}; frames {v0 + pick})")
+    rows["background plate"] = (np.mean([psnr(np.asarray(ds.background), b) for b in real]), nan, nan, nan)
+    rows["mean training frame"] = (np.mean([psnr(mean_train, b) for b in real]), nan, nan, nan)
+    lines = ["| driving | PSNR full frame (dB) | mouth LMD (px, re-detected) | opening std / real | opening r |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {k} | {p:.2f} | {m:.2f} | {sr:.2f} | {r:.2f} |" for k, (p, m, sr, r) in rows.items()]
     table = "\n".join(lines)
     print(table)
     text = (f"\n## bench_avatar_quality: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit()}\n\n"
             f"Machine: {machine()}. Avatar `{args.avatar}` ({av.size} px, preset {av.models.manifest.get('preset')}), "
-            f"first {n} validation frames of {ds.root.name}; render {dt:.0f} s.\n\n{table}\n")
+            f"first {n} validation frames of {ds.root.name}; postnet amplitude gain {gain:.2f}; render {dt:.0f} s.\n\n{table}\n")
     if not args.no_append:
         append_results(text)
     return 0

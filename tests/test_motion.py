@@ -237,6 +237,48 @@ def test_postnet_train_load_apply(trained, may, tmp_path):
         train_postnet(may, trained[0], out, preset="smoke", progress=False)
 
 
+def test_postnet_amplitude_calibration(trained, may, tmp_path):
+    """The fitted speech-amplitude gain (issue 18) restores the real opening size on the training frames,
+    keeps the timing (Pearson r) and the rest shape, and old bundles without it load as gain 1."""
+    from avatar.data import Dataset
+    from avatar.motion.metrics import mouth_opening, pearson
+
+    out = train_postnet(may, trained[0], tmp_path / "pn", preset="smoke", progress=False)
+    m = json.loads((out / "metrics.json").read_text())
+    pn = load_postnet(out, device="cpu")
+    assert 1.0 <= pn.gain <= POST_PRESETS["smoke"].amplitude_gain_max and pn.gain == m["amplitude_gain"]
+    ds, gen = Dataset(may), load_generator(trained[0], device="cpu")
+    mean = np.asarray(ds.lm3d_mean, np.float32)
+    tr = slice(ds.train_range.start, ds.train_range.stop)
+    real = mouth_opening(np.asarray(ds.lm3d, np.float32))[tr]
+    pred = gen.predict(np.asarray(ds.features, np.float32), temperature=1.0, seed=0)
+    calibrated = mouth_opening(pn.apply(pred) + mean)[tr]
+    plain_pn = load_postnet(out, device="cpu")
+    plain_pn.gain = 1.0
+    plain = mouth_opening(plain_pn.apply(pred) + mean)[tr]
+    assert plain.std() / real.std() == pytest.approx(m["train_open_std_ratio"], rel=1e-4)
+    # the size is the real one (or the clipped gain's best; the opening is a norm, so ~linear), the timing is untouched
+    assert calibrated.std() / real.std() == pytest.approx(min(1.0, m["train_open_std_ratio"] * pn.gain), rel=2e-2) \
+        or m["train_open_std_ratio"] > 1.0
+    assert pearson(calibrated, real) == pytest.approx(pearson(plain, real), abs=5e-3)
+    # y' = rest + gain (y - rest) on the jaw + mouth only (the rest shape is the fixed point)
+    lower = np.r_[0:17, 48:68]
+    moved = pn.apply(pred[:50]) - plain_pn.apply(pred[:50])
+    expect = (pn.gain - 1.0) * (plain_pn.apply(pred[:50])[:, lower] - pn.rest[lower])
+    np.testing.assert_allclose(moved[:, lower], expect, atol=1e-5)
+    assert np.abs(np.delete(moved, lower, axis=1)).max() == 0.0  # brows, eyes, nose untouched
+    # a bundle written before the calibration (no amplitude keys) is the plain postnet
+    stats = json.loads((out / "stats.json").read_text())
+    for k in ("amplitude_gain", "amplitude_rest"):
+        stats.pop(k)
+    (out / "stats.json").write_text(json.dumps(stats))
+    assert load_postnet(out, device="cpu").gain == 1.0
+    stats["amplitude_rest"] = [0.0] * 5
+    (out / "stats.json").write_text(json.dumps(stats))
+    with pytest.raises(BundleCorrupt, match="amplitude"):
+        load_postnet(out)
+
+
 def test_postnet_divergence_is_reported(trained, may, tmp_path):
     cfg = replace(POST_PRESETS["smoke"], lr=1e30, lr_disc=1e30)  # explodes within steps
     with pytest.raises(TrainingDiverged, match="NaN"):

@@ -20,6 +20,7 @@ LEFT_EYE = list(range(36, 42))   # subject's right eye in image-left position, i
 RIGHT_EYE = list(range(42, 48))
 EYES = LEFT_EYE + RIGHT_EYE
 MOUTH = list(range(48, 68))      # the 20 mouth landmarks (outer 48-59, inner 60-67)
+INNER_UPPER, INNER_LOWER = [61, 62, 63], [67, 66, 65]   # facing inner-lip points (mouth opening)
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,10 @@ class Intrinsics:
     def matrix(self) -> np.ndarray:
         """float64 [3, 3] camera matrix K."""
         return np.array([[self.fx, 0, self.cx], [0, self.fy, self.cy], [0, 0, 1]], dtype=np.float64)
+
+
+def mouth_opening(lm: np.ndarray) -> np.ndarray:
+    """Inner-lip opening per frame, float32 [N], in the landmarks' units (mean distance of the facing
+    inner-lip points 61-63 / 67-65). lm: [N, 68, 3] or [N, 68, 2] iBUG-68 landmarks."""
+    lm = np.asarray(lm, dtype=np.float32)
+    return np.linalg.norm(lm[:, INNER_UPPER] - lm[:, INNER_LOWER], axis=-1).mean(-1)

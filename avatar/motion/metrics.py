@@ -21,17 +21,10 @@ import torch
 
 from avatar.data.dataset import MOUTH, Dataset
 from avatar.errors import InvalidInput
+from avatar.face.contracts import INNER_LOWER, INNER_UPPER, mouth_opening  # noqa: F401 (their home; importable here)
 from avatar.motion.generator import Audio2Motion, load_generator
 from avatar.motion.lle import lle_project
 from avatar.motion.syncnet import sync_confidence
-
-INNER_UPPER, INNER_LOWER = [61, 62, 63], [67, 66, 65]
-
-
-def mouth_opening(lm: np.ndarray) -> np.ndarray:
-    """Inner-lip opening per frame, float32 [N], in the landmarks' units. lm: [N, 68, 3] (or 2-D)."""
-    lm = np.asarray(lm, dtype=np.float32)
-    return np.linalg.norm(lm[:, INNER_UPPER] - lm[:, INNER_LOWER], axis=-1).mean(-1)
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:

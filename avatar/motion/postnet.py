@@ -10,6 +10,15 @@ Peers make users hand-pick the checkpoint; here it is chosen on the validation t
 LMD among checkpoints that keep >= 80 % of the generator's sync confidence). Divergence (NaN,
 discriminator collapse, validation LMD blowing up) stops training; if no checkpoint beats the
 identity map, :class:`TrainingDiverged` is raised instead of writing garbage.
+
+Speech amplitude calibration (ours): the paired MSE pulls every model towards the conditional mean,
+so the refined mouth opens about 0.65-0.75x as much as the real one on the person's unseen speech
+(bench/RESULTS.md, issues 11 and 18) while its timing (Pearson r with the real opening) is right.
+After training, one gain ``g`` per person is fitted on the *training* frames: the lower face (jaw +
+mouth landmarks) is scaled about the person's predicted rest shape ``c`` (the mean refined
+expression over the quietest 10 % of the training audio), ``y' = c + g (y - c)``, with ``g`` = real
+/ refined std of the inner-lip opening, clipped to [1, ``amplitude_gain_max``]. A pointwise affine map:
+Pearson r, silence and stream == batch identity are unchanged; only the size moves.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ from tqdm import tqdm
 from avatar.atomic import atomic_dir, check_output_dir
 from avatar.config import from_dict, to_dict
 from avatar.data.dataset import MOUTH, Dataset
+from avatar.face.contracts import JAW, mouth_opening
 from avatar.errors import BundleCorrupt, InvalidInput, TrainingDiverged
 from avatar.motion.bundle import CONFIG, METRICS, STATS, load_module, read_json, save_module, write_json
 from avatar.motion.generator import EXPR_DIM, Audio2Motion, load_generator
@@ -93,6 +103,7 @@ class TrainPostnetConfig:
     seed: int = 0
     device: str = "auto"
     cpu_threads: int = 1        # see TrainGeneratorConfig.cpu_threads
+    amplitude_gain_max: float = 2.0  # upper clip of the fitted speech-amplitude gain (1 = no calibration)
 
 
 PRESETS: dict[str, TrainPostnetConfig] = {
@@ -149,15 +160,25 @@ class FrameDiscriminator(nn.Module):
         return self.net(x)[..., 0]
 
 
-class Postnet:
-    """Inference wrapper: ``apply(expr [N, 68, 3]) -> [N, 68, 3]`` (canonical units), any length."""
+LOWER_FACE = np.array(JAW + MOUTH)   # landmarks the speech-amplitude gain scales (jaw line + mouth)
 
-    def __init__(self, net: CNNPostNet, expr_mean, expr_std, device=None, metrics: dict | None = None):
+
+class Postnet:
+    """Inference wrapper: ``apply(expr [N, 68, 3]) -> [N, 68, 3]`` (canonical units), any length.
+
+    ``gain`` / ``rest`` (float, float32 [68, 3]): the person's speech-amplitude calibration (module
+    docstring); ``gain=1`` is the plain CNN output.
+    """
+
+    def __init__(self, net: CNNPostNet, expr_mean, expr_std, device=None, metrics: dict | None = None,
+                 gain: float = 1.0, rest: np.ndarray | None = None):
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.em = torch.as_tensor(np.asarray(expr_mean, np.float32), device=self.device)
         self.es = torch.as_tensor(np.asarray(expr_std, np.float32), device=self.device)
         self.metrics = metrics or {}
+        self.gain = float(gain)
+        self.rest = np.zeros((68, 3), np.float32) if rest is None else np.asarray(rest, np.float32).reshape(68, 3)
 
     @property
     def future_frames(self) -> int:
@@ -186,7 +207,43 @@ class Postnet:
             a0, b0 = max(0, a - self.net.left), min(n, b + self.net.right)
             y = self.net(x[a0:b0][None])[0] * self.es + self.em
             out[a:b] = y[a - a0: b - a0].reshape(-1, 68, 3).cpu().numpy()
+        if self.gain != 1.0:
+            c = self.rest[LOWER_FACE]
+            out[:, LOWER_FACE] = c + np.float32(self.gain) * (out[:, LOWER_FACE] - c)
         return out
+
+
+def fit_amplitude_gain(refined: np.ndarray, real: np.ndarray, energy: np.ndarray, lm3d_mean: np.ndarray,
+                       frames: range, gain_max: float = 2.0) -> tuple[float, np.ndarray, dict]:
+    """Fit the speech-amplitude gain of a person's refined expressions (module docstring).
+
+    Args:
+        refined: float32 [N, 68, 3] postnet output for the person's clip (canonical units, 25 fps).
+        real: float32 [N, 68, 3] the tracked expressions (``lm3d - lm3d_mean``) of the same frames.
+        energy: float32 [N] audio RMS energy per frame (:func:`avatar.audio.audio_energy`).
+        lm3d_mean: float32 [68, 3] the person's mean landmarks.
+        frames: the frames to fit on (the training range; never the validation tail).
+        gain_max: upper clip of the gain (>= 1; 1 disables the calibration).
+    Returns:
+        (gain, rest float32 [68, 3], {"amplitude_gain", "train_open_std_ratio"}).
+    Raises:
+        InvalidInput: fewer than 16 frames, mismatched shapes or ``gain_max < 1``.
+    """
+    if gain_max < 1.0:
+        raise InvalidInput(f"amplitude_gain_max must be >= 1, got {gain_max}")
+    if refined.shape != real.shape or len(frames) < 16 or frames.stop > refined.shape[0]:
+        raise InvalidInput(f"amplitude calibration needs >= 16 frames of matching [N, 68, 3] arrays, "
+                           f"got {refined.shape} / {real.shape} over {frames}")
+    sl = slice(frames.start, frames.stop)
+    mean = np.asarray(lm3d_mean, np.float32)[None]
+    std_pred = float(mouth_opening(refined[sl] + mean).std())
+    std_real = float(mouth_opening(real[sl] + mean).std())
+    ratio = std_pred / max(std_real, 1e-12)
+    gain = float(np.clip(std_real / max(std_pred, 1e-12), 1.0, gain_max))
+    e = np.asarray(energy, np.float32)[sl]
+    quiet = e <= np.quantile(e, 0.1)
+    rest = refined[sl][quiet].mean(0).astype(np.float32)
+    return gain, rest, {"amplitude_gain": gain, "train_open_std_ratio": ratio}
 
 
 def follow_generator_future(gen: Audio2Motion) -> int:
@@ -213,7 +270,11 @@ def load_postnet(root: str | Path, device=None) -> Postnet:
     except (KeyError, InvalidInput, TypeError) as e:
         raise BundleCorrupt(f"{root}: config.json/stats.json are not a postnet's ({e}); {_HINT}") from e
     net = load_module(CNNPostNet(pcfg), root / POSTNET_FILE, _HINT)
-    return Postnet(net, em, es, device, metrics)
+    gain = float(stats.get("amplitude_gain", 1.0))        # bundles from before the calibration: 1
+    rest = stats.get("amplitude_rest")
+    if not (math.isfinite(gain) and gain > 0) or (rest is not None and np.asarray(rest).size != 204):
+        raise BundleCorrupt(f"{root}: stats.json has a bad amplitude calibration; {_HINT}")
+    return Postnet(net, em, es, device, metrics, gain=gain, rest=rest)
 
 
 def mouth_lmd(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> float:
@@ -365,16 +426,27 @@ def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cach
                                f"(val mouth LMD {base['val_mouth_lmd']:.4f}); lower lambda_adv / learning rates or use "
                                f"LLE projection (lle_blend) instead of the postnet")
     net.load_state_dict(best_state)
+    from avatar.audio import audio_energy
+
+    refined = post.apply(gen.predict(feats, temperature=1.0, seed=0))   # the render path's defaults
+    gain, rest, amp = fit_amplitude_gain(refined, gt, audio_energy(np.asarray(ds.audio, np.float32), ds.n_frames),
+                                         ds.lm3d_mean, tr, cfg.amplitude_gain_max)
+    calibrated = Postnet(net, em.cpu(), es.cpu(), device, gain=gain, rest=rest).apply(refined[va.start: va.stop])
+    amp["val_mouth_lmd_calibrated"] = mouth_lmd(calibrated, gt[va.start: va.stop])
+    log.info("speech amplitude: refined/real opening std %.2f on the training frames -> gain %.2f "
+             "(val mouth LMD %.4f -> %.4f)", amp["train_open_std_ratio"], gain, best["val_mouth_lmd"],
+             amp["val_mouth_lmd_calibrated"])
     metrics = {"generator_val_mouth_lmd": base["val_mouth_lmd"], "generator_val_sync_conf": base["val_sync_conf"],
                "val_mouth_lmd": best["val_mouth_lmd"], "val_sync_conf": best["val_sync_conf"], "best_step": best["step"],
-               "diverged": diverged, "history": history, "corpus_clips": len(C),
+               "diverged": diverged, "history": history, "corpus_clips": len(C), **amp,
                "train_seconds": round(time.perf_counter() - t0, 1)}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_module(net, tmp / POSTNET_FILE)
         write_json(tmp, CONFIG, {"postnet": to_dict(cfg.postnet), "train": to_dict(cfg), "dataset": str(dataset),
                                  "generator": str(generator)})
         write_json(tmp, STATS, {"expr_mean": gen.stats.expr_mean, "expr_std": gen.stats.expr_std,
-                                "lm3d_mean": np.asarray(ds.lm3d_mean, np.float32).ravel().tolist()})
+                                "lm3d_mean": np.asarray(ds.lm3d_mean, np.float32).ravel().tolist(),
+                                "amplitude_gain": gain, "amplitude_rest": rest.ravel().tolist()})
         write_json(tmp, METRICS, metrics)
     log.info("postnet written to %s: val mouth LMD %.4f -> %.4f (step %d)", out, base["val_mouth_lmd"], best["val_mouth_lmd"], best["step"])
     return out
