@@ -9,6 +9,7 @@ Example::
     for frame in av.render("speech.wav", api.RenderOptions(still=True)):
         ...  # uint8 [S, S, 3] RGB at 25 fps
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,7 +54,9 @@ class Avatar:
         """
         return render_frames(self.models, audio, options or RenderOptions())
 
-    def render_to_mp4(self, audio, out: str | Path, options: RenderOptions | None = None, progress: bool = True) -> dict:
+    def render_to_mp4(
+        self, audio, out: str | Path, options: RenderOptions | None = None, progress: bool = True
+    ) -> dict:
         """Render to an H.264 MP4 with the driving audio; returns path, frames, seconds, render_fps."""
         return render_to_mp4(self.models, audio, out, options, progress=progress)
 

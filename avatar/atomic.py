@@ -10,6 +10,7 @@ Permissions: finished outputs get the ordinary modes of the process umask (direc
 of ``mkdtemp``/``mkstemp``, so a server running as another user (in the same group, with umask 027)
 can read what the CLI wrote.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,8 +85,10 @@ def clean_stale_temps(parent: str | Path, name: str) -> list[Path]:
     """
     parent = Path(parent)
     stem = Path(name).stem
-    pats = [re.compile(rf"\.{re.escape(name)}\.(?:tmp|old)-(?:(\d+)-)?[^/]*"),
-            re.compile(rf"\.{re.escape(stem)}\.(?:(\d+)\.)?[^/]*\.tmp\.mp4")]
+    pats = [
+        re.compile(rf"\.{re.escape(name)}\.(?:tmp|old)-(?:(\d+)-)?[^/]*"),
+        re.compile(rf"\.{re.escape(stem)}\.(?:(\d+)\.)?[^/]*\.tmp\.mp4"),
+    ]
     removed = []
     try:
         entries = list(parent.iterdir())
@@ -137,8 +140,9 @@ def check_writable_parent(out: Path) -> None:
             raise InvalidInput(f"cannot write {out}: {anc} is a file, not a directory; choose another output path")
     base = _nearest_existing(out.parent)
     if not os.access(base, os.W_OK | os.X_OK):
-        raise InvalidInput(f"cannot write {out}: directory {base} is not writable; choose another output path "
-                           "or fix its permissions")
+        raise InvalidInput(
+            f"cannot write {out}: directory {base} is not writable; choose another output path or fix its permissions"
+        )
 
 
 def check_free_space(path: str | Path, need_bytes: int, what: str = "the output") -> None:
@@ -154,8 +158,10 @@ def check_free_space(path: str | Path, need_bytes: int, what: str = "the output"
     except OSError:
         return
     if free < need_bytes:
-        raise ResourceLimit(f"not enough disk space for {what}: {free / 2**20:.0f} MB free at {base}, "
-                            f"about {need_bytes / 2**20:.0f} MB needed; free some space or choose another location")
+        raise ResourceLimit(
+            f"not enough disk space for {what}: {free / 2**20:.0f} MB free at {base}, "
+            f"about {need_bytes / 2**20:.0f} MB needed; free some space or choose another location"
+        )
 
 
 def check_output_file(out: str | Path, need_bytes: int = 0) -> Path:

@@ -28,6 +28,7 @@ modules stay short; :func:`_add_shared_flags`):
   those names (the old ``smoke | cpu | gpu`` with a one-line deprecation warning) and :func:`main`
   hands the command its stage's own preset name (:func:`_unify_presets`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,12 +62,31 @@ COMMAND_MODULES = [
 
 
 #: subcommands with ``--preset`` -> the training stage whose preset they pass on (avatar.pipeline.stages.STAGE_PRESETS)
-PRESET_STAGE = {"onboard": "onboard", "demo": "onboard", "client onboard": "onboard", "train-nerf": "nerf",
-                "train-generator": "generator", "train-postnet": "postnet"}
+PRESET_STAGE = {
+    "onboard": "onboard",
+    "demo": "onboard",
+    "client onboard": "onboard",
+    "train-nerf": "nerf",
+    "train-generator": "generator",
+    "train-postnet": "postnet",
+}
 
 #: subcommands that train or render: each takes ``--device`` (see the module docstring)
-DEVICE_COMMANDS = frozenset({"preprocess", "train-generator", "train-postnet", "eval-motion", "train-nerf",
-                             "eval-nerf", "train-emotion", "onboard", "render", "demo", "serve"})
+DEVICE_COMMANDS = frozenset(
+    {
+        "preprocess",
+        "train-generator",
+        "train-postnet",
+        "eval-motion",
+        "train-nerf",
+        "eval-nerf",
+        "train-emotion",
+        "onboard",
+        "render",
+        "demo",
+        "serve",
+    }
+)
 
 
 def _leaf_parsers(sub: argparse._SubParsersAction, prefix: str = "") -> list[tuple[str, argparse.ArgumentParser]]:
@@ -97,13 +117,24 @@ def _add_shared_flags(sub: argparse._SubParsersAction) -> None:
     """``-q/--quiet``, ``-v/--verbose`` on every subcommand, ``--device`` on :data:`DEVICE_COMMANDS`.
     Their defaults are suppressed, so a subcommand never overwrites the same flag given before it."""
     for path, p in _leaf_parsers(sub):
-        _add_missing(p, ("-q", "--quiet"), dest="quiet", action="store_true", default=argparse.SUPPRESS,
-                     help="warnings and errors only (no info logs, no progress where the command shows it)")
-        _add_missing(p, ("-v", "--verbose"), dest="verbose", action="count", default=argparse.SUPPRESS,
-                     help="debug logs")
+        _add_missing(
+            p,
+            ("-q", "--quiet"),
+            dest="quiet",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="warnings and errors only (no info logs, no progress where the command shows it)",
+        )
+        _add_missing(
+            p, ("-v", "--verbose"), dest="verbose", action="count", default=argparse.SUPPRESS, help="debug logs"
+        )
         if path in DEVICE_COMMANDS:
-            _add_missing(p, ("--device",), default=None,
-                         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
+            _add_missing(
+                p,
+                ("--device",),
+                default=None,
+                help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)",
+            )
 
 
 def _completion(args: argparse.Namespace) -> int:
@@ -154,8 +185,11 @@ def _unify_presets(sub: argparse._SubParsersAction) -> None:
         action.default = unified_preset(action.default)[0] if action.default else action.default
         action.type = _preset_name
         action.metavar = None
-        action.help = (f"{PRESET_HELP}; default {action.default}" if len(action.choices) == len(PRESET_NAMES) else
-                       f"{', '.join(action.choices)}; default {action.default}")
+        action.help = (
+            f"{PRESET_HELP}; default {action.default}"
+            if len(action.choices) == len(PRESET_NAMES)
+            else f"{', '.join(action.choices)}; default {action.default}"
+        )
         p.set_defaults(preset_stage=PRESET_STAGE[path])
 
 
@@ -199,10 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
-    p = sub.add_parser("completion", help="print a shell completion script (bash, zsh, tcsh)",
-                       description="Print a completion script for the avatar command. bash: "
-                                   "`avatar completion bash > ~/.local/share/bash-completion/completions/avatar`; "
-                                   "zsh: `avatar completion zsh > \"${fpath[1]}/_avatar\"` (then restart the shell).")
+    p = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash, zsh, tcsh)",
+        description="Print a completion script for the avatar command. bash: "
+        "`avatar completion bash > ~/.local/share/bash-completion/completions/avatar`; "
+        'zsh: `avatar completion zsh > "${fpath[1]}/_avatar"` (then restart the shell).',
+    )
     p.add_argument("shell", choices=["bash", "zsh", "tcsh"])
     p.set_defaults(func=_completion)
     _add_shared_flags(sub)
@@ -213,13 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _os_error_message(e: OSError) -> str:
     what = e.strerror or str(e)
     where = f": {e.filename}" if e.filename else ""
-    hint = {errno.ENOSPC: "free disk space or choose another output location",
-            errno.EDQUOT: "free disk space or choose another output location",
-            errno.EACCES: "check the permissions or choose another path",
-            errno.EPERM: "check the permissions or choose another path",
-            errno.EROFS: "choose a writable location",
-            errno.ENOTDIR: "a path component is a file, not a directory",
-            errno.EISDIR: "give a file path, not a directory"}.get(e.errno, "")
+    hint = {
+        errno.ENOSPC: "free disk space or choose another output location",
+        errno.EDQUOT: "free disk space or choose another output location",
+        errno.EACCES: "check the permissions or choose another path",
+        errno.EPERM: "check the permissions or choose another path",
+        errno.EROFS: "choose a writable location",
+        errno.ENOTDIR: "a path component is a file, not a directory",
+        errno.EISDIR: "give a file path, not a directory",
+    }.get(e.errno, "")
     return f"{what}{where}" + (f"; {hint}" if hint else "")
 
 
@@ -271,13 +310,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {_os_error_message(e)}", file=sys.stderr)
             return EX_IOERR
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in APP_PACKAGES:
-            print(f"error: this command needs {e.name.split('.')[0]}/ of the source repository, which is not "
-                  "installed as a package; run it from a checkout (pip install -e . there)", file=sys.stderr)
+            print(
+                f"error: this command needs {e.name.split('.')[0]}/ of the source repository, which is not "
+                "installed as a package; run it from a checkout (pip install -e . there)",
+                file=sys.stderr,
+            )
             return EX_UNAVAILABLE
         logging.getLogger("avatar").debug("unexpected error", exc_info=True)
         first = str(e).splitlines()[0][:300] if str(e) else ""
-        print(f"error: unexpected {type(e).__name__}: {first}; rerun with --debug for the traceback and report it",
-              file=sys.stderr)
+        print(
+            f"error: unexpected {type(e).__name__}: {first}; rerun with --debug for the traceback and report it",
+            file=sys.stderr,
+        )
         return EX_SOFTWARE
 
 

@@ -3,6 +3,7 @@
 ``to_dict`` / ``from_dict`` round-trip nested dataclasses; unknown keys are an error (a typo in a
 preset must not be silently ignored).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -3,6 +3,7 @@
 Every message says what went wrong *and what to do about it*. The CLI prints ``str(err)`` and exits
 with ``err.exit_code``; the gRPC service maps each class to a status code via ``grpc_code``.
 """
+
 from __future__ import annotations
 
 

@@ -20,6 +20,7 @@ None of it is actionable for a user and it buried the real messages of a render 
 Verbose mode (``AVATAR_VERBOSE=1``, set by ``avatar -v`` / ``--debug`` so spawned workers inherit
 it) leaves everything as it was.
 """
+
 from __future__ import annotations
 
 import contextlib

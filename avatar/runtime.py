@@ -12,6 +12,7 @@ sleep (``OMP_WAIT_POLICY=PASSIVE``, read by libgomp when torch is first imported
 Every stage entry point (NeRF trainer, renderer, preprocess, generator training) calls
 :func:`configure_threads`; it is idempotent and cheap. ``AVATAR_THREADS=N`` overrides the count.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -224,8 +225,10 @@ def check_device(device: str | None) -> None:
         raise InvalidInput(f"unknown --device {device!r} ({e}); use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InvalidInput(f"--device {device}: CUDA is not available on this machine (no GPU, driver or CUDA "
-                               "build of torch); use --device cpu or omit --device")
+            raise InvalidInput(
+                f"--device {device}: CUDA is not available on this machine (no GPU, driver or CUDA "
+                "build of torch); use --device cpu or omit --device"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InvalidInput(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

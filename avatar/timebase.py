@@ -8,6 +8,7 @@ This module is the one definition; ``avatar.data.dataset``, ``avatar.audio.featu
 Conventions: frame ``i`` covers audio samples ``[640 i, 640 (i + 1))`` and feature frames
 ``[2 i, 2 i + 2)``.
 """
+
 from __future__ import annotations
 
 FPS = 25

@@ -20,6 +20,7 @@ Usage::
 
 Prints a table and appends it to ``bench/RESULTS.md`` (machine, git commit, date).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AVATAR_TEST_DATA", ROOT.parent / "shared" / "data"))
 
 
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -52,9 +51,17 @@ def _tiny_hubert(path: Path) -> Path:
     from transformers import HubertConfig, HubertModel
 
     torch.manual_seed(0)
-    cfg = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       conv_dim=(16,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
-                       num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    cfg = HubertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16,) * 7,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
     HubertModel(cfg).save_pretrained(path)
     return path
 
@@ -71,7 +78,7 @@ def _timed(fn, runs: int) -> tuple[float, object]:
 
 def _stream(extractor, wav: np.ndarray, chunk: int = 640) -> np.ndarray:
     extractor.reset()
-    outs = [extractor.push(wav[i:i + chunk]) for i in range(0, len(wav), chunk)]
+    outs = [extractor.push(wav[i : i + chunk]) for i in range(0, len(wav), chunk)]
     outs.append(extractor.flush())
     return np.concatenate(outs)
 
@@ -106,17 +113,26 @@ def main(argv: list[str] | None = None) -> int:
                 single = extract_features(wav, kind, hubert_path=hubert, chunk_s=dur + 1)
                 diff = np.abs(feats - single)
                 err = f"{diff.mean():.3g} / {diff.max():.3g}"
-            rows.append({
-                "kind": name, "dim": str(ext.dim), "audio_s": f"{dur:.1f}", "x_realtime": f"{dur / t:.1f}",
-                "stream_x_rt": f"{dur / ts:.1f}", "lookahead_ms": f"{stream.lookahead_samples / 16:.0f}",
-                "chunk_err": err, "peak_rss_mb": f"{_peak_rss_mb():.0f}",
-            })
+            rows.append(
+                {
+                    "kind": name,
+                    "dim": str(ext.dim),
+                    "audio_s": f"{dur:.1f}",
+                    "x_realtime": f"{dur / t:.1f}",
+                    "stream_x_rt": f"{dur / ts:.1f}",
+                    "lookahead_ms": f"{stream.lookahead_samples / 16:.0f}",
+                    "chunk_err": err,
+                    "peak_rss_mb": f"{_peak_rss_mb():.0f}",
+                }
+            )
     cols = list(rows[0])
     table = markdown_table(rows, cols)
     print(table)
-    header = (f"\n## bench_audio: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
-              f"commit {_commit()}\n\nMachine: {_machine()}. Median of {args.runs} runs (streaming: "
-              f"{max(1, args.runs // 2)}) after a warm-up; streaming fed 40 ms chunks.\n\n")
+    header = (
+        f"\n## bench_audio: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
+        f"commit {_commit()}\n\nMachine: {_machine()}. Median of {args.runs} runs (streaming: "
+        f"{max(1, args.runs // 2)}) after a warm-up; streaming fed 40 ms chunks.\n\n"
+    )
     append_results(header + table + "\n")
     return 0
 

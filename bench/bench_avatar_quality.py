@@ -19,6 +19,7 @@ Usage::
 ``DS`` is a dataset of the same video at the avatar's size (``avatar preprocess VIDEO --out DS
 --size 128``); prints a table and appends it to ``bench/RESULTS.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,9 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", type=Path, required=True)
     ap.add_argument("--avatar", required=True)
     ap.add_argument("--dataset", type=Path, required=True, help="dataset of the same video at the avatar's size")
-    ap.add_argument("--max-frames", type=int, default=100, help="validation frames evaluated (from the start of the tail)")
-    ap.add_argument("--sheet", type=Path, default=None,
-                    help="write a PNG: real frames (top row) over each driving's render, the 6 most open real mouths")
+    ap.add_argument(
+        "--max-frames", type=int, default=100, help="validation frames evaluated (from the start of the tail)"
+    )
+    ap.add_argument(
+        "--sheet",
+        type=Path,
+        default=None,
+        help="write a PNG: real frames (top row) over each driving's render, the 6 most open real mouths",
+    )
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args(argv)
 
@@ -86,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"dataset size {ds.size} != avatar size {av.size}; preprocess with --size {av.size}")
     v0 = ds.val_range.start
     n = min(args.max_frames, len(ds.val_range))
-    wav = np.asarray(ds.audio[v0 * SAMPLES_PER_FRAME:(v0 + n) * SAMPLES_PER_FRAME])
+    wav = np.asarray(ds.audio[v0 * SAMPLES_PER_FRAME : (v0 + n) * SAMPLES_PER_FRAME])
     real = [np.asarray(ds.frames[v0 + i]) for i in range(n)]
-    poses = np.asarray(ds.pose[v0:v0 + n])
+    poses = np.asarray(ds.pose[v0 : v0 + n])
     opts = RenderOptions(blink=False, temperature=0.0)
     t0 = time.perf_counter()
     engine = FrameEngine(av.models, opts)
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         post.gain = 1.0
         drivings["full pipeline, gain 1 (uncalibrated)"] = landmarks_for_audio(av.models, wav, opts)[:n]
         post.gain = gain
-    drivings["NeRF only (tracked landmarks)"] = np.asarray(ds.lm3d[v0:v0 + n])
+    drivings["NeRF only (tracked landmarks)"] = np.asarray(ds.lm3d[v0 : v0 + n])
     rendered = {k: [engine.frame(i, lm, n, pose=poses[i]) for i in range(n)] for k, lm in drivings.items()}
     dt = time.perf_counter() - t0
     mean_train = np.mean([np.asarray(ds.frames[i], np.float64) for i in range(0, ds.val_range.start, 10)], axis=0)
@@ -108,26 +115,35 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for k, frames in rendered.items():
         mouth = detect_mouth(frames)
-        rows[k] = (np.mean([psnr(a, b) for a, b in zip(frames, real)]), mouth_lmd(mouth, mouth_real), *amplitude(mouth, mouth_real))
+        rows[k] = (
+            np.mean([psnr(a, b) for a, b in zip(frames, real)]),
+            mouth_lmd(mouth, mouth_real),
+            *amplitude(mouth, mouth_real),
+        )
     if args.sheet is not None:
         import cv2
 
         ok = ~np.isnan(mouth_real).any((1, 2))
         pick = np.sort(np.flatnonzero(ok)[np.argsort(-opening(mouth_real[ok]))[:6]])
-        grid = np.concatenate([np.concatenate([np.asarray(f[i]) for i in pick], axis=1)
-                               for f in [real, *rendered.values()]], axis=0)
+        grid = np.concatenate(
+            [np.concatenate([np.asarray(f[i]) for i in pick], axis=1) for f in [real, *rendered.values()]], axis=0
+        )
         cv2.imwrite(str(args.sheet), cv2.cvtColor(grid.astype(np.uint8), cv2.COLOR_RGB2BGR))
         print(f"sheet: {args.sheet} (rows: real, {', '.join(rendered)}; frames {v0 + pick})")
     rows["background plate"] = (np.mean([psnr(np.asarray(ds.background), b) for b in real]), nan, nan, nan)
     rows["mean training frame"] = (np.mean([psnr(mean_train, b) for b in real]), nan, nan, nan)
-    lines = ["| driving | PSNR full frame (dB) | mouth LMD (px, re-detected) | opening std / real | opening r |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| driving | PSNR full frame (dB) | mouth LMD (px, re-detected) | opening std / real | opening r |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {k} | {p:.2f} | {m:.2f} | {sr:.2f} | {r:.2f} |" for k, (p, m, sr, r) in rows.items()]
     table = "\n".join(lines)
     print(table)
-    text = (f"\n## bench_avatar_quality: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit()}\n\n"
-            f"Machine: {machine()}. Avatar `{args.avatar}` ({av.size} px, preset {av.models.manifest.get('preset')}), "
-            f"first {n} validation frames of {ds.root.name}; postnet amplitude gain {gain:.2f}; render {dt:.0f} s.\n\n{table}\n")
+    text = (
+        f"\n## bench_avatar_quality: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit()}\n\n"
+        f"Machine: {machine()}. Avatar `{args.avatar}` ({av.size} px, preset {av.models.manifest.get('preset')}), "
+        f"first {n} validation frames of {ds.root.name}; postnet amplitude gain {gain:.2f}; render {dt:.0f} s.\n\n{table}\n"
+    )
     if not args.no_append:
         append_results(text)
     return 0

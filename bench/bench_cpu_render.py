@@ -17,6 +17,7 @@ Usage::
 
     python -m bench.bench_cpu_render --model DIR [--size 128] [--frames 12] [--batch 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ from bench.common import append_results, commit, machine, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WORKER = r'''
+WORKER = r"""
 import json, sys, time, os
 import avatar.runtime
 import numpy as np, torch
@@ -58,18 +59,25 @@ for i in range(0, frames, batch):
     nerf.render(lm[i:i + batch], pose[i:i + batch], size=size)
 bat = frames / (time.perf_counter() - t)
 print(json.dumps({"one": one, "batched": bat, "threads": torch.get_num_threads()}))
-'''
+"""
 
-CONFIGS = {"runtime": {"OMP_WAIT_POLICY": "PASSIVE"},
-           "spin": {"OMP_WAIT_POLICY": "ACTIVE"},
-           "1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "AVATAR_THREADS": "1"}}
+CONFIGS = {
+    "runtime": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "AVATAR_THREADS": "1"},
+}
 
 
 def _run(model: str, size: int, frames: int, batch: int, cfg: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "AVATAR_THREADS")}
     env.update(cfg, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", WORKER, model, str(size), str(frames), str(batch)],
-                       env=env, capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        [sys.executable, "-c", WORKER, model, str(size), str(frames), str(batch)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -101,15 +109,22 @@ def main(argv: list[str] | None = None) -> int:
             print(name, load, r, flush=True)
     for name in CONFIGS:
         a, b = res[(name, "alone")], res[(name, "1 busy process")]
-        rows.append({"threads": f"{name} ({a['threads']})", "alone: 1 / batched (fps)": f"{a['one']:.2f} / {a['batched']:.2f}",
-                     "1 busy process: 1 / batched (fps)": f"{b['one']:.2f} / {b['batched']:.2f}",
-                     "slowdown (batched)": f"{a['batched'] / max(b['batched'], 1e-9):.2f}x"})
+        rows.append(
+            {
+                "threads": f"{name} ({a['threads']})",
+                "alone: 1 / batched (fps)": f"{a['one']:.2f} / {a['batched']:.2f}",
+                "1 busy process: 1 / batched (fps)": f"{b['one']:.2f} / {b['batched']:.2f}",
+                "slowdown (batched)": f"{a['batched'] / max(b['batched'], 1e-9):.2f}x",
+            }
+        )
     table = markdown_table(rows, list(rows[0]))
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = (f"\n## bench_cpu_render ({started})\n\nmachine: {machine()}; commit {commit()}. Model {args.model} "
-            f"rendered at {args.size} px, {args.frames} frames one at a time and in batches of {args.batch}; each "
-            f"row a fresh process, alone and next to one busy-loop process, interleaved in one run (the machine "
-            f"is shared: compare ratios within this table).\n\n{table}\n")
+    text = (
+        f"\n## bench_cpu_render ({started})\n\nmachine: {machine()}; commit {commit()}. Model {args.model} "
+        f"rendered at {args.size} px, {args.frames} frames one at a time and in batches of {args.batch}; each "
+        f"row a fresh process, alone and next to one busy-loop process, interleaved in one run (the machine "
+        f"is shared: compare ratios within this table).\n\n{table}\n"
+    )
     print(text)
     append_results(text, args.results)
     return 0

@@ -11,6 +11,7 @@ Usage::
     python -m bench.bench_dataset                         # 12 s of acosta at 512 px, cpu-smoke, 300 steps
     python -m bench.bench_dataset --keep DIR              # keep DIR/png and DIR/jpeg (e.g. for make gpu-bundle)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ def make_slice(video: Path, seconds: float, out: Path) -> Path:
     return out
 
 
-def make_compact_dataset(video: Path, seconds: float, size: int, out: Path, codec: str = "jpeg",
-                         progress: bool = False) -> Path:
+def make_compact_dataset(
+    video: Path, seconds: float, size: int, out: Path, codec: str = "jpeg", progress: bool = False
+) -> Path:
     """Preprocess the first ``seconds`` of ``video`` at ``size`` px into dataset ``out`` (frames ``codec``)."""
     from avatar.pipeline.preprocess import PreprocessConfig, preprocess
 
@@ -97,9 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     minutes = n / 25 / 60
     raw = n * S * S * 4  # frames [N,S,S,3] + masks [N,S,S], uint8, as format 1 stored them
     other = sum(p.stat().st_size for p in png.glob("*.npy") if not p.name.startswith(("frames_", "masks_")))
-    rows.append({"storage": "raw uint8 (format 1)", "frames+masks MB": f"{raw / 1e6:.1f}",
-                 "dataset MB": f"{(raw + other) / 1e6:.1f}", "MB / 5 min": f"{(raw + other) / minutes * 5 / 1e6:,.0f}",
-                 "decode all (s)": "-", "val PSNR full / face / mouth (dB)": "", "train (s)": ""})
+    rows.append(
+        {
+            "storage": "raw uint8 (format 1)",
+            "frames+masks MB": f"{raw / 1e6:.1f}",
+            "dataset MB": f"{(raw + other) / 1e6:.1f}",
+            "MB / 5 min": f"{(raw + other) / minutes * 5 / 1e6:,.0f}",
+            "decode all (s)": "-",
+            "val PSNR full / face / mouth (dB)": "",
+            "train (s)": "",
+        }
+    )
     results = {}
     for name, root in (("PNG (lossless = raw pixels)", png), ("JPEG q95 4:4:4", jpg)):
         ds = Dataset(root)
@@ -111,19 +121,28 @@ def main(argv: list[str] | None = None) -> int:
         dec = time.perf_counter() - t
         r = _train_eval(root, png, work / f"model_{root.name}", args.preset, args.steps, args.eval_frames)
         results[root.name] = r
-        rows.append({"storage": name, "frames+masks MB": f"{enc / 1e6:.1f}", "dataset MB": f"{total / 1e6:.1f}",
-                     "MB / 5 min": f"{total / minutes * 5 / 1e6:,.0f}", "decode all (s)": f"{dec:.2f}",
-                     "val PSNR full / face / mouth (dB)": f"{r['psnr_full']:.2f} / {r['psnr_face']:.2f} / {r['psnr_mouth']:.2f}",
-                     "train (s)": f"{r['train_s']:.0f}"})
+        rows.append(
+            {
+                "storage": name,
+                "frames+masks MB": f"{enc / 1e6:.1f}",
+                "dataset MB": f"{total / 1e6:.1f}",
+                "MB / 5 min": f"{total / minutes * 5 / 1e6:,.0f}",
+                "decode all (s)": f"{dec:.2f}",
+                "val PSNR full / face / mouth (dB)": f"{r['psnr_full']:.2f} / {r['psnr_face']:.2f} / {r['psnr_mouth']:.2f}",
+                "train (s)": f"{r['train_s']:.0f}",
+            }
+        )
     d = results["jpeg"]["psnr_full"] - results["png"]["psnr_full"]
     cols = list(rows[0])
     table = markdown_table(rows, cols)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = (f"\n## bench_dataset ({started})\n\nmachine: {machine()}; commit {commit()}. {args.video.name}, first "
-            f"{args.seconds:g} s ({n} frames) at {S} px, preprocessed once ({t_pre:.0f} s); head NeRF {args.preset}, "
-            f"{args.steps} steps, seed 0, trained on each storage and evaluated against the raw frames on "
-            f"{args.eval_frames} validation frames. JPEG - PNG validation PSNR (full frame): {d:+.2f} dB. "
-            f"'MB / 5 min' extrapolates linearly in clip length (previews excluded).\n\n{table}\n")
+    text = (
+        f"\n## bench_dataset ({started})\n\nmachine: {machine()}; commit {commit()}. {args.video.name}, first "
+        f"{args.seconds:g} s ({n} frames) at {S} px, preprocessed once ({t_pre:.0f} s); head NeRF {args.preset}, "
+        f"{args.steps} steps, seed 0, trained on each storage and evaluated against the raw frames on "
+        f"{args.eval_frames} validation frames. JPEG - PNG validation PSNR (full frame): {d:+.2f} dB. "
+        f"'MB / 5 min' extrapolates linearly in clip length (previews excluded).\n\n{table}\n"
+    )
     print(text)
     append_results(text, args.results)
     tmp.cleanup()

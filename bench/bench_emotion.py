@@ -33,6 +33,7 @@ Usage::
 
 Prints the tables and appends them to ``bench/RESULTS.md`` (machine, git commit, date).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,17 +89,26 @@ def loso(tracks, runs: int, steps: int | None, **cfg_kw):
             r["estimated_truth"] = per_seed[0][0][label]["estimated_truth"]
             merged[label] = r
         out[held.speaker] = {"rows": merged, "net": per_seed[0][2]}
-        print(f"[loso] {held.speaker}: " + ", ".join(f"{k} {v['cosine']:.2f}/{v['average_cos']:.2f}" for k, v in merged.items()),
-              flush=True)
+        print(
+            f"[loso] {held.speaker}: "
+            + ", ".join(f"{k} {v['cosine']:.2f}/{v['average_cos']:.2f}" for k, v in merged.items()),
+            flush=True,
+        )
     return out, times
 
 
 def loso_table(res, labels, estimated: bool) -> list[str]:
-    lines = ["| label | persons | model cosine | avg-baseline cosine | copy-one cosine | model size ratio | avg size | copy size | model > avg |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| label | persons | model cosine | avg-baseline cosine | copy-one cosine | model size ratio | avg size | copy size | model > avg |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     allm, alla, allc, alls = [], [], [], []
     for label in labels:
-        rows = [(spk, r["rows"][label]) for spk, r in res.items() if label in r["rows"] and r["rows"][label]["estimated_truth"] == estimated]
+        rows = [
+            (spk, r["rows"][label])
+            for spk, r in res.items()
+            if label in r["rows"] and r["rows"][label]["estimated_truth"] == estimated
+        ]
         if not rows:
             continue
         m = np.mean([r["cosine"] for _, r in rows])
@@ -109,12 +119,16 @@ def loso_table(res, labels, estimated: bool) -> list[str]:
         alla += [r["average_cos"] for _, r in rows]
         allc += [r["copy_cos"] for _, r in rows]
         alls += [r["size_ratio"] for _, r in rows]
-        lines.append(f"| {label} | {', '.join(s_ for s_, _ in rows)} | {m:.3f} | {a:.3f} | {c:.3f} | {s:.2f} | "
-                     f"{np.mean([r['average_size'] for _, r in rows]):.2f} | {np.mean([r['copy_size'] for _, r in rows]):.2f} | "
-                     f"{'yes' if m > a else 'NO'} |")
+        lines.append(
+            f"| {label} | {', '.join(s_ for s_, _ in rows)} | {m:.3f} | {a:.3f} | {c:.3f} | {s:.2f} | "
+            f"{np.mean([r['average_size'] for _, r in rows]):.2f} | {np.mean([r['copy_size'] for _, r in rows]):.2f} | "
+            f"{'yes' if m > a else 'NO'} |"
+        )
     if allm:
-        lines.append(f"| **mean (all rows)** | | **{np.mean(allm):.3f}** | {np.mean(alla):.3f} | {np.mean(allc):.3f} | "
-                     f"{np.mean(alls):.2f} | | | |")
+        lines.append(
+            f"| **mean (all rows)** | | **{np.mean(allm):.3f}** | {np.mean(alla):.3f} | {np.mean(allc):.3f} | "
+            f"{np.mean(alls):.2f} | | | |"
+        )
     return lines
 
 
@@ -148,31 +162,54 @@ def reference_rows(tracks, clips, res):
                 ref = E.measure_reference(tc, neu, stats)
                 d_p = ref.disp.mean(0) * E.retarget_scale(ref, st.neutral_mean)
                 d_r = ref.disp.mean(0) * E.retarget_scale(ref, st.neutral_mean, avatar_track, "range")
-                rows.append((avatar, label, kind, name, E.cosine(d_p, real[label]), E.norm(d_p) / E.norm(real[label]),
-                             E.norm(d_r) / E.norm(real[label]), ref.neutral_source))
+                rows.append(
+                    (
+                        avatar,
+                        label,
+                        kind,
+                        name,
+                        E.cosine(d_p, real[label]),
+                        E.norm(d_p) / E.norm(real[label]),
+                        E.norm(d_r) / E.norm(real[label]),
+                        ref.neutral_source,
+                    )
+                )
     return rows
 
 
 def reference_table(rows) -> list[str]:
     kinds = ["other person + neutral clip", "other person, estimate", "own clip, estimate"]
-    lines = ["| reference | pairs | mean cosine | min cosine | cos >= 0.7 | size ratio (proportions) | size ratio (range) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| reference | pairs | mean cosine | min cosine | cos >= 0.7 | size ratio (proportions) | size ratio (range) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for kind in kinds:
         rs = [r for r in rows if r[2] == kind]
         if not rs:
             continue
         c = np.array([r[4] for r in rs])
-        lines.append(f"| {kind} | {len(rs)} | {c.mean():.3f} | {c.min():.2f} | {int((c >= 0.7).sum())}/{len(c)} | "
-                     f"{np.mean([r[5] for r in rs]):.2f} | {np.mean([r[6] for r in rs]):.2f} |")
-    lines += ["", "Per label (mean cosine / size ratio with proportions retargeting; references):", "",
-              "| label | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        lines.append(
+            f"| {kind} | {len(rs)} | {c.mean():.3f} | {c.min():.2f} | {int((c >= 0.7).sum())}/{len(c)} | "
+            f"{np.mean([r[5] for r in rs]):.2f} | {np.mean([r[6] for r in rs]):.2f} |"
+        )
+    lines += [
+        "",
+        "Per label (mean cosine / size ratio with proportions retargeting; references):",
+        "",
+        "| label | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
     labels = list(dict.fromkeys(r[1] for r in rows))
     for label in labels:
         cells = []
         for kind in kinds:
             rs = [r for r in rows if r[1] == label and r[2] == kind]
-            cells.append(f"{np.mean([r[4] for r in rs]):.2f} / {np.mean([r[5] for r in rs]):.2f} "
-                         f"({', '.join(sorted({_short(r[3]) for r in rs}))})" if rs else "-")
+            cells.append(
+                f"{np.mean([r[4] for r in rs]):.2f} / {np.mean([r[5] for r in rs]):.2f} "
+                f"({', '.join(sorted({_short(r[3]) for r in rs}))})"
+                if rs
+                else "-"
+            )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -184,7 +221,9 @@ def _short(stem: str) -> str:
 
 
 def _load_old(rev: str):
-    src = subprocess.run(["git", "show", f"{rev}:avatar/motion/emotion.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    src = subprocess.run(
+        ["git", "show", f"{rev}:avatar/motion/emotion.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     path = Path(tempfile.mkdtemp()) / f"emotion_{rev}.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location(f"emotion_{rev}", path)
@@ -202,17 +241,27 @@ def before(rev: str, clips, new_tracks, runs: int) -> list[str]:
     old = _load_old(rev)
     old_tracks = old.track_speakers(DATA / "emotion", progress=False)
     by_new = {st.speaker: st for st in new_tracks}
-    lines = [f"\n**Before ({rev}: trained on emotion/ only, as `make demo`; held out M030 / W009)**\n",
-             "| label | model cosine M030 | model cosine W009 | size ratio M030 | size ratio W009 |", "|---|---|---|---|---|"]
+    lines = [
+        f"\n**Before ({rev}: trained on emotion/ only, as `make demo`; held out M030 / W009)**\n",
+        "| label | model cosine M030 | model cosine W009 | size ratio M030 | size ratio W009 |",
+        "|---|---|---|---|---|",
+    ]
     per = {}
     for held in ("M030", "W009"):
         rs = []
         for seed in range(runs):
             with tempfile.TemporaryDirectory() as tmp:
-                m = old.train_emotion(None, Path(tmp) / "e", old.EmotionConfig(holdout=held, seed=seed), progress=False, tracks=old_tracks)
+                m = old.train_emotion(
+                    None, Path(tmp) / "e", old.EmotionConfig(holdout=held, seed=seed), progress=False, tracks=old_tracks
+                )
             rs.append(m["holdout"]["labels"])
-        per[held] = {lab: (float(np.median([r[lab]["cosine"] for r in rs])),
-                           float(np.median([r[lab]["pred_norm"] / r[lab]["real_norm"] for r in rs]))) for lab in rs[0]}
+        per[held] = {
+            lab: (
+                float(np.median([r[lab]["cosine"] for r in rs])),
+                float(np.median([r[lab]["pred_norm"] / r[lab]["real_norm"] for r in rs])),
+            )
+            for lab in rs[0]
+        }
     for lab in E.LABELS[1:]:
         a, b = per["M030"].get(lab), per["W009"].get(lab)
         lines.append(f"| {lab} | {_fmt(a and a[0])} | {_fmt(b and b[0])} | {_fmt(a and a[1])} | {_fmt(b and b[1])} |")
@@ -227,12 +276,16 @@ def before(rev: str, clips, new_tracks, runs: int) -> list[str]:
             if lab == "neutral" or "_front_" not in path.stem:
                 continue
             (lm,), _ = old.canonicalise_speaker([old.TrackedClip(path, tc.points)])
-            disp = ((lm - lm.mean(0)[None]) * old._MOVABLE_MASK[None]).mean(0) * old.region_scale(lm.mean(0), st.neutral_mean)
+            disp = ((lm - lm.mean(0)[None]) * old._MOVABLE_MASK[None]).mean(0) * old.region_scale(
+                lm.mean(0), st.neutral_mean
+            )
             real = (np.concatenate(st.clips[lab]).mean(0) - st.neutral_mean) * E.MOVABLE_MASK
             cos_o.append(E.cosine(disp, real))
             size_o.append(E.norm(disp) / E.norm(real))
-    lines.append(f"\nBefore, reference video (other person's clip, its own mean removed): mean cosine {np.mean(cos_o):.3f} "
-                 f"(min {np.min(cos_o):.2f}, max {np.max(cos_o):.2f}), size ratio {np.mean(size_o):.3f} over {len(cos_o)} pairs.")
+    lines.append(
+        f"\nBefore, reference video (other person's clip, its own mean removed): mean cosine {np.mean(cos_o):.3f} "
+        f"(min {np.min(cos_o):.2f}, max {np.max(cos_o):.2f}), size ratio {np.mean(size_o):.3f} over {len(cos_o)} pairs."
+    )
     return lines
 
 
@@ -245,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=1, help="seeds per held-out person (median)")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "emotion_tracks"), help="tracked-landmark cache")
+    ap.add_argument(
+        "--cache", default=str(Path(tempfile.gettempdir()) / "emotion_tracks"), help="tracked-landmark cache"
+    )
     ap.add_argument("--before-commit", default="d9ae493")
     ap.add_argument("--no-before", action="store_true")
     ap.add_argument("--no-append", action="store_true")
@@ -256,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     tracks = E.track_speakers(_dirs(), progress=False, cache_dir=args.cache, aliases=SAME_PERSON)
     listing = E.list_clips(_dirs(), SAME_PERSON)
-    clips = {spk: [(lab, p, E.track_clip(p, cache_dir=args.cache)) for lab, p in items] for spk, items in listing.items()}
+    clips = {
+        spk: [(lab, p, E.track_clip(p, cache_dir=args.cache)) for lab, p in items] for spk, items in listing.items()
+    }
     track_s = time.perf_counter() - t0
     n_clips = sum(len(v) for v in listing.values())
 
@@ -268,19 +325,25 @@ def main(argv: list[str] | None = None) -> int:
 
     labels = E.LABELS[1:]
     persons = ", ".join(st.speaker + ("*" if st.neutral_mean is not None else "") for st in tracks)
-    lines = [f"\n## bench_emotion: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}\n",
-             f"Machine: {machine()}. {n_clips} labelled MEAD clips, {len(tracks)} persons "
-             f"({persons}; * = recorded neutral clip); "
-             f"tracking {track_s:.1f} s (cache {args.cache}). Category model: {args.runs} seed(s) per held-out person, "
-             f"training {np.median(times):.1f} s median, config overrides {kw}. Canonical units (outer-eye-corner distance = 1); cosine and size on "
-             "brows + eyes + mouth corners.\n",
-             "**After: leave-one-person-out, truth against a recorded neutral clip (M030, W009)**\n"]
+    lines = [
+        f"\n## bench_emotion: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit()}\n",
+        f"Machine: {machine()}. {n_clips} labelled MEAD clips, {len(tracks)} persons "
+        f"({persons}; * = recorded neutral clip); "
+        f"tracking {track_s:.1f} s (cache {args.cache}). Category model: {args.runs} seed(s) per held-out person, "
+        f"training {np.median(times):.1f} s median, config overrides {kw}. Canonical units (outer-eye-corner distance = 1); cosine and size on "
+        "brows + eyes + mouth corners.\n",
+        "**After: leave-one-person-out, truth against a recorded neutral clip (M030, W009)**\n",
+    ]
     lines += loso_table(res, labels, estimated=False)
-    lines += ["\n**After: leave-one-person-out, persons without a neutral clip (truth against the shared-statistics "
-              "neutral estimate from the training persons: carries identity error and leans towards the training average)**\n"]
+    lines += [
+        "\n**After: leave-one-person-out, persons without a neutral clip (truth against the shared-statistics "
+        "neutral estimate from the training persons: carries identity error and leans towards the training average)**\n"
+    ]
     lines += loso_table(res, labels, estimated=True)
-    lines += ["\n**After: reference video (EAMM path), avatar = M030 or W009 (neutral clip as its landmarks), "
-              "transferred mean delta vs the avatar person's real displacement of the same label**\n"]
+    lines += [
+        "\n**After: reference video (EAMM path), avatar = M030 or W009 (neutral clip as its landmarks), "
+        "transferred mean delta vs the avatar person's real displacement of the same label**\n"
+    ]
     lines += reference_table(ref_rows)
     src = {}
     for r in ref_rows:

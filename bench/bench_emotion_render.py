@@ -10,6 +10,7 @@ face box (the mean head pose's projected landmark box) against the neutral rende
 change), whether any frame has NaN/constant pixels, and the render time. Appends to
 ``bench/RESULTS.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,9 @@ def face_box(models) -> tuple[int, int, int, int]:
     from avatar.pipeline.controls import mean_pose
 
     K = Intrinsics(**models.manifest["dataset"]["intrinsics"]).matrix()
-    uv = project(models.lm3d_mean[None], mean_pose(models.pose_track)[None], models.manifest["dataset"]["head_scale"], K)[0]
+    uv = project(
+        models.lm3d_mean[None], mean_pose(models.pose_track)[None], models.manifest["dataset"]["head_scale"], K
+    )[0]
     x0, y0 = np.maximum(np.floor(uv.min(0)).astype(int), 0)
     x1, y1 = np.ceil(uv.max(0)).astype(int) + 1
     return int(x0), int(y0), int(x1), int(y1)
@@ -66,15 +69,20 @@ def main(argv: list[str] | None = None) -> int:
             face_psnr = psnr(frames[:, y0:y1, x0:x1], neutral[:, y0:y1, x0:x1])
             blank = int(sum(float(f.std()) < 1.0 for f in frames))
             rows.append((label, strength, face_psnr, blank, len(frames)))
-    lines = ["| emotion | strength | face PSNR vs neutral (dB) | blank/constant frames | frames |", "|---|---|---|---|---|"]
+    lines = [
+        "| emotion | strength | face PSNR vs neutral (dB) | blank/constant frames | frames |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {lab} | {s} | {p:.2f} | {b} | {n} |" for lab, s, p, b, n in rows]
     table = "\n".join(lines)
     print(table)
     if not args.no_append:
-        append_results(f"\n## bench_emotion_render: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit()}\n\n"
-                       f"Machine: {machine()}. Avatar `{args.avatar}` ({av.size} px), first {args.seconds} s of eng.wav, "
-                       f"still head, no blinks, seed 0; face box {x0},{y0}-{x1},{y1}. Frames are uint8, so NaN cannot "
-                       f"reach the output; a blank frame is one with pixel std < 1.\n\n{table}\n")
+        append_results(
+            f"\n## bench_emotion_render: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit()}\n\n"
+            f"Machine: {machine()}. Avatar `{args.avatar}` ({av.size} px), first {args.seconds} s of eng.wav, "
+            f"still head, no blinks, seed 0; face box {x0},{y0}-{x1},{y1}. Frames are uint8, so NaN cannot "
+            f"reach the output; a blank frame is one with pixel std < 1.\n\n{table}\n"
+        )
     return 0
 
 

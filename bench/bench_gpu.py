@@ -25,6 +25,7 @@ Usage::
 
 Timings are medians of ``--runs`` after a warm-up run (which pays JIT/autotuning).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,8 +101,13 @@ def check_build(t: Table, device: torch.device) -> dict[str, bool]:
         import triton
 
         ok["triton"] = th.triton_available(device)
-        t.add("build", "triton", triton.__version__, "", "kernels " + ("compiled" if device.type == "cuda"
-                                                                         else "run in Triton's interpreter (CPU)"))
+        t.add(
+            "build",
+            "triton",
+            triton.__version__,
+            "",
+            "kernels " + ("compiled" if device.type == "cuda" else "run in Triton's interpreter (CPU)"),
+        )
     except Exception as e:  # ImportError or a broken install
         ok["triton"] = False
         t.add("build", "triton", "missing", "", f"{type(e).__name__}: {e}"[:80])
@@ -119,8 +125,13 @@ def check_build(t: Table, device: torch.device) -> dict[str, bool]:
         t0 = time.perf_counter()
         err = _extension_error()  # the check the renderer/trainer use (honours AVATAR_NO_NERFACC)
         state = "ok" if err is None else "unavailable: PyTorch sampler"
-        t.add("build", "nerfacc CUDA extension", state, "",
-              f"load/JIT build {time.perf_counter() - t0:.0f} s" + ("" if err is None else f"; {err}"[:100]))
+        t.add(
+            "build",
+            "nerfacc CUDA extension",
+            state,
+            "",
+            f"load/JIT build {time.perf_counter() - t0:.0f} s" + ("" if err is None else f"; {err}"[:100]),
+        )
     else:
         t.add("build", "nerfacc CUDA extension", "n/a", "", "no GPU: the pure-PyTorch sampler is used")
     return ok
@@ -133,15 +144,21 @@ def _grid_cfg(preset: str):
     return HashGridConfig.of(get_preset(preset).head.grid, 3)
 
 
-def bench_encoding(t: Table, device: torch.device, preset: str, n_points: int, runs: int,
-                   ok: dict[str, bool]) -> None:
+def bench_encoding(t: Table, device: torch.device, preset: str, n_points: int, runs: int, ok: dict[str, bool]) -> None:
     """Points/s of the hash grid, forward and forward+backward, per backend; checks Triton == torch."""
     from avatar.nerf.encoding import HashGridEncoding
     from avatar.nerf.triton_hashgrid import hashgrid_triton
 
     cfg = _grid_cfg(preset)
-    enc = HashGridEncoding(3, cfg.n_levels, cfg.n_features_per_level, cfg.log2_hashmap_size, cfg.base_resolution,
-                           cfg.finest_resolution, backend="torch").to(device)
+    enc = HashGridEncoding(
+        3,
+        cfg.n_levels,
+        cfg.n_features_per_level,
+        cfg.log2_hashmap_size,
+        cfg.base_resolution,
+        cfg.finest_resolution,
+        backend="torch",
+    ).to(device)
     with torch.no_grad():
         enc.table.uniform_(-1, 1)
     x = torch.rand(n_points, 3, device=device)
@@ -158,8 +175,15 @@ def bench_encoding(t: Table, device: torch.device, preset: str, n_points: int, r
     if ok.get("triton"):
         fns["triton"] = triton_fn
     if ok.get("tcnn"):
-        enc_tcnn = HashGridEncoding(3, cfg.n_levels, cfg.n_features_per_level, cfg.log2_hashmap_size,
-                                    cfg.base_resolution, cfg.finest_resolution, backend="tcnn").to(device)
+        enc_tcnn = HashGridEncoding(
+            3,
+            cfg.n_levels,
+            cfg.n_features_per_level,
+            cfg.log2_hashmap_size,
+            cfg.base_resolution,
+            cfg.finest_resolution,
+            backend="tcnn",
+        ).to(device)
         with torch.no_grad():
             enc_tcnn.table.copy_(enc.table)
         fns["tcnn"] = enc_tcnn
@@ -168,7 +192,13 @@ def bench_encoding(t: Table, device: torch.device, preset: str, n_points: int, r
         with torch.no_grad():
             diff = (triton_fn(x) - torch_fn(x)).abs().amax(1)
         frac = float((diff > 1e-4).float().mean())
-        t.add("check", "triton vs torch: max |diff|", float(diff.max()), "", f"{frac:.1e} of points > 1e-4 (FMA at cell edges)")
+        t.add(
+            "check",
+            "triton vs torch: max |diff|",
+            float(diff.max()),
+            "",
+            f"{frac:.1e} of points > 1e-4 (FMA at cell edges)",
+        )
 
     for name, fn in fns.items():
         with torch.no_grad():
@@ -193,9 +223,14 @@ def bench_data(t: Table, dataset: Path) -> None:
     ds = Dataset(dataset)
     size = ds.nbytes_on_disk()
     minutes = ds.n_frames / 25 / 60
-    t.add("data", f"dataset {ds.n_frames} frames at {ds.size} px", size / 2**20, "MiB",
-          f"{size / 2**20 / minutes * ONBOARD_MINUTES:,.0f} MiB per {ONBOARD_MINUTES:g} min; frames "
-          f"{ds.manifest.get('encoding', {}).get('frames', {}).get('codec', '?')}")
+    t.add(
+        "data",
+        f"dataset {ds.n_frames} frames at {ds.size} px",
+        size / 2**20,
+        "MiB",
+        f"{size / 2**20 / minutes * ONBOARD_MINUTES:,.0f} MiB per {ONBOARD_MINUTES:g} min; frames "
+        f"{ds.manifest.get('encoding', {}).get('frames', {}).get('codec', '?')}",
+    )
     t0 = time.perf_counter()
     ds.frames.decode_all()
     ds.masks.decode_all()
@@ -221,8 +256,17 @@ def bench_train(t: Table, dataset: Path, out: Path, preset: str, seconds: float,
         stamps: list[tuple[float, float]] = []
         _peak_reset(device)
         t0 = time.perf_counter()
-        train_nerf(dataset, out, part=part, preset=preset, progress=False, device=str(device), overwrite=True,
-                   max_seconds=seconds * share, callback=lambda frac, msg: stamps.append((time.perf_counter(), frac)))
+        train_nerf(
+            dataset,
+            out,
+            part=part,
+            preset=preset,
+            progress=False,
+            device=str(device),
+            overwrite=True,
+            max_seconds=seconds * share,
+            callback=lambda frac, msg: stamps.append((time.perf_counter(), frac)),
+        )
         wall = time.perf_counter() - t0
         done = json.loads((out / part / "metrics.json").read_text())["steps"]
         if len(stamps) >= 3:
@@ -261,12 +305,26 @@ def bench_quality(t: Table, dataset: Path, out: Path, device: torch.device, max_
             x0, y0, x1, y1 = face_box(np.asarray(ds.lm2d[f]), ds.size)
             full.append(psnr(imgs[k], gt))
             face.append(psnr(imgs[k][y0:y1, x0:x1], gt[y0:y1, x0:x1]))
-    t.add("quality", "validation PSNR, full frame", float(np.mean(full)), "dB", f"{len(val)} frames of the tail, after the timed training")
+    t.add(
+        "quality",
+        "validation PSNR, full frame",
+        float(np.mean(full)),
+        "dB",
+        f"{len(val)} frames of the tail, after the timed training",
+    )
     t.add("quality", "validation PSNR, face box", float(np.mean(face)), "dB")
 
 
-def bench_render(t: Table, dataset: Path, out: Path, device: torch.device, sizes: tuple[int, ...], batch: int,
-                 runs: int, compile_: bool = False) -> float:
+def bench_render(
+    t: Table,
+    dataset: Path,
+    out: Path,
+    device: torch.device,
+    sizes: tuple[int, ...],
+    batch: int,
+    runs: int,
+    compile_: bool = False,
+) -> float:
     """Memory per loaded avatar, composited render fps per size and batch; returns the best fps at the
     largest size."""
     from avatar.data import Dataset
@@ -277,17 +335,26 @@ def bench_render(t: Table, dataset: Path, out: Path, device: torch.device, sizes
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     nerf = load_nerf(out, device=str(device))
     if device.type == "cuda":
-        t.add("memory", "GPU memory per loaded avatar (peak)", (torch.cuda.max_memory_allocated(device) - before) / 2**20,
-              "MiB", "torch.cuda.max_memory_allocated around load_nerf")
-    n_bytes = sum(p.numel() * p.element_size() for m in (nerf.head, nerf.torso) if m is not None
-                  for p in list(m.parameters()) + list(m.buffers()))
+        t.add(
+            "memory",
+            "GPU memory per loaded avatar (peak)",
+            (torch.cuda.max_memory_allocated(device) - before) / 2**20,
+            "MiB",
+            "torch.cuda.max_memory_allocated around load_nerf",
+        )
+    n_bytes = sum(
+        p.numel() * p.element_size()
+        for m in (nerf.head, nerf.torso)
+        if m is not None
+        for p in list(m.parameters()) + list(m.buffers())
+    )
     t.add("memory", "NeRF weights (params + buffers)", n_bytes / 2**20, "MiB")
     ds = Dataset(dataset)
     nerf.set_background(np.asarray(ds.background))
     idx = np.arange(min(batch, ds.n_frames))
     win = landmark_window(ds.n_frames, idx, nerf.window)
-    lm = torch.from_numpy(np.asarray(ds.lm3d)[win]).to(device)      # [B, W, 68, 3]
-    pose = torch.from_numpy(np.asarray(ds.pose)[idx]).to(device)    # [B, 4, 4]
+    lm = torch.from_numpy(np.asarray(ds.lm3d)[win]).to(device)  # [B, W, 68, 3]
+    pose = torch.from_numpy(np.asarray(ds.pose)[idx]).to(device)  # [B, 4, 4]
     blink = torch.from_numpy(np.asarray(ds.blink)[idx]).to(device)  # [B]
     best = 0.0
     for size in sizes:
@@ -295,10 +362,20 @@ def bench_render(t: Table, dataset: Path, out: Path, device: torch.device, sizes
         for b in sorted({1, len(idx)}):
             sec = _timed(lambda b=b: nerf.render(lm[:b], pose[:b], blink[:b], size=size), runs, device)
             best = max(best, b / sec)
-            t.add("render", f"head+torso {size} px, batch {b}", b / sec, "frames/s",
-                  f"{nerf.n_samples} samples/ray, hash grid {_grid_backends(nerf)}")
-        t.add("render", f"concurrent {STREAM_FPS} fps streams at {size} px", best / STREAM_FPS, "streams",
-              "best fps / 25 (render only; audio->landmarks excluded)")
+            t.add(
+                "render",
+                f"head+torso {size} px, batch {b}",
+                b / sec,
+                "frames/s",
+                f"{nerf.n_samples} samples/ray, hash grid {_grid_backends(nerf)}",
+            )
+        t.add(
+            "render",
+            f"concurrent {STREAM_FPS} fps streams at {size} px",
+            best / STREAM_FPS,
+            "streams",
+            "best fps / 25 (render only; audio->landmarks excluded)",
+        )
     b, size = len(idx), sizes[-1]
     for backend in ("torch", "triton", "tcnn"):
         if backend == _grid_backends(nerf) or not _set_grid_backend(nerf, backend, device):
@@ -314,10 +391,21 @@ def bench_render(t: Table, dataset: Path, out: Path, device: torch.device, sizes
             _sync(device)
             ct = time.perf_counter() - t0
             sec = _timed(lambda: nerf.render(lm[:b], pose[:b], blink[:b], size=size), runs, device)
-            t.add("render", f"head+torso {size} px, batch {b}, torch.compile", b / sec, "frames/s",
-                  f"compile + first render {ct:.0f} s")
+            t.add(
+                "render",
+                f"head+torso {size} px, batch {b}, torch.compile",
+                b / sec,
+                "frames/s",
+                f"compile + first render {ct:.0f} s",
+            )
         except Exception as e:  # a compiler failure must not cost the rest of the table
-            t.add("render", f"head+torso {size} px, batch {b}, torch.compile", "failed", "", f"{type(e).__name__}: {e}"[:100])
+            t.add(
+                "render",
+                f"head+torso {size} px, batch {b}, torch.compile",
+                "failed",
+                "",
+                f"{type(e).__name__}: {e}"[:100],
+            )
     return best
 
 
@@ -334,13 +422,25 @@ def onboarding_estimate(t: Table, dataset: Path, preset: str, rates: dict) -> No
     head_s = cfg.train.head_steps / max(rates["head"], 1e-9)
     torso_s = cfg.train.torso_steps / max(rates["torso"], 1e-9)
     if pre_s is not None:
-        t.add("onboard", f"preprocess {ONBOARD_MINUTES:g} min of video", pre_s / 60, "min",
-              f"dataset's own rate ({pre:.0f} s for {ds.n_frames} frames, on the host that made it)")
+        t.add(
+            "onboard",
+            f"preprocess {ONBOARD_MINUTES:g} min of video",
+            pre_s / 60,
+            "min",
+            f"dataset's own rate ({pre:.0f} s for {ds.n_frames} frames, on the host that made it)",
+        )
     t.add("onboard", f"head NeRF, {cfg.train.head_steps:,} steps", head_s / 60, "min", "at the measured steps/s")
     t.add("onboard", f"torso NeRF, {cfg.train.torso_steps:,} steps", torso_s / 60, "min", "at the measured steps/s")
     total = head_s + torso_s + (pre_s or 0.0)
-    t.add("onboard", f"{preset} onboarding of {ONBOARD_MINUTES:g} min (extrapolated)", total / 60, "min",
-          "preprocess + head + torso (postnet: seconds)" if pre_s is not None else "NeRFs only (no preprocessing time in the manifest)")
+    t.add(
+        "onboard",
+        f"{preset} onboarding of {ONBOARD_MINUTES:g} min (extrapolated)",
+        total / 60,
+        "min",
+        "preprocess + head + torso (postnet: seconds)"
+        if pre_s is not None
+        else "NeRFs only (no preprocessing time in the manifest)",
+    )
 
 
 def _grid_modules(nerf):
@@ -372,15 +472,22 @@ def _set_grid_backend(nerf, backend: str, device: torch.device) -> bool:
 
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--dataset", type=Path, required=True, help="preprocessed dataset directory (avatar preprocess)")
-    ap.add_argument("--minutes", type=float, default=None,
-                    help="wall time of head + torso training (default 6, or 0.1 with --quick)")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall time of head + torso training (default 6, or 0.1 with --quick)",
+    )
     ap.add_argument("--quick", action="store_true", help="cpu-smoke preset and tiny sizes; runs on CPU in seconds")
     ap.add_argument("--preset", default=None, help="NeRF preset (default gpu-full, or cpu-smoke with --quick)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--runs", type=int, default=None, help="timed runs per measurement (median; default 3, 1 with --quick)")
+    ap.add_argument(
+        "--runs", type=int, default=None, help="timed runs per measurement (median; default 3, 1 with --quick)"
+    )
     ap.add_argument("--batch", type=int, default=None, help="frames per batched render (default 8, 2 with --quick)")
     ap.add_argument("--out", type=Path, default=None, help="keep the trained NeRFs here (default: a temp dir)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md", help="markdown file to append to")
@@ -395,8 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but no CUDA GPU is visible; use --device cpu --quick", file=sys.stderr)
         return 2
     if not (args.dataset / "manifest.json").is_file():
-        print(f"error: {args.dataset} is not a dataset (no manifest.json); make one with `avatar preprocess`",
-              file=sys.stderr)
+        print(
+            f"error: {args.dataset} is not a dataset (no manifest.json); make one with `avatar preprocess`",
+            file=sys.stderr,
+        )
         return 2
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -432,13 +541,16 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
-    header = (f"\n## bench_gpu{' --quick' if quick else ''} ({started})\n\n"
-              f"machine: {_machine(device)}; commit {_commit()}; preset {preset}; dataset {args.dataset.name} "
-              f"({S} px); {minutes:g} min of training; median of {runs} runs after a warm-up\n\n")
+    header = (
+        f"\n## bench_gpu{' --quick' if quick else ''} ({started})\n\n"
+        f"machine: {_machine(device)}; commit {_commit()}; preset {preset}; dataset {args.dataset.name} "
+        f"({S} px); {minutes:g} min of training; median of {runs} runs after a warm-up\n\n"
+    )
     print("\n" + header + t.markdown())
     if args.json is not None:
-        args.json.write_text(json.dumps([dict(zip(("section", "item", "value", "unit", "note"), r)) for r in t.rows],
-                                        indent=1) + "\n")
+        args.json.write_text(
+            json.dumps([dict(zip(("section", "item", "value", "unit", "note"), r)) for r in t.rows], indent=1) + "\n"
+        )
     if not args.no_results:
         with open(args.results, "a") as f:
             f.write(header + t.markdown() + "\n")

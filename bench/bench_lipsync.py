@@ -20,6 +20,7 @@ the person's mean shape (mouth LMD of a zero expression) and the audio RMS-energ
 r with the real mouth opening). Prints tables and appends them to ``bench/RESULTS.md``.
 Clips are preprocessed once into ``--cache`` (128 px; only landmarks and audio are used).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,8 +106,9 @@ def _override_fit(pairs: list[str], preset: str) -> None:
 
     fit, arch = _parse_overrides(pairs, "--fit", regression.RegressionTrainConfig, regression.RegressionConfig)
     p = train.PRESETS[preset]
-    train.PRESETS[preset] = replace(p, regression_fit=replace(p.regression_fit, **fit),
-                                    regression=replace(p.regression, **arch))
+    train.PRESETS[preset] = replace(
+        p, regression_fit=replace(p.regression_fit, **fit), regression=replace(p.regression, **arch)
+    )
     _override_finetune_fields({k: v for k, v in fit.items() if k != "steps"})
 
 
@@ -135,22 +137,40 @@ def avatar_checks(store: Path, name: str, dataset: Path, data: Path) -> str:
     real = mouth_opening(np.asarray(ds.lm3d))
     tail = slice(ds.val_range.start, ds.val_range.stop)
     own = mouth_opening(landmarks_for_audio(m, np.asarray(ds.audio, np.float32)))
-    rows = [{"input": "own audio, validation tail", "r vs real opening": _fmt(pearson(own[tail], real[tail])),
-             "open-energy r": "", "std / real std": _fmt(float(own[tail].std() / real[tail].std()))}]
+    rows = [
+        {
+            "input": "own audio, validation tail",
+            "r vs real opening": _fmt(pearson(own[tail], real[tail])),
+            "open-energy r": "",
+            "std / real std": _fmt(float(own[tail].std() / real[tail].std())),
+        }
+    ]
     for wav in sorted((data / "audio").glob("*.wav")):
         w = load_audio(wav)
         o = mouth_opening(landmarks_for_audio(m, w))
-        rows.append({"input": wav.name, "r vs real opening": "", "open-energy r": _fmt(pearson(o, audio_energy(w, len(o)))),
-                     "std / real std": _fmt(float(o.std() / real.std()))})
+        rows.append(
+            {
+                "input": wav.name,
+                "r vs real opening": "",
+                "open-energy r": _fmt(pearson(o, audio_energy(w, len(o)))),
+                "std / real std": _fmt(float(o.std() / real.std())),
+            }
+        )
     sil = mouth_opening(landmarks_for_audio(m, np.zeros(16000 * 3, np.float32)))[25:]
     e = audio_energy(np.asarray(ds.audio, np.float32), ds.n_frames)
     quiet = real[e <= np.percentile(e, 10)]
     z = abs(sil.mean() - quiet.mean()) / quiet.std()
-    return "\n".join([
-        f"\n### Render path of avatar `{name}` ({datetime.date.today()}, commit {_commit()})",
-        "Fine-tuned audio2motion + postnet, block-wise exactly as rendered (`landmarks_for_audio`). "
-        f"Digital silence: mouth opening {sil.mean():.4f} vs the person's quiet frames {quiet.mean():.4f} +- "
-        f"{quiet.std():.4f} (z = {z:.2f}).", "", markdown_table(rows, list(rows[0])), ""])
+    return "\n".join(
+        [
+            f"\n### Render path of avatar `{name}` ({datetime.date.today()}, commit {_commit()})",
+            "Fine-tuned audio2motion + postnet, block-wise exactly as rendered (`landmarks_for_audio`). "
+            f"Digital silence: mouth opening {sil.mean():.4f} vs the person's quiet frames {quiet.mean():.4f} +- "
+            f"{quiet.std():.4f} (z = {z:.2f}).",
+            "",
+            markdown_table(rows, list(rows[0])),
+            "",
+        ]
+    )
 
 
 def _prepare(args) -> tuple[list[Path], list[Path], dict[Path, Path]]:
@@ -185,10 +205,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "avatar-bench-lipsync")
-    ap.add_argument("--size", type=int, default=None, help="frame side (px) the clips are tracked at (default: "
-                    "train-generator's cache size)")
-    ap.add_argument("--eval-cache", type=Path, default=None,
-                    help="score against the landmarks of this cache instead (e.g. tracked at another --eval-size)")
+    ap.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="frame side (px) the clips are tracked at (default: train-generator's cache size)",
+    )
+    ap.add_argument(
+        "--eval-cache",
+        type=Path,
+        default=None,
+        help="score against the landmarks of this cache instead (e.g. tracked at another --eval-size)",
+    )
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--model", default="tcn", choices=["tcn", "vae-flow"])
     ap.add_argument("--preset", default="cpu")
@@ -199,11 +227,21 @@ def main(argv=None) -> int:
     ap.add_argument("--min-seconds", type=float, default=3.0, help="shortest fold clip evaluated")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--label", default="", help="a note for the results heading (e.g. the lever tried)")
-    ap.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a RegressionTrainConfig field (shared training and fine-tuning) or a "
-                         "RegressionConfig field (architecture; e.g. --fit hidden=192): a lever under test")
-    ap.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a RegressionTrainConfig field of per-person fine-tuning only")
+    ap.add_argument(
+        "--fit",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a RegressionTrainConfig field (shared training and fine-tuning) or a "
+        "RegressionConfig field (architecture; e.g. --fit hidden=192): a lever under test",
+    )
+    ap.add_argument(
+        "--ft",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a RegressionTrainConfig field of per-person fine-tuning only",
+    )
     ap.add_argument("--avatar", default=None, help="only the render-path checks of this onboarded avatar")
     ap.add_argument("--store", type=Path, default=None, help="with --avatar: its store")
     ap.add_argument("--dataset", type=Path, default=None, help="with --avatar: its dataset (work dir, --keep-work)")
@@ -226,7 +264,7 @@ def main(argv=None) -> int:
     corpus, speakers, truth = _prepare(args)
     groups = sorted({speaker_group(d.name) for d in corpus})
     perm = np.random.default_rng(0).permutation(groups)
-    folds = [set(perm[i:: args.folds]) for i in range(args.folds)]  # --folds 0: unseen speakers only
+    folds = [set(perm[i :: args.folds]) for i in range(args.folds)]  # --folds 0: unseen speakers only
     from avatar.data.dataset import Dataset
 
     long_enough = {d: Dataset(d).n_frames >= args.min_seconds * 25 for d in corpus}
@@ -249,11 +287,16 @@ def main(argv=None) -> int:
             for d in speakers:
                 spk_rows.setdefault(d.name, []).append(evaluate_clip(gen, truth[d]))
                 sil_rows.setdefault(d.name, []).append(silence_check(gen, truth[d]))
-                person = finetune_generator(gen, d, tmp / f"person-{d.name}", preset=args.preset, overwrite=True,
-                                            progress=False)
+                person = finetune_generator(
+                    gen, d, tmp / f"person-{d.name}", preset=args.preset, overwrite=True, progress=False
+                )
                 tail_rows.setdefault(d.name, []).append(
-                    {**evaluate_clip(person, truth[d], part="val"), "shared_r": evaluate_clip(gen, truth[d], part="val")["open_r"],
-                     "silence_z_person": silence_check(person, truth[d])["silence_z"]})
+                    {
+                        **evaluate_clip(person, truth[d], part="val"),
+                        "shared_r": evaluate_clip(gen, truth[d], part="val")["open_r"],
+                        "silence_z_person": silence_check(person, truth[d])["silence_z"],
+                    }
+                )
             from avatar.media import load_audio
 
             for wav in sorted((args.data / "audio").glob("*.wav")):
@@ -266,9 +309,17 @@ def main(argv=None) -> int:
     def short(name: str) -> str:
         return clip_name(name)[-40:]
 
-    fold_table = [{"clip": short(n), "s": f"{rows[0]['frames'] / 25:.0f}", "r": _fmt(med(rows, "open_r")),
-                   "energy r": _fmt(med(rows, "energy_r")), "LMD / mean shape": _fmt(med(rows, "lmd_ratio")),
-                   "std ratio": _fmt(med(rows, "open_std_ratio"))} for n, rows in sorted(fold_rows.items())]
+    fold_table = [
+        {
+            "clip": short(n),
+            "s": f"{rows[0]['frames'] / 25:.0f}",
+            "r": _fmt(med(rows, "open_r")),
+            "energy r": _fmt(med(rows, "energy_r")),
+            "LMD / mean shape": _fmt(med(rows, "lmd_ratio")),
+            "std ratio": _fmt(med(rows, "open_std_ratio")),
+        }
+        for n, rows in sorted(fold_rows.items())
+    ]
     fold_table = fold_table or [{"clip": "(no LOSO folds run)"}]
     fr = [med(rows, "open_r") for rows in fold_rows.values()]
     fe = [med(rows, "energy_r") for rows in fold_rows.values()]
@@ -276,31 +327,56 @@ def main(argv=None) -> int:
     spk_table = []
     for n, rows in sorted(spk_rows.items()):
         t, s = tail_rows[n], sil_rows[n]
-        spk_table.append({"clip": short(n), "r": _fmt(med(rows, "open_r")), "energy r": _fmt(med(rows, "energy_r")),
-                          "LMD": _fmt(med(rows, "mouth_lmd")), "mean-shape LMD": _fmt(med(rows, "mean_shape_mouth_lmd")),
-                          "std ratio": _fmt(med(rows, "open_std_ratio")),
-                          "tail r shared": _fmt(med(t, "shared_r")), "tail r person": _fmt(med(t, "open_r")),
-                          "tail std ratio person": _fmt(med(t, "open_std_ratio")),
-                          "tail energy r": _fmt(med(t, "energy_r")),
-                          "silence z shared": _fmt(med(s, "silence_z")),
-                          "silence z person": _fmt(med(t, "silence_z_person"))})
+        spk_table.append(
+            {
+                "clip": short(n),
+                "r": _fmt(med(rows, "open_r")),
+                "energy r": _fmt(med(rows, "energy_r")),
+                "LMD": _fmt(med(rows, "mouth_lmd")),
+                "mean-shape LMD": _fmt(med(rows, "mean_shape_mouth_lmd")),
+                "std ratio": _fmt(med(rows, "open_std_ratio")),
+                "tail r shared": _fmt(med(t, "shared_r")),
+                "tail r person": _fmt(med(t, "open_r")),
+                "tail std ratio person": _fmt(med(t, "open_std_ratio")),
+                "tail energy r": _fmt(med(t, "energy_r")),
+                "silence z shared": _fmt(med(s, "silence_z")),
+                "silence z person": _fmt(med(t, "silence_z_person")),
+            }
+        )
     lang_table = [{"audio": n, "open-energy r": _fmt(_median(v))} for n, v in sorted(lang_rows.items())]
-    summary = (f"LOSO folds ({len(fold_rows)} clips >= {args.min_seconds:.0f} s, {len(groups)} speakers, {args.folds} folds): "
-               f"mean r {_fmt(float(np.nanmean(fr)))} vs energy baseline {_fmt(float(np.nanmean(fe)))}; "
-               f"r > energy on {sum(a > b for a, b in zip(fr, fe))}/{len(fr)} clips; "
-               f"mouth LMD / mean-shape LMD {_fmt(float(np.nanmean(fl)))} (mean of clips). "
-               f"Unseen speakers: mean r {_fmt(float(np.nanmean([med(r, 'open_r') for r in spk_rows.values()])))}.")
-    text = "\n".join([
-        f"\n## Lip-sync on unseen speakers ({args.model}{', ' + args.label if args.label else ''}) — "
-        f"{datetime.date.today()}, commit {_commit()}",
-        f"Machine: {_machine()}. `python -m bench.bench_lipsync --model {args.model} --seeds {args.seeds} "
-        f"--folds {args.folds}{' --steps ' + str(args.steps) if args.steps else ''}`; medians of {args.seeds} seed(s); "
-        f"{time.time() - t_start:.0f} s in all.", "", summary, "",
-        "Speakers outside every corpus (whole clip; then the validation tail after per-person fine-tuning):", "",
-        markdown_table(spk_table, list(spk_table[0])), "",
-        "Driving audio (no ground truth): mouth opening vs audio energy:", "",
-        markdown_table(lang_table, ["audio", "open-energy r"]), "",
-        "<details><summary>LOSO clips</summary>", "", markdown_table(fold_table, list(fold_table[0])), "", "</details>", ""])
+    summary = (
+        f"LOSO folds ({len(fold_rows)} clips >= {args.min_seconds:.0f} s, {len(groups)} speakers, {args.folds} folds): "
+        f"mean r {_fmt(float(np.nanmean(fr)))} vs energy baseline {_fmt(float(np.nanmean(fe)))}; "
+        f"r > energy on {sum(a > b for a, b in zip(fr, fe))}/{len(fr)} clips; "
+        f"mouth LMD / mean-shape LMD {_fmt(float(np.nanmean(fl)))} (mean of clips). "
+        f"Unseen speakers: mean r {_fmt(float(np.nanmean([med(r, 'open_r') for r in spk_rows.values()])))}."
+    )
+    text = "\n".join(
+        [
+            f"\n## Lip-sync on unseen speakers ({args.model}{', ' + args.label if args.label else ''}) — "
+            f"{datetime.date.today()}, commit {_commit()}",
+            f"Machine: {_machine()}. `python -m bench.bench_lipsync --model {args.model} --seeds {args.seeds} "
+            f"--folds {args.folds}{' --steps ' + str(args.steps) if args.steps else ''}`; medians of {args.seeds} seed(s); "
+            f"{time.time() - t_start:.0f} s in all.",
+            "",
+            summary,
+            "",
+            "Speakers outside every corpus (whole clip; then the validation tail after per-person fine-tuning):",
+            "",
+            markdown_table(spk_table, list(spk_table[0])),
+            "",
+            "Driving audio (no ground truth): mouth opening vs audio energy:",
+            "",
+            markdown_table(lang_table, ["audio", "open-energy r"]),
+            "",
+            "<details><summary>LOSO clips</summary>",
+            "",
+            markdown_table(fold_table, list(fold_table[0])),
+            "",
+            "</details>",
+            "",
+        ]
+    )
     print(text)
     if not args.no_append:
         append_results(text)

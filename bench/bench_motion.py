@@ -10,6 +10,7 @@ dir and its wall time (preprocessing + SyncNet + generator) is reported; otherwi
 time recorded in the ``--generator`` bundle's metrics.json is shown (if any).
 Prints a table and appends it to ``bench/RESULTS.md`` (machine, git commit, date).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,6 @@ from bench.common import commit as _commit
 from bench.common import machine as _machine
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
 
 
 def _median_time(fn, runs: int) -> float:
@@ -77,23 +76,46 @@ def main(argv: list[str] | None = None) -> int:
     gen = load_generator(args.generator, device=args.device) if args.generator else _random_generator(args.device)
     n = int(args.seconds * 25)
     rng = np.random.default_rng(0)
-    feats = (rng.standard_normal((2 * n, gen.stats.feature_dim)) * np.asarray(gen.stats.feature_std)
-             + np.asarray(gen.stats.feature_mean)).astype(np.float32)
+    feats = (
+        rng.standard_normal((2 * n, gen.stats.feature_dim)) * np.asarray(gen.stats.feature_std)
+        + np.asarray(gen.stats.feature_mean)
+    ).astype(np.float32)
     rows = []
     for chunk in (1000, 200):
         t = _median_time(lambda: gen.predict(feats, seed=0, chunk_frames=chunk), args.runs)
-        rows.append({"stage": f"generator (chunk {chunk} frames)", "audio_s": f"{args.seconds:.0f}",
-                     "median_s": f"{t:.3f}", "x_realtime": f"{args.seconds / t:.1f}"})
+        rows.append(
+            {
+                "stage": f"generator (chunk {chunk} frames)",
+                "audio_s": f"{args.seconds:.0f}",
+                "median_s": f"{t:.3f}",
+                "x_realtime": f"{args.seconds / t:.1f}",
+            }
+        )
     expr = gen.predict(feats, seed=0)
-    pn = load_postnet(args.postnet, device=args.device) if args.postnet else Postnet(
-        CNNPostNet(PostnetConfig()), gen.stats.expr_mean, gen.stats.expr_std, args.device)
+    pn = (
+        load_postnet(args.postnet, device=args.device)
+        if args.postnet
+        else Postnet(CNNPostNet(PostnetConfig()), gen.stats.expr_mean, gen.stats.expr_std, args.device)
+    )
     t = _median_time(lambda: pn.apply(expr), args.runs)
-    rows.append({"stage": "postnet", "audio_s": f"{args.seconds:.0f}", "median_s": f"{t:.3f}",
-                 "x_realtime": f"{args.seconds / t:.1f}"})
-    ref = expr[: 1600] + rng.standard_normal(expr[:1600].shape).astype(np.float32) * 0.01
+    rows.append(
+        {
+            "stage": "postnet",
+            "audio_s": f"{args.seconds:.0f}",
+            "median_s": f"{t:.3f}",
+            "x_realtime": f"{args.seconds / t:.1f}",
+        }
+    )
+    ref = expr[:1600] + rng.standard_normal(expr[:1600].shape).astype(np.float32) * 0.01
     t = _median_time(lambda: lle_project(expr, ref, k=10, blend=0.25), args.runs)
-    rows.append({"stage": "LLE (K=10, 1600 ref frames)", "audio_s": f"{args.seconds:.0f}", "median_s": f"{t:.3f}",
-                 "x_realtime": f"{args.seconds / t:.1f}"})
+    rows.append(
+        {
+            "stage": "LLE (K=10, 1600 ref frames)",
+            "audio_s": f"{args.seconds:.0f}",
+            "median_s": f"{t:.3f}",
+            "x_realtime": f"{args.seconds / t:.1f}",
+        }
+    )
 
     if args.train_corpus:
         from recipes.train_generator import train_generator
@@ -103,24 +125,44 @@ def main(argv: list[str] | None = None) -> int:
             out = train_generator(args.train_corpus, Path(tmp) / "gen", preset="cpu", progress=False)
             total = time.perf_counter() - t0
             m = json.loads((out / "metrics.json").read_text())
-        rows.append({"stage": "train cpu preset (preprocess+train)", "audio_s": f"{m['train_frames'] / 25:.0f}",
-                     "median_s": f"{total:.0f}", "x_realtime": "-"})
-        rows.append({"stage": "  of which SyncNet+generator", "audio_s": "", "median_s": f"{m['train_seconds']:.0f}",
-                     "x_realtime": "-"})
+        rows.append(
+            {
+                "stage": "train cpu preset (preprocess+train)",
+                "audio_s": f"{m['train_frames'] / 25:.0f}",
+                "median_s": f"{total:.0f}",
+                "x_realtime": "-",
+            }
+        )
+        rows.append(
+            {
+                "stage": "  of which SyncNet+generator",
+                "audio_s": "",
+                "median_s": f"{m['train_seconds']:.0f}",
+                "x_realtime": "-",
+            }
+        )
     elif args.generator and (args.generator / "metrics.json").is_file():
         m = json.loads((args.generator / "metrics.json").read_text())
-        rows.append({"stage": f"train {json.loads((args.generator / 'config.json').read_text())['train']['preset']} preset "
-                              f"(SyncNet+generator, from metrics.json)",
-                     "audio_s": f"{m['train_frames'] / 25:.0f}", "median_s": f"{m['train_seconds']:.0f}", "x_realtime": "-"})
+        rows.append(
+            {
+                "stage": f"train {json.loads((args.generator / 'config.json').read_text())['train']['preset']} preset "
+                f"(SyncNet+generator, from metrics.json)",
+                "audio_s": f"{m['train_frames'] / 25:.0f}",
+                "median_s": f"{m['train_seconds']:.0f}",
+                "x_realtime": "-",
+            }
+        )
 
     cols = list(rows[0])
     table = markdown_table(rows, cols)
     print(table)
     model = f"bundle {args.generator}" if args.generator else "random CPU-preset-size generator"
-    header = (f"\n## bench_motion: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {_commit()}\n\n"
-              f"Machine: {_machine()}; {torch.get_num_threads()} torch thread(s), device {args.device}. {model}. "
-              f"Median of {args.runs} runs after a warm-up; x_realtime = seconds of audio per second of compute. "
-              f"Machine load at start: {os.getloadavg()[0]:.1f}.\n\n")
+    header = (
+        f"\n## bench_motion: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {_commit()}\n\n"
+        f"Machine: {_machine()}; {torch.get_num_threads()} torch thread(s), device {args.device}. {model}. "
+        f"Median of {args.runs} runs after a warm-up; x_realtime = seconds of audio per second of compute. "
+        f"Machine load at start: {os.getloadavg()[0]:.1f}.\n\n"
+    )
     append_results(header + table + "\n")
     return 0
 

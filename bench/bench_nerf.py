@@ -17,6 +17,7 @@ Usage::
 
 Prints a table and appends it to ``bench/RESULTS.md`` (machine, git commit, date).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +66,13 @@ def bench_encoding(dev, runs: int, compile_: bool) -> list[tuple[str, str, str]]
         y.sum().backward()
 
     t = _median_time(step, runs, dev)
-    rows.append(("encoding fwd+bwd (65,536 x 3-D)", f"{65536 / t / 1e3:.1f} k points/s", f"backend {'tcnn' if enc._use_tcnn(x) else 'torch'}"))
+    rows.append(
+        (
+            "encoding fwd+bwd (65,536 x 3-D)",
+            f"{65536 / t / 1e3:.1f} k points/s",
+            f"backend {'tcnn' if enc._use_tcnn(x) else 'torch'}",
+        )
+    )
     if compile_:
         cenc = torch.compile(enc)
         t0 = time.perf_counter()
@@ -123,7 +130,13 @@ def bench_train(dev, runs: int, preset: str, dataset: str | None) -> list[tuple[
 
     t = _median_time(steps, runs, dev) / 5
     rays = cfg.train.frames_per_step * cfg.train.rays_per_frame
-    return [(f"head train step ({preset})", f"{1 / t:.2f} steps/s", f"{rays} rays x {cfg.train.n_samples} samples, size {scene.size}")]
+    return [
+        (
+            f"head train step ({preset})",
+            f"{1 / t:.2f} steps/s",
+            f"{rays} rays x {cfg.train.n_samples} samples, size {scene.size}",
+        )
+    ]
 
 
 def bench_render(dev, runs: int, preset: str, model: str | None) -> list[tuple[str, str, str]]:
@@ -140,8 +153,16 @@ def bench_render(dev, runs: int, preset: str, model: str | None) -> list[tuple[s
         cfg = get_preset(preset)
         lm = torch.zeros(68, 3)
         head = build_head(cfg, 10, torch.tensor([-1.5, -1.5, -1.5, 1.5, 1.5, 1.5]))
-        nerf = AvatarNerf(head, build_torso(cfg, 10, 512), 512, Intrinsics(1200.0, 1200.0, 256.0, 256.0), 0.09,
-                          cfg.head.window, device=dev, n_samples=cfg.train.n_samples)
+        nerf = AvatarNerf(
+            head,
+            build_torso(cfg, 10, 512),
+            512,
+            Intrinsics(1200.0, 1200.0, 256.0, 256.0),
+            0.09,
+            cfg.head.window,
+            device=dev,
+            n_samples=cfg.train.n_samples,
+        )
         note = f"untrained {preset}, all cells occupied (worst case)"
     pose = torch.eye(4, device=dev)[None]
     pose[0, 2, 3] = 0.75
@@ -171,14 +192,22 @@ def main(argv=None) -> int:
     rows += bench_train(dev, args.runs, args.preset, args.dataset)
     rows += bench_render(dev, args.runs, args.preset, args.model)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = "?"
     gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else "no GPU"
-    machine = (f"{platform.node() or 'host'} {platform.machine()}, {torch.get_num_threads()} torch threads, "
-               f"torch {torch.__version__}, {gpu}")
-    lines = [f"\n## bench_nerf ({datetime.date.today()}, commit {commit})\n", f"Machine: {machine}. Median of {args.runs} runs.\n",
-             "| what | result | notes |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    machine = (
+        f"{platform.node() or 'host'} {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, {gpu}"
+    )
+    lines = [
+        f"\n## bench_nerf ({datetime.date.today()}, commit {commit})\n",
+        f"Machine: {machine}. Median of {args.runs} runs.\n",
+        "| what | result | notes |",
+        "|---|---|---|",
+    ] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_append:

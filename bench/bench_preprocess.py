@@ -7,6 +7,7 @@ table and appends it to ``bench/RESULTS.md`` with machine, git commit and date (
 
     .venv/bin/python bench/bench_preprocess.py [--runs 3] [--data ../shared/data]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,6 @@ from bench.common import commit as _commit
 from bench.common import machine as _machine
 
 REPO = Path(__file__).resolve().parents[1]
-
-
 
 
 def head_slice(src: Path, dst: Path, seconds: float) -> Path:
@@ -51,7 +50,18 @@ def run_once(video: Path, size: int, workdir: Path) -> tuple[float, float, int]:
     """One preprocess subprocess -> (seconds, peak RSS GiB, n_frames)."""
     out = workdir / f"ds_{size}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "avatar.cli", "preprocess", str(video), "--out", str(out), "--size", str(size), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "avatar.cli",
+        "preprocess",
+        str(video),
+        "--out",
+        str(out),
+        "--size",
+        str(size),
+        "--quiet",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -79,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
         tmp = Path(tmp)
         short = head_slice(clip, tmp / "acosta_20s.mp4", 20.0)
-        for name, video, size in (("acosta 71 s", clip, 512), ("acosta 71 s", clip, 256), ("acosta first 20 s", short, 512)):
+        for name, video, size in (
+            ("acosta 71 s", clip, 512),
+            ("acosta 71 s", clip, 256),
+            ("acosta first 20 s", short, 512),
+        ):
             res = [run_once(video, size, tmp) for _ in range(args.runs)]
             sec = statistics.median(r[0] for r in res)
             rss = statistics.median(r[1] for r in res)

@@ -19,6 +19,7 @@ Usage::
 
 Prints a table and appends it to ``bench/RESULTS.md`` (machine, git commit, date).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,6 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-
-
 def one_stream(target: str, avatar: str, audio: np.ndarray, size: int | None, out: dict) -> None:
     """Run one real-time StreamRender session; fills ``out`` with timings or an error."""
     import grpc
@@ -66,7 +65,7 @@ def one_stream(target: str, avatar: str, audio: np.ndarray, size: int | None, ou
         sent["t0"] = t0
         for i, s in enumerate(range(0, len(audio), step)):
             time.sleep(max(0.0, t0 + i * CHUNK_S - time.monotonic()))
-            yield audio[s:s + step]
+            yield audio[s : s + step]
 
     try:
         with AvatarClient(target, token=TOKEN) as c:
@@ -74,9 +73,13 @@ def one_stream(target: str, avatar: str, audio: np.ndarray, size: int | None, ou
             frames = [f.received for f in call]
         lookahead = call.header.lookahead_s
         enough = sent["t0"] + 1 / 25 + lookahead  # audio for frame 0 + its lookahead has been sent by then
-        out.update(frames=len(frames), first_frame_s=frames[0] - sent["t0"],
-                   server_latency_s=frames[0] - enough, lookahead_s=lookahead,
-                   fps=(len(frames) - 1) / max(frames[-1] - frames[0], 1e-9))
+        out.update(
+            frames=len(frames),
+            first_frame_s=frames[0] - sent["t0"],
+            server_latency_s=frames[0] - enough,
+            lookahead_s=lookahead,
+            fps=(len(frames) - 1) / max(frames[-1] - frames[0], 1e-9),
+        )
     except grpc.RpcError as e:
         out["error"] = f"{e.code().name}: {e.details()}"
 
@@ -100,8 +103,20 @@ def main(argv=None) -> int:
     audio = load_audio(args.audio)[: int(args.seconds * 16000)]
     load0 = os.getloadavg()[0]
     levels = [int(k) for k in args.levels.split(",")]
-    cmd = [sys.executable, "-m", "avatar.cli", "serve", "--store", args.store, "--host", "127.0.0.1", "--port", "0",
-           "--metrics-port", "-1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "avatar.cli",
+        "serve",
+        "--store",
+        args.store,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+    ]
     if args.device:
         cmd += ["--device", args.device]
     import tempfile
@@ -109,8 +124,14 @@ def main(argv=None) -> int:
     cfg = Path(tempfile.mkstemp(prefix="bench_server_", suffix=".json")[1])
     cfg.write_text(json.dumps({"max_streams": max(levels) + 1, "max_audio_s": args.seconds + 5}))
     cmd += ["--config", str(cfg)]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-                              env=dict(os.environ, AVATAR_TOKENS=f"{TOKEN}=admin"))
+    server = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, AVATAR_TOKENS=f"{TOKEN}=admin"),
+    )
     rows = []
     try:
         port = json.loads(server.stdout.readline())["port"]
@@ -126,8 +147,9 @@ def main(argv=None) -> int:
             results = []
             for _ in range(args.runs):
                 outs = [{} for _ in range(k)]
-                threads = [threading.Thread(target=one_stream, args=(target, args.avatar, audio, args.size, o))
-                           for o in outs]
+                threads = [
+                    threading.Thread(target=one_stream, args=(target, args.avatar, audio, args.size, o)) for o in outs
+                ]
                 for t in threads:
                     t.start()
                 for t in threads:
@@ -135,10 +157,20 @@ def main(argv=None) -> int:
                 results += outs
             ok = [r for r in results if "error" not in r]
             med = lambda key: statistics.median(r[key] for r in ok) if ok else float("nan")  # noqa: E731
-            rows.append({"K": k, "streams": len(results), "errors": len(results) - len(ok),
-                         "first_frame_s": med("first_frame_s"), "server_latency_s": med("server_latency_s"),
-                         "lookahead_s": med("lookahead_s"), "fps": med("fps"), "render_ms": render_ms,
-                         "rss_before_mb": rss0, "rss_after_mb": _rss_mb(server.pid)})
+            rows.append(
+                {
+                    "K": k,
+                    "streams": len(results),
+                    "errors": len(results) - len(ok),
+                    "first_frame_s": med("first_frame_s"),
+                    "server_latency_s": med("server_latency_s"),
+                    "lookahead_s": med("lookahead_s"),
+                    "fps": med("fps"),
+                    "render_ms": render_ms,
+                    "rss_before_mb": rss0,
+                    "rss_after_mb": _rss_mb(server.pid),
+                }
+            )
             for r in results:
                 if "error" in r:
                     print("error:", r["error"], file=sys.stderr)
@@ -147,21 +179,27 @@ def main(argv=None) -> int:
         server.wait(30)
         cfg.unlink(missing_ok=True)
 
-    head = ("| K | streams | errors | first frame s | server latency s | lookahead s | frames/s per stream "
-            "| render ms/frame (offline) | server RSS MB before -> after |")
+    head = (
+        "| K | streams | errors | first frame s | server latency s | lookahead s | frames/s per stream "
+        "| render ms/frame (offline) | server RSS MB before -> after |"
+    )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        lines.append(f"| {r['K']} | {r['streams']} | {r['errors']} | {r['first_frame_s']:.3f} | "
-                     f"{r['server_latency_s']:.3f} | {r['lookahead_s']:.2f} | {r['fps']:.1f} | {r['render_ms']:.1f} | "
-                     f"{r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} |")
+        lines.append(
+            f"| {r['K']} | {r['streams']} | {r['errors']} | {r['first_frame_s']:.3f} | "
+            f"{r['server_latency_s']:.3f} | {r['lookahead_s']:.2f} | {r['fps']:.1f} | {r['render_ms']:.1f} | "
+            f"{r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} |"
+        )
     table = "\n".join(lines)
     print(table)
     if not args.no_record:
-        meta = (f"\n## bench_service: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-                f"commit {_commit()}\n\nMachine: {_machine()}. Avatar `{args.avatar}` "
-                f"(size {args.size or 'native'}), {args.seconds:.0f} s of `{Path(args.audio).name}` per stream in "
-                f"{CHUNK_S * 1000:.0f} ms real-time chunks, realtime pacing on, {args.runs} run(s) per level; "
-                f"medians over streams. Load average at start: {load0:.1f}.\n\n")
+        meta = (
+            f"\n## bench_service: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+            f"commit {_commit()}\n\nMachine: {_machine()}. Avatar `{args.avatar}` "
+            f"(size {args.size or 'native'}), {args.seconds:.0f} s of `{Path(args.audio).name}` per stream in "
+            f"{CHUNK_S * 1000:.0f} ms real-time chunks, realtime pacing on, {args.runs} run(s) per level; "
+            f"medians over streams. Load average at start: {load0:.1f}.\n\n"
+        )
         append_results(meta + table + "\n")
     return 0
 

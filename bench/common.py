@@ -1,4 +1,5 @@
 """Shared bench helpers: machine description, git commit, appending to ``bench/RESULTS.md``."""
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,9 @@ def machine(device=None) -> str:
 def commit() -> str:
     """Short git commit of the checkout, or ``unknown``."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -54,5 +56,6 @@ def markdown_table(rows: list[dict[str, str]], cols: list[str]) -> str:
     def line(vals):
         return "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
 
-    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [line([r[c] for c in cols]) for r in rows])
+    return "\n".join(
+        [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line([r[c] for c in cols]) for r in rows]
+    )

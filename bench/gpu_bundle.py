@@ -17,6 +17,7 @@ Contents of ``OUT/`` (default ``gpu_bundle/``, git-ignored)::
 The datasets are made here with the preprocessing stack (PyAV, mediapipe); the GPU host needs none of
 it. Wheels are cached in ``--wheel-cache`` (default ``.whl/gpu_bundle``) so a rebuild needs no network.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,27 @@ PYTHONS = ("3.11", "3.12", "3.13")
 #: pure-Python / abi3 / per-Python wheels a torch+Triton+numpy+OpenCV host lacks (installed with --no-deps
 #: semantics resolved here: nerfacc needs rich -> markdown-it-py, mdurl, pygments; pytest needs pluggy,
 #: iniconfig, packaging)
-WHEELS = ("nerfacc==0.5.3", "rich", "markdown-it-py", "mdurl", "pygments", "typing_extensions", "safetensors", "tqdm",
-          "pyyaml", "platformdirs", "ninja", "pytest", "pluggy", "iniconfig", "packaging", "pytest-timeout")
+WHEELS = (
+    "nerfacc==0.5.3",
+    "rich",
+    "markdown-it-py",
+    "mdurl",
+    "pygments",
+    "typing_extensions",
+    "safetensors",
+    "tqdm",
+    "pyyaml",
+    "platformdirs",
+    "ninja",
+    "pytest",
+    "pluggy",
+    "iniconfig",
+    "packaging",
+    "pytest-timeout",
+)
 CODE = ("avatar", "bench", "tests", "pyproject.toml", "docs/GPU.md", "README.md")
 
-GPU_CHECK = r'''#!/usr/bin/env bash
+GPU_CHECK = r"""#!/usr/bin/env bash
 # Offline GPU check of the avatar NeRF path (made by `make gpu-bundle`; see code/docs/GPU.md).
 #   bash gpu_check.sh                 # MINUTES=2 of training in the bench; PYTHON=python3 by default
 #   VENV=none: install into $PYTHON's own environment instead of ./.venv; BENCH_ARGS: extra bench_gpu options;
@@ -120,7 +137,7 @@ else  # the bench did not finish (e.g. timed out): the rows it printed so far
     grep -E "^  (build|check|encoding|data|train|quality|memory|render|onboard) " results/bench_gpu.log
 fi
 [ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]
-'''
+"""
 
 
 def _du(path: Path) -> int:
@@ -128,7 +145,9 @@ def _du(path: Path) -> int:
 
 
 def _copy_code(out: Path) -> None:
-    files = subprocess.run(["git", "ls-files", *CODE], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", *CODE], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     for f in files:
         src = ROOT / f
         if src.is_file():
@@ -144,9 +163,28 @@ def _download_wheels(cache: Path) -> None:
         stamp = cache / f".done-{py}"
         if stamp.exists():
             continue
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", py,
-               "--implementation", "cp", "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
-               "--platform", "manylinux_2_28_x86_64", "-d", str(cache), *WHEELS]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            py,
+            "--implementation",
+            "cp",
+            "--platform",
+            "manylinux2014_x86_64",
+            "--platform",
+            "manylinux_2_17_x86_64",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "-d",
+            str(cache),
+            *WHEELS,
+        ]
         subprocess.run(cmd, check=True)
         stamp.touch()
 
@@ -183,7 +221,10 @@ def build(out: Path, wheel_cache: Path, video: Path, datasets: Path | None = Non
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     parts = {p.name: _du(p) for p in sorted(out.iterdir()) if p.is_dir()}
     total = _du(out)
-    lines = [f"avatar GPU bundle, commit {commit()}", f"total {total / 2**20:.1f} MiB (limit {LIMIT_BYTES / 2**20:.0f} MiB)"]
+    lines = [
+        f"avatar GPU bundle, commit {commit()}",
+        f"total {total / 2**20:.1f} MiB (limit {LIMIT_BYTES / 2**20:.0f} MiB)",
+    ]
     lines += [f"  {k}/ {v / 2**20:.1f} MiB" for k, v in parts.items()]
     lines += ["run: bash gpu_check.sh   (MINUTES=2 PYTHON=python3 by default)"]
     (out / "MANIFEST.txt").write_text("\n".join(lines) + "\n")
@@ -198,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "gpu_bundle")
     ap.add_argument("--video", type=Path, default=DATA / "speakers" / "acosta_cnn_71s.mp4")
     ap.add_argument("--wheel-cache", type=Path, default=ROOT / ".whl" / "gpu_bundle")
-    ap.add_argument("--dataset-cache", type=Path, default=ROOT / ".whl" / "gpu_bundle_datasets",
-                    help="reuse/keep the preprocessed datasets here (preprocessing 12 s at 512 px takes minutes)")
+    ap.add_argument(
+        "--dataset-cache",
+        type=Path,
+        default=ROOT / ".whl" / "gpu_bundle_datasets",
+        help="reuse/keep the preprocessed datasets here (preprocessing 12 s at 512 px takes minutes)",
+    )
     args = ap.parse_args(argv)
     if not args.video.is_file():
         print(f"error: {args.video} not found; pass --video or set AVATAR_TEST_DATA", file=sys.stderr)

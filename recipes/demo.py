@@ -7,6 +7,7 @@
 3. render ``DATA/audio/eng.wav`` (English) and ``DATA/audio/dreamtalk_German1.wav`` (German),
 4. write ``compare.png`` (a rendered frame next to the real frame) and print paths + wall times.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,9 @@ def run_demo(data: Path, out: Path, preset: str = "cpu-small", progress: bool = 
 
         print(f"[demo] training the shared emotion model on {data / 'emotion'} + the MEAD clips of {data / 'corpus2'}")
         # the MEAD clips of corpus2 add speakers (the other corpus2 clips carry no emotion label and are skipped)
-        train_emotion([d for d in (data / "emotion", data / "corpus2") if d.is_dir()], store.emotion_dir,
-                      progress=progress)
+        train_emotion(
+            [d for d in (data / "emotion", data / "corpus2") if d.is_dir()], store.emotion_dir, progress=progress
+        )
     times["train_emotion"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -89,13 +91,20 @@ def run_demo(data: Path, out: Path, preset: str = "cpu-small", progress: bool = 
         videos[key] = res
     _compare_png(av, data / SPEAKER, out / "acosta_eng.mp4", out / "compare.png")
     times["total"] = time.perf_counter() - t_all
-    report = {"times_s": {k: round(v, 1) for k, v in times.items()}, "onboard_stage_s": stage_seconds,
-              "videos": videos, "compare_png": str(out / "compare.png"), "store": str(store.root),
-              "metrics": store.info("acosta")["metrics"]}
+    report = {
+        "times_s": {k: round(v, 1) for k, v in times.items()},
+        "onboard_stage_s": stage_seconds,
+        "videos": videos,
+        "compare_png": str(out / "compare.png"),
+        "store": str(store.root),
+        "metrics": store.info("acosta")["metrics"],
+    }
     (out / "demo_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(f"[demo] videos: {', '.join(v['path'] for v in videos.values())}")
     print(f"[demo] real | rendered frame: {out / 'compare.png'}")
-    print(f"[demo] the avatar lives in the demo's own store; use it with --store (or AVATAR_HOME={store.root}):\n"
-          f"       avatar render --store {store.root} --avatar acosta --audio SPEECH.wav --out out.mp4")
+    print(
+        f"[demo] the avatar lives in the demo's own store; use it with --store (or AVATAR_HOME={store.root}):\n"
+        f"       avatar render --store {store.root} --avatar acosta --audio SPEECH.wav --out out.mp4"
+    )
     return 0

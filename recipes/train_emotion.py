@@ -10,6 +10,7 @@ neutral estimate (see :mod:`avatar.motion.emotion.neutral`). Typical::
  The default output location used by renders is
 the store's ``shared/emotion`` (:attr:`avatar.store.AvatarStore.emotion_dir`).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,15 +25,24 @@ def register(subparsers) -> None:
         "train-emotion",
         help="train the emotion (EAT-style category) model on labelled emotional clips",
         description="Track labelled emotional clips (e.g. MEAD: M030_front_happy_level3_001.mp4), and train "
-                    "emotion code -> mapping network -> deformation network predicting a landmark displacement. "
-                    "Writes model.safetensors, config.json and metrics.json.",
+        "emotion code -> mapping network -> deformation network predicting a landmark displacement. "
+        "Writes model.safetensors, config.json and metrics.json.",
     )
-    p.add_argument("clips_dir", metavar="CLIPS_DIR", nargs="+",
-                   help="folder(s) of labelled clips (label in the file name; unlabelled files are skipped)")
-    p.add_argument("--out", default=None,
-                   help="output directory (default: the store's shared/emotion, used by every avatar)")
-    p.add_argument("--holdout", default=None, metavar="SPEAKER",
-                   help="speaker id (e.g. W009) kept out of training; per-label cosine metrics are computed on it")
+    p.add_argument(
+        "clips_dir",
+        metavar="CLIPS_DIR",
+        nargs="+",
+        help="folder(s) of labelled clips (label in the file name; unlabelled files are skipped)",
+    )
+    p.add_argument(
+        "--out", default=None, help="output directory (default: the store's shared/emotion, used by every avatar)"
+    )
+    p.add_argument(
+        "--holdout",
+        default=None,
+        metavar="SPEAKER",
+        help="speaker id (e.g. W009) kept out of training; per-label cosine metrics are computed on it",
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
     p.add_argument("--cache", default=None, metavar="DIR", help="cache tracked landmarks here (re-runs skip tracking)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); runs are deterministic per seed")
@@ -51,8 +61,14 @@ def _run(args) -> int:
             raise InvalidInput(f"--steps must be >= 1, got {args.steps}")
         cfg.steps = args.steps
     out = args.out or AvatarStore().emotion_dir
-    metrics = train_emotion(args.clips_dir, out, cfg, overwrite=args.overwrite, cache_dir=args.cache,
-                            progress=not getattr(args, "quiet", False))
+    metrics = train_emotion(
+        args.clips_dir,
+        out,
+        cfg,
+        overwrite=args.overwrite,
+        cache_dir=args.cache,
+        progress=not getattr(args, "quiet", False),
+    )
     summary = {"out": str(out), "train_s": round(metrics["train_s"], 1), "final_loss": round(metrics["final_loss"], 4)}
     if "holdout" in metrics:
         summary["holdout_mean_cosine"] = round(metrics["holdout"]["mean_cosine"], 3)

@@ -12,6 +12,7 @@
 3. The bundle (weights, configs, stats, metrics) is written atomically into DIR; ``DIR/cache`` is
    kept for later runs and for postnet training (``--corpus-cache``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,7 +40,9 @@ def find_clips(corpus: Path) -> list[tuple[Path, Path | None]]:
     Raises: InvalidInput when the directory does not exist or holds no video.
     """
     if not corpus.is_dir():
-        raise InvalidInput(f"corpus directory {corpus} does not exist; give a directory of talking-head clips (mp4 [+ same-named wav])")
+        raise InvalidInput(
+            f"corpus directory {corpus} does not exist; give a directory of talking-head clips (mp4 [+ same-named wav])"
+        )
     clips = []
     for v in sorted(p for p in corpus.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file()):
         wav = v.with_suffix(".wav")
@@ -62,8 +65,14 @@ def _upgrade_cached(dataset: Path) -> None:
         convert_v1(dataset, progress=False)
 
 
-def prepare_corpus(corpus: Path, cache: Path, features: str = "mel", hubert: str | None = None,
-                   progress: bool = True, size: int = CACHE_SIZE) -> tuple[list[Path], list[str]]:
+def prepare_corpus(
+    corpus: Path,
+    cache: Path,
+    features: str = "mel",
+    hubert: str | None = None,
+    progress: bool = True,
+    size: int = CACHE_SIZE,
+) -> tuple[list[Path], list[str]]:
     """Preprocess every clip into ``cache`` (skipping cached ones). Returns (dataset dirs, skipped names)."""
     from avatar.pipeline.preprocess import PreprocessConfig, preprocess
 
@@ -106,10 +115,20 @@ def with_future(cfg, future: int):
     return replace(cfg, regression=replace(cfg.regression, future=int(future)))
 
 
-def train_generator(corpus: str | Path | list, out: str | Path, preset: str = "cpu", features: str = "mel",
-                    hubert: str | None = None, overwrite: bool = False, progress: bool = True,
-                    steps: int | None = None, size: int = CACHE_SIZE, model: str | None = None,
-                    seed: int | None = None, future: int | None = None) -> Path:
+def train_generator(
+    corpus: str | Path | list,
+    out: str | Path,
+    preset: str = "cpu",
+    features: str = "mel",
+    hubert: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    steps: int | None = None,
+    size: int = CACHE_SIZE,
+    model: str | None = None,
+    seed: int | None = None,
+    future: int | None = None,
+) -> Path:
     """Corpus directory (or several) -> generator bundle in ``out`` (see module docstring).
 
     ``steps`` overrides the preset's training steps; ``size`` is the cached datasets' frame side;
@@ -166,8 +185,15 @@ def train_generator(corpus: str | Path | list, out: str | Path, preset: str = "c
     os.replace(cache, staging)
     datasets = [staging / d.name for d in datasets]
     try:
-        train(datasets, out, cfg, overwrite=True, progress=progress, hubert_path=hubert,
-              extra_metrics={"corpus": [str(c) for c in corpora], "skipped_clips": skipped})
+        train(
+            datasets,
+            out,
+            cfg,
+            overwrite=True,
+            progress=progress,
+            hubert_path=hubert,
+            extra_metrics={"corpus": [str(c) for c in corpora], "skipped_clips": skipped},
+        )
     finally:
         if (out / "cache").exists():
             shutil.rmtree(out / "cache")

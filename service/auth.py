@@ -7,6 +7,7 @@ variable, in one format: entries separated by newlines or ``;``, each ``TOKEN=SC
 Every RPC except the standard health service needs ``authorization: Bearer <token>``:
 missing -> UNAUTHENTICATED; unknown token or a token without the method's scope -> PERMISSION_DENIED.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,12 +52,16 @@ def parse_tokens(text: str, source: str = "tokens") -> dict[str, frozenset[str]]
         token = token.strip()
         names = frozenset(s.strip() for s in scopes.split(",") if s.strip())
         if not sep or not names:
-            raise InvalidInput(f"{source}: entry {line[:8]!r}... must be TOKEN=SCOPE[,SCOPE]; scopes: {', '.join(SCOPES)}")
+            raise InvalidInput(
+                f"{source}: entry {line[:8]!r}... must be TOKEN=SCOPE[,SCOPE]; scopes: {', '.join(SCOPES)}"
+            )
         bad = names - set(SCOPES)
         if bad:
             raise InvalidInput(f"{source}: unknown scope(s) {sorted(bad)}; valid: {', '.join(SCOPES)}")
         if len(token) < 16:
-            raise InvalidInput(f"{source}: token {token[:4]!r}... is shorter than 16 characters; use e.g. `openssl rand -hex 24`")
+            raise InvalidInput(
+                f"{source}: token {token[:4]!r}... is shorter than 16 characters; use e.g. `openssl rand -hex 24`"
+            )
         tokens[token] = names
     return tokens
 
@@ -77,15 +82,18 @@ def load_tokens(tokens_file: str | Path | None = None) -> dict[str, frozenset[st
             raise InvalidInput(f"tokens file {path} not found; create it with lines TOKEN=SCOPE[,SCOPE]")
         mode = path.stat().st_mode & 0o777
         if mode & 0o037:
-            raise InvalidInput(f"tokens file {path} has mode {mode:04o}: other users can read or change the API "
-                               f"tokens; run `chmod 600 {path}`")
+            raise InvalidInput(
+                f"tokens file {path} has mode {mode:04o}: other users can read or change the API "
+                f"tokens; run `chmod 600 {path}`"
+            )
         tokens.update(parse_tokens(path.read_text(), str(path)))
     if os.environ.get(ENV_VAR):
         tokens.update(parse_tokens(os.environ[ENV_VAR], f"${ENV_VAR}"))
     if not tokens:
         raise InvalidInput(
             f"no API tokens configured: pass --tokens-file F or set {ENV_VAR} "
-            "(entries TOKEN=SCOPE[,SCOPE], scopes render/onboard/admin)")
+            "(entries TOKEN=SCOPE[,SCOPE], scopes render/onboard/admin)"
+        )
     return tokens
 
 
@@ -104,8 +112,9 @@ def bearer_token(metadata) -> str | None:
     return None
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
-                   before=None) -> grpc.RpcMethodHandler:
+def _abort_handler(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, before=None
+) -> grpc.RpcMethodHandler:
     """A handler of the same streaming kind as ``handler`` that fails with ``code``
     (after calling ``before(context)`` if given)."""
 
@@ -156,16 +165,31 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
         if token is None:
-            return self._deny(handler, method, token, grpc.StatusCode.UNAUTHENTICATED,
-                              "missing credentials: send metadata 'authorization: Bearer <token>'")
+            return self._deny(
+                handler,
+                method,
+                token,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing credentials: send metadata 'authorization: Bearer <token>'",
+            )
         scopes = self._lookup(token)
         if scopes is None:
-            return self._deny(handler, method, token, grpc.StatusCode.PERMISSION_DENIED,
-                              "unknown token: ask the server operator for a valid API token")
+            return self._deny(
+                handler,
+                method,
+                token,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "unknown token: ask the server operator for a valid API token",
+            )
         need = METHOD_SCOPES.get(method)
         if need and need not in scopes and "admin" not in scopes:
-            return self._deny(handler, method, token, grpc.StatusCode.PERMISSION_DENIED,
-                              f"this token lacks the '{need}' scope needed for {method.rsplit('/', 1)[-1]}")
+            return self._deny(
+                handler,
+                method,
+                token,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this token lacks the '{need}' scope needed for {method.rsplit('/', 1)[-1]}",
+            )
         return handler
 
     def _deny(self, handler, method, token, code, message):
@@ -175,4 +199,5 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     self._on_denied(method, code.name, context.peer(), token)
                 except Exception:  # logging must never turn a denial into INTERNAL
                     pass
+
         return _abort_handler(handler, code, message, before)

@@ -11,6 +11,7 @@ Example::
 
 Errors come back as :class:`grpc.RpcError` (``.code()``, ``.details()``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,7 +67,9 @@ def options_msg(options: dict | None) -> pb.RenderOptions:
         if value is None:
             continue
         if key not in pb.RenderOptions.DESCRIPTOR.fields_by_name:
-            raise ValueError(f"unknown render option {key!r}; valid: {sorted(pb.RenderOptions.DESCRIPTOR.fields_by_name)}")
+            raise ValueError(
+                f"unknown render option {key!r}; valid: {sorted(pb.RenderOptions.DESCRIPTOR.fields_by_name)}"
+            )
         setattr(msg, key, value)
     return msg
 
@@ -77,10 +80,19 @@ def _info(msg: pb.AvatarInfo) -> dict:
 
 def job_dict(job: pb.Job) -> dict:
     """proto Job -> plain dict (state as its name, e.g. ``"RUNNING"``)."""
-    return {"job_id": job.job_id, "avatar": job.avatar, "state": pb.Job.State.Name(job.state).removeprefix("STATE_"),
-            "stage": job.stage, "progress": job.progress, "message": job.message, "error_code": job.error_code,
-            "error": job.error, "queue_position": job.queue_position, "created_unix": job.created_unix,
-            "finished_unix": job.finished_unix}
+    return {
+        "job_id": job.job_id,
+        "avatar": job.avatar,
+        "state": pb.Job.State.Name(job.state).removeprefix("STATE_"),
+        "stage": job.stage,
+        "progress": job.progress,
+        "message": job.message,
+        "error_code": job.error_code,
+        "error": job.error,
+        "queue_position": job.queue_position,
+        "created_unix": job.created_unix,
+        "finished_unix": job.finished_unix,
+    }
 
 
 class FrameCall:
@@ -130,10 +142,13 @@ class AvatarClient:
         max_message_mb: largest message accepted/sent (must cover Render's audio upload).
     """
 
-    def __init__(self, target: str, token: str | None = None, tls_ca: str | Path | None = None,
-                 max_message_mb: int = 64):
-        opts = [("grpc.max_receive_message_length", max_message_mb << 20),
-                ("grpc.max_send_message_length", max_message_mb << 20)]
+    def __init__(
+        self, target: str, token: str | None = None, tls_ca: str | Path | None = None, max_message_mb: int = 64
+    ):
+        opts = [
+            ("grpc.max_receive_message_length", max_message_mb << 20),
+            ("grpc.max_send_message_length", max_message_mb << 20),
+        ]
         if tls_ca:
             creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
             self.channel = grpc.secure_channel(target, creds, options=opts)
@@ -154,29 +169,56 @@ class AvatarClient:
     # avatars -----------------------------------------------------------------------------------
     def list_avatars(self, timeout: float | None = 30) -> list[dict]:
         """Info dicts (name, size, fps, created, metrics) of the server's avatars."""
-        return [_info(a) for a in self.stub.ListAvatars(pb.ListAvatarsRequest(), metadata=self.metadata,
-                                                         timeout=timeout).avatars]
+        return [
+            _info(a)
+            for a in self.stub.ListAvatars(pb.ListAvatarsRequest(), metadata=self.metadata, timeout=timeout).avatars
+        ]
 
     def get_avatar(self, name: str, timeout: float | None = 30) -> dict:
         """Info dict of avatar ``name`` (NOT_FOUND if unknown)."""
         return _info(self.stub.GetAvatar(pb.GetAvatarRequest(name=name), metadata=self.metadata, timeout=timeout))
 
     # rendering ---------------------------------------------------------------------------------
-    def render(self, avatar: str, audio: bytes | str | Path, options: dict | None = None,
-               image_format: str = "jpeg", jpeg_quality: int = 0, timeout: float | None = None,
-               decode: bool = True) -> FrameCall:
+    def render(
+        self,
+        avatar: str,
+        audio: bytes | str | Path,
+        options: dict | None = None,
+        image_format: str = "jpeg",
+        jpeg_quality: int = 0,
+        timeout: float | None = None,
+        decode: bool = True,
+    ) -> FrameCall:
         """Render a whole audio file (bytes or path of wav/mp3/...); iterate the result for frames."""
         data = audio if isinstance(audio, bytes) else Path(audio).read_bytes()
-        req = pb.RenderRequest(avatar=avatar, audio=data, options=options_msg(options),
-                               encoding=pb.FrameEncoding(format=FORMATS[image_format], jpeg_quality=jpeg_quality))
+        req = pb.RenderRequest(
+            avatar=avatar,
+            audio=data,
+            options=options_msg(options),
+            encoding=pb.FrameEncoding(format=FORMATS[image_format], jpeg_quality=jpeg_quality),
+        )
         return FrameCall(self.stub.Render(req, metadata=self.metadata, timeout=timeout), decode)
 
-    def stream(self, avatar: str, chunks: Iterable, options: dict | None = None, sample_rate: int = SAMPLE_RATE,
-               encoding: str = "float32", image_format: str = "jpeg", jpeg_quality: int = 0,
-               realtime: bool = True, timeout: float | None = None, decode: bool = True,
-               end: bool = True, idle_frames: bool | None = None, output_rate: int | None = None,
-               output_encoding: str | None = None, frame_audio: bool | None = None, block: int | None = None,
-               nerf_right: int | None = None) -> FrameCall:
+    def stream(
+        self,
+        avatar: str,
+        chunks: Iterable,
+        options: dict | None = None,
+        sample_rate: int = SAMPLE_RATE,
+        encoding: str = "float32",
+        image_format: str = "jpeg",
+        jpeg_quality: int = 0,
+        realtime: bool = True,
+        timeout: float | None = None,
+        decode: bool = True,
+        end: bool = True,
+        idle_frames: bool | None = None,
+        output_rate: int | None = None,
+        output_encoding: str | None = None,
+        frame_audio: bool | None = None,
+        block: int | None = None,
+        nerf_right: int | None = None,
+    ) -> FrameCall:
         """Real-time session. ``chunks`` yields audio (float32 arrays, or raw bytes already in
         ``encoding``), dicts of mid-stream option changes (``{"emotion": "happy"}``) or
         :data:`INTERRUPT` (barge-in); it is consumed lazily, so a generator can pace the audio. ``end``
@@ -191,9 +233,12 @@ class AvatarClient:
 
         def requests():
             cfg = pb.StreamConfig(
-                avatar=avatar, audio_format=pb.AudioFormat(encoding=enc, sample_rate=sample_rate),
-                options=options_msg(options), realtime=realtime,
-                encoding=pb.FrameEncoding(format=FORMATS[image_format], jpeg_quality=jpeg_quality))
+                avatar=avatar,
+                audio_format=pb.AudioFormat(encoding=enc, sample_rate=sample_rate),
+                options=options_msg(options),
+                realtime=realtime,
+                encoding=pb.FrameEncoding(format=FORMATS[image_format], jpeg_quality=jpeg_quality),
+            )
             if idle_frames is not None:
                 cfg.idle_frames = idle_frames
             if frame_audio is not None:
@@ -203,8 +248,11 @@ class AvatarClient:
             if nerf_right is not None:
                 cfg.nerf_right = nerf_right
             if output_rate is not None or output_encoding is not None:
-                cfg.output_audio.CopyFrom(pb.AudioFormat(encoding=encodings[output_encoding or encoding],
-                                                         sample_rate=output_rate or sample_rate))
+                cfg.output_audio.CopyFrom(
+                    pb.AudioFormat(
+                        encoding=encodings[output_encoding or encoding], sample_rate=output_rate or sample_rate
+                    )
+                )
             yield pb.StreamRenderRequest(config=cfg)
             for chunk in chunks:
                 if isinstance(chunk, str) and chunk == INTERRUPT:
@@ -214,8 +262,11 @@ class AvatarClient:
                     yield pb.StreamRenderRequest(options_update=pb.OptionsUpdate(**chunk))
                     continue
                 if isinstance(chunk, np.ndarray):
-                    chunk = (chunk.astype("<f4") if enc == pb.AudioFormat.ENCODING_FLOAT32
-                             else (np.clip(chunk, -1, 1) * 32767).astype("<i2")).tobytes()
+                    chunk = (
+                        chunk.astype("<f4")
+                        if enc == pb.AudioFormat.ENCODING_FLOAT32
+                        else (np.clip(chunk, -1, 1) * 32767).astype("<i2")
+                    ).tobytes()
                 yield pb.StreamRenderRequest(audio=pb.AudioChunk(data=chunk))
             if end:
                 yield pb.StreamRenderRequest(end_of_audio=pb.EndOfAudio())
@@ -223,14 +274,22 @@ class AvatarClient:
         return FrameCall(self.stub.StreamRender(requests(), metadata=self.metadata, timeout=timeout), decode)
 
     # onboarding --------------------------------------------------------------------------------
-    def onboard(self, video: str | Path, name: str, preset: str = "cpu-small", overwrite: bool = False,
-                chunk_mb: int = 1, timeout: float | None = None) -> dict:
+    def onboard(
+        self,
+        video: str | Path,
+        name: str,
+        preset: str = "cpu-small",
+        overwrite: bool = False,
+        chunk_mb: int = 1,
+        timeout: float | None = None,
+    ) -> dict:
         """Upload ``video`` and queue onboarding; returns the job dict (see :func:`job_dict`)."""
         video = Path(video)
 
         def requests():
-            yield pb.OnboardRequest(metadata=pb.OnboardMetadata(name=name, preset=preset, overwrite=overwrite,
-                                                                filename=video.name))
+            yield pb.OnboardRequest(
+                metadata=pb.OnboardMetadata(name=name, preset=preset, overwrite=overwrite, filename=video.name)
+            )
             with open(video, "rb") as f:
                 while block := f.read(chunk_mb << 20):
                     yield pb.OnboardRequest(video_chunk=block)
@@ -250,5 +309,7 @@ class AvatarClient:
 
     def list_jobs(self, avatar: str = "", limit: int = 0, timeout: float | None = 30) -> list[dict]:
         """Jobs of the server's store (past ones too), newest first; ``avatar`` filters by name."""
-        resp = self.stub.ListJobs(pb.ListJobsRequest(avatar=avatar, limit=limit), metadata=self.metadata, timeout=timeout)
+        resp = self.stub.ListJobs(
+            pb.ListJobsRequest(avatar=avatar, limit=limit), metadata=self.metadata, timeout=timeout
+        )
         return [job_dict(j) for j in resp.jobs]

@@ -4,6 +4,7 @@ Frames travel as encoded RGB images; audio chunks as raw little-endian PCM16 or 
 any sample rate, converted to the library's time base (float32 mono 16 kHz) by a *streaming*
 resampler (libsoxr), so any chunking of the same audio gives the same samples.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -82,7 +83,8 @@ class PcmDecoder:
             raise InvalidInput(f"audio sample_rate must be 8000..192000 Hz, got {self.sample_rate}")
         self._rest = b""
         self._resampler = (
-            None if self.sample_rate == SAMPLE_RATE
+            None
+            if self.sample_rate == SAMPLE_RATE
             else soxr.ResampleStream(self.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         )
 

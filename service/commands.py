@@ -1,4 +1,5 @@
 """``avatar serve`` (the gRPC renderer) and ``avatar client ...`` (its command-line client)."""
+
 from __future__ import annotations
 
 import argparse
@@ -40,11 +41,21 @@ def _serve(args) -> int:
         from service.server import http_host
         from service.web import WebServer
 
-        web = WebServer(server.servicer, tokens, host=http_host(cfg.host), port=args.web,
-                        tls_cert=cfg.tls_cert, tls_key=cfg.tls_key).start()
+        web = WebServer(
+            server.servicer, tokens, host=http_host(cfg.host), port=args.web, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key
+        ).start()
     log.info("server config", extra={"fields": {"config": to_dict(cfg), "tokens": len(tokens)}})
-    print(json.dumps({"event": "listening", "port": server.port, "metrics_port": server.metrics_port,
-                      **({"web_port": web.port, "web_url": web.url} if web else {})}), flush=True)
+    print(
+        json.dumps(
+            {
+                "event": "listening",
+                "port": server.port,
+                "metrics_port": server.metrics_port,
+                **({"web_port": web.port, "web_url": web.url} if web else {}),
+            }
+        ),
+        flush=True,
+    )
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -68,6 +79,7 @@ def _client(args):
 
 def _rpc_errors(fn):
     """Turn a grpc.RpcError into a one-line message and exit code 1."""
+
     def run(args) -> int:
         import grpc
 
@@ -76,14 +88,23 @@ def _rpc_errors(fn):
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
+
     return run
 
 
 def _options(args) -> dict:
-    return {"emotion": args.emotion, "emotion_strength": args.emotion_strength, "still": args.still or None,
-            "blink": False if args.no_blink else None, "blink_rate": args.blink_rate,
-            "temperature": args.temperature, "seed": args.seed, "size": args.size,
-            "head_speed": args.head_speed, "head_amplitude": args.head_amplitude}
+    return {
+        "emotion": args.emotion,
+        "emotion_strength": args.emotion_strength,
+        "still": args.still or None,
+        "blink": False if args.no_blink else None,
+        "blink_rate": args.blink_rate,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "size": args.size,
+        "head_speed": args.head_speed,
+        "head_amplitude": args.head_amplitude,
+    }
 
 
 def _latency(args) -> dict:
@@ -140,8 +161,11 @@ def _cmd_render(args) -> int:
     with _client(args) as c:
         call = c.render(args.avatar, args.audio, _options(args), image_format=args.format)
         n = _write_mp4(args.out, call, audio, 25.0, progress=not getattr(args, "quiet", False))
-    print(json.dumps({"out": str(args.out), "frames": n,
-                      "render_s": round(call.summary.render_s, 3) if call.summary else None}))
+    print(
+        json.dumps(
+            {"out": str(args.out), "frames": n, "render_s": round(call.summary.render_s, 3) if call.summary else None}
+        )
+    )
     return 0
 
 
@@ -162,18 +186,35 @@ def _cmd_stream(args) -> int:
                 time.sleep(max(0.0, t0 + s / 16000 - time.monotonic()))
             if args.emotion_at is not None and s <= args.emotion_at * 16000 < s + step:
                 yield {"emotion": args.switch_emotion}
-            yield audio[s:s + step]
+            yield audio[s : s + step]
 
     with _client(args) as c:
         # no idle frames: the MP4 holds exactly the file's audio, however the chunks were delayed
-        call = c.stream(args.avatar, chunks(), _options(args), image_format=args.format, realtime=args.realtime,
-                        idle_frames=False, frame_audio=False, **_latency(args))
+        call = c.stream(
+            args.avatar,
+            chunks(),
+            _options(args),
+            image_format=args.format,
+            realtime=args.realtime,
+            idle_frames=False,
+            frame_audio=False,
+            **_latency(args),
+        )
         n = _write_mp4(args.out, call, audio, 25.0, progress=not getattr(args, "quiet", False))
     s = call.summary
     h = call.header
-    print(json.dumps({"out": str(args.out), "frames": n, "lookahead_s": round(h.lookahead_s, 4) if h else None,
-                      "block": h.block if h else None, "nerf_right": h.nerf_right if h else None,
-                      "first_frame_latency_s": round(s.first_frame_latency_s, 3) if s else None}))
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "frames": n,
+                "lookahead_s": round(h.lookahead_s, 4) if h else None,
+                "block": h.block if h else None,
+                "nerf_right": h.nerf_right if h else None,
+                "first_frame_latency_s": round(s.first_frame_latency_s, 3) if s else None,
+            }
+        )
+    )
     return 0
 
 
@@ -227,38 +268,71 @@ def _render_flags(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> None:
     """Add ``serve`` and ``client`` to the ``avatar`` command."""
-    p = sub.add_parser("serve", help="run the gRPC renderer service",
-                       description="Serve avatar.v1.AvatarService (plus gRPC health and reflection) for the avatars "
-                                   "in a store. Every RPC but health needs a bearer token (--tokens-file or "
-                                   "$AVATAR_TOKENS: entries TOKEN=SCOPE[,SCOPE], scopes render/onboard/admin; the file must "
-                                   "be mode 0600 or 0640). Logs are JSON lines; Prometheus metrics on --metrics-port, "
-                                   "on the same host as gRPC.")
-    p.add_argument("--store", type=Path, default=None, help="avatar store directory (default: $AVATAR_HOME or the per-user data dir)")
-    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1, this machine only; [::] or 0.0.0.0 = every "
-                        "interface, which needs --tls-cert/--tls-key or logs a warning)")
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC renderer service",
+        description="Serve avatar.v1.AvatarService (plus gRPC health and reflection) for the avatars "
+        "in a store. Every RPC but health needs a bearer token (--tokens-file or "
+        "$AVATAR_TOKENS: entries TOKEN=SCOPE[,SCOPE], scopes render/onboard/admin; the file must "
+        "be mode 0600 or 0640). Logs are JSON lines; Prometheus metrics on --metrics-port, "
+        "on the same host as gRPC.",
+    )
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="avatar store directory (default: $AVATAR_HOME or the per-user data dir)",
+    )
+    p.add_argument(
+        "--host",
+        default=None,
+        help="bind address (default 127.0.0.1, this machine only; [::] or 0.0.0.0 = every "
+        "interface, which needs --tls-cert/--tls-key or logs a warning)",
+    )
     p.add_argument("--port", type=int, default=None, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default 9464; -1 = off)")
     p.add_argument("--tokens-file", type=Path, default=None, help="API tokens, lines TOKEN=SCOPE[,SCOPE]")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS, with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key")
     p.add_argument("--device", default=None, help="torch device for rendering (default: cuda if available)")
-    p.add_argument("--web", type=int, default=None, metavar="PORT",
-                   help="also serve the browser console (avatars, onboarding, render, live WebRTC) on this HTTP "
-                        "port of the same host, same tokens (0 = any free port; needs the [web] extra)")
-    p.add_argument("--jobs", choices=["local", "ray"], default=None,
-                   help="where onboarding stages run: local worker processes (default) or Ray tasks on a cluster "
-                        "(needs the [ray] extra and the store on storage every node shares; docs/SCALE.md)")
-    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
-                   help="Ray cluster for --jobs ray (default: $RAY_ADDRESS, else a local Ray instance)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="JSON file of ServerConfig limits (max_audio_s, max_streams, idle_timeout_s, cache_size, "
-                        "max_jobs, max_message_mb, max_video_mb, ...)")
+    p.add_argument(
+        "--web",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve the browser console (avatars, onboarding, render, live WebRTC) on this HTTP "
+        "port of the same host, same tokens (0 = any free port; needs the [web] extra)",
+    )
+    p.add_argument(
+        "--jobs",
+        choices=["local", "ray"],
+        default=None,
+        help="where onboarding stages run: local worker processes (default) or Ray tasks on a cluster "
+        "(needs the [ray] extra and the store on storage every node shares; docs/SCALE.md)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="Ray cluster for --jobs ray (default: $RAY_ADDRESS, else a local Ray instance)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="JSON file of ServerConfig limits (max_audio_s, max_streams, idle_timeout_s, cache_size, "
+        "max_jobs, max_message_mb, max_video_mb, ...)",
+    )
     p.set_defaults(func=_serve)
 
-    c = sub.add_parser("client", help="call a running avatar service",
-                       description="Command-line client of avatar.v1.AvatarService.")
-    c.add_argument("--target", default=os.environ.get("AVATAR_TARGET", "localhost:50051"),
-                   help="server host:port (default $AVATAR_TARGET or localhost:50051)")
+    c = sub.add_parser(
+        "client", help="call a running avatar service", description="Command-line client of avatar.v1.AvatarService."
+    )
+    c.add_argument(
+        "--target",
+        default=os.environ.get("AVATAR_TARGET", "localhost:50051"),
+        help="server host:port (default $AVATAR_TARGET or localhost:50051)",
+    )
     c.add_argument("--token", default=None, help="API token (default $AVATAR_TOKEN)")
     c.add_argument("--tls-ca", default=None, help="PEM CA/cert to trust; enables TLS")
     cs = c.add_subparsers(dest="client_command", metavar="ACTION", required=True)
@@ -281,17 +355,34 @@ def register(sub) -> None:
     p.add_argument("--audio", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--chunk-ms", type=float, default=100.0, help="audio chunk length, ms (default 100)")
-    p.add_argument("--no-realtime", dest="realtime", action="store_false",
-                   help="send audio as fast as possible and ask for unpaced frames")
+    p.add_argument(
+        "--no-realtime",
+        dest="realtime",
+        action="store_false",
+        help="send audio as fast as possible and ask for unpaced frames",
+    )
     p.add_argument("--emotion-at", type=float, default=None, help="switch emotion at this audio time (s)")
     p.add_argument("--switch-emotion", default="happy", help="emotion to switch to at --emotion-at")
     g = p.add_argument_group("latency (StreamConfig.block / nerf_right; the lookahead is printed)")
-    g.add_argument("--block", type=int, default=None, metavar="FRAMES",
-                   help="frames per motion block, 1..64 (default 8); smaller = lower lookahead, more compute per frame")
-    g.add_argument("--nerf-right", type=int, default=None, metavar="FRAMES",
-                   help="frames of NeRF look-ahead, 0..W//2 (default W//2 = 2, the full centred window)")
-    g.add_argument("--low-latency", action="store_true",
-                   help="shorthand for --block 2 --nerf-right 1 (0.28 s lookahead with an avatar trained --future 4)")
+    g.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        metavar="FRAMES",
+        help="frames per motion block, 1..64 (default 8); smaller = lower lookahead, more compute per frame",
+    )
+    g.add_argument(
+        "--nerf-right",
+        type=int,
+        default=None,
+        metavar="FRAMES",
+        help="frames of NeRF look-ahead, 0..W//2 (default W//2 = 2, the full centred window)",
+    )
+    g.add_argument(
+        "--low-latency",
+        action="store_true",
+        help="shorthand for --block 2 --nerf-right 1 (0.28 s lookahead with an avatar trained --future 4)",
+    )
     _render_flags(p)
     p.set_defaults(func=_cmd_stream)
 

@@ -27,6 +27,7 @@ With ``backend="ray"`` each worker process is a Ray driver: ``onboard(..., ray_a
 the training stages as Ray tasks on the cluster (:mod:`avatar.pipeline.distributed`); queueing,
 progress, cancel and persistence stay the same. Ray is only imported with that backend.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -109,8 +110,18 @@ def die_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _worker(job_id: str, video: str, name: str, store_root: str, preset: str, overwrite: bool,
-            events, cancel, parent_pid: int | None = None, ray_address: str | None = None) -> None:
+def _worker(
+    job_id: str,
+    video: str,
+    name: str,
+    store_root: str,
+    preset: str,
+    overwrite: bool,
+    events,
+    cancel,
+    parent_pid: int | None = None,
+    ray_address: str | None = None,
+) -> None:
     """Worker-process entry point: run one onboarding and report through ``events``."""
     if parent_pid is not None:
         die_with_parent(parent_pid)
@@ -122,8 +133,16 @@ def _worker(job_id: str, video: str, name: str, store_root: str, preset: str, ov
         def progress(stage: str, fraction: float, message: str) -> None:
             events.put((job_id, "progress", stage, float(fraction), str(message)))
 
-        path = onboard(Path(video), name, store=AvatarStore(store_root), preset=preset, overwrite=overwrite,
-                       progress=progress, cancel=cancel, ray_address=ray_address)
+        path = onboard(
+            Path(video),
+            name,
+            store=AvatarStore(store_root),
+            preset=preset,
+            overwrite=overwrite,
+            progress=progress,
+            cancel=cancel,
+            ray_address=ray_address,
+        )
         events.put((job_id, "done", str(path)))
     except AvatarError as e:
         events.put((job_id, "error", e.grpc_code, str(e)))
@@ -132,8 +151,14 @@ def _worker(job_id: str, video: str, name: str, store_root: str, preset: str, ov
 
         log.error("onboarding job %s failed", job_id, exc_info=True)
         if is_disk_full(e):
-            events.put((job_id, "error", "RESOURCE_EXHAUSTED", f"{e.strerror}: free disk space on the server, then "
-                                                               "submit the same video again to resume"))
+            events.put(
+                (
+                    job_id,
+                    "error",
+                    "RESOURCE_EXHAUSTED",
+                    f"{e.strerror}: free disk space on the server, then submit the same video again to resume",
+                )
+            )
         else:
             events.put((job_id, "error", "INTERNAL", f"{type(e).__name__}: {e.strerror or e}; see the server log"))
     except BaseException as e:  # report, never hang the job
@@ -141,8 +166,24 @@ def _worker(job_id: str, video: str, name: str, store_root: str, preset: str, ov
 
 
 #: JobRecord fields stored in the table (queue_position and version live in memory only)
-_COLUMNS = ("job_id", "avatar", "preset", "overwrite", "video", "state", "stage", "progress", "message", "error_code",
-            "error", "created_unix", "started_unix", "finished_unix", "backend", "owner")
+_COLUMNS = (
+    "job_id",
+    "avatar",
+    "preset",
+    "overwrite",
+    "video",
+    "state",
+    "stage",
+    "progress",
+    "message",
+    "error_code",
+    "error",
+    "created_unix",
+    "started_unix",
+    "finished_unix",
+    "backend",
+    "owner",
+)
 
 
 def this_owner() -> str:
@@ -212,9 +253,11 @@ class JobTable:
         cols = ", ".join(_COLUMNS)
         update = ", ".join(f"{c}=excluded.{c}" for c in _COLUMNS[1:])
         try:
-            self._run(f"INSERT INTO jobs ({cols}, heartbeat_unix) VALUES ({', '.join('?' * (len(_COLUMNS) + 1))}) "
-                      f"ON CONFLICT(job_id) DO UPDATE SET {update}, heartbeat_unix=excluded.heartbeat_unix",
-                      (*values, time.time()))
+            self._run(
+                f"INSERT INTO jobs ({cols}, heartbeat_unix) VALUES ({', '.join('?' * (len(_COLUMNS) + 1))}) "
+                f"ON CONFLICT(job_id) DO UPDATE SET {update}, heartbeat_unix=excluded.heartbeat_unix",
+                (*values, time.time()),
+            )
         except sqlite3.Error as e:
             log.warning("cannot save onboarding job %s: %s", job.job_id, e)
 
@@ -225,27 +268,33 @@ class JobTable:
     def list(self, avatar: str | None = None, limit: int = 100) -> list[JobRecord]:
         """The newest ``limit`` jobs (of ``avatar`` if given), newest first."""
         where, args = ("WHERE avatar=?", (avatar,)) if avatar else ("", ())
-        rows = self._run(f"SELECT {', '.join(_COLUMNS)} FROM jobs {where} ORDER BY created_unix DESC LIMIT ?",
-                         (*args, int(limit)))
+        rows = self._run(
+            f"SELECT {', '.join(_COLUMNS)} FROM jobs {where} ORDER BY created_unix DESC LIMIT ?", (*args, int(limit))
+        )
         return [self._record(r) for r in rows]
 
     def unfinished(self) -> list[tuple[JobRecord, float]]:
         """(record, heartbeat) of every QUEUED/RUNNING job, any owner."""
-        rows = self._run(f"SELECT {', '.join(_COLUMNS)}, heartbeat_unix FROM jobs WHERE state IN (?, ?)",
-                         (QUEUED, RUNNING))
+        rows = self._run(
+            f"SELECT {', '.join(_COLUMNS)}, heartbeat_unix FROM jobs WHERE state IN (?, ?)", (QUEUED, RUNNING)
+        )
         return [(self._record(r[:-1]), float(r[-1] or 0.0)) for r in rows]
 
     def claim(self, job_id: str, old_owner: str, new_owner: str) -> bool:
         """Take over an orphaned job; False when another server took it first."""
         with self._lock:
-            cur = self._db.execute("UPDATE jobs SET owner=?, heartbeat_unix=? WHERE job_id=? AND owner=? "
-                                   "AND state IN (?, ?)", (new_owner, time.time(), job_id, old_owner, QUEUED, RUNNING))
+            cur = self._db.execute(
+                "UPDATE jobs SET owner=?, heartbeat_unix=? WHERE job_id=? AND owner=? AND state IN (?, ?)",
+                (new_owner, time.time(), job_id, old_owner, QUEUED, RUNNING),
+            )
             return cur.rowcount == 1
 
     def heartbeat(self, owner: str) -> None:
         try:
-            self._run("UPDATE jobs SET heartbeat_unix=? WHERE owner=? AND state IN (?, ?)",
-                      (time.time(), owner, QUEUED, RUNNING))
+            self._run(
+                "UPDATE jobs SET heartbeat_unix=? WHERE owner=? AND state IN (?, ?)",
+                (time.time(), owner, QUEUED, RUNNING),
+            )
         except sqlite3.Error as e:
             log.warning("cannot refresh the job heartbeat: %s", e)
 
@@ -254,16 +303,26 @@ class JobTable:
 
     def cancel_requests(self, owner: str) -> list[str]:
         try:
-            return [r[0] for r in self._run("SELECT job_id FROM jobs WHERE owner=? AND cancel_requested=1 "
-                                            "AND state IN (?, ?)", (owner, QUEUED, RUNNING))]
+            return [
+                r[0]
+                for r in self._run(
+                    "SELECT job_id FROM jobs WHERE owner=? AND cancel_requested=1 AND state IN (?, ?)",
+                    (owner, QUEUED, RUNNING),
+                )
+            ]
         except sqlite3.Error:
             return []
 
     def remove_finished_before(self, t: float) -> list[JobRecord]:
         """Delete finished records that ended before unix time ``t``; returns them."""
-        old = [self._record(r) for r in self._run(
-            f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE state IN (?, ?, ?) AND "
-            "COALESCE(NULLIF(finished_unix, 0), created_unix) < ?", (*FINISHED, t))]
+        old = [
+            self._record(r)
+            for r in self._run(
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE state IN (?, ?, ?) AND "
+                "COALESCE(NULLIF(finished_unix, 0), created_unix) < ?",
+                (*FINISHED, t),
+            )
+        ]
         for job in old:
             self._run("DELETE FROM jobs WHERE job_id=?", (job.job_id,))
         return old
@@ -292,10 +351,19 @@ class JobManager:
 
     HEARTBEAT_S = 10.0
 
-    def __init__(self, store_root: str | Path, max_running: int = 1, max_queued: int = 16,
-                 cancel_grace_s: float = 10.0, on_change: Callable[[JobRecord], None] | None = None,
-                 on_success: Callable[[str], None] | None = None, keep_days: float = 7.0,
-                 backend: str = "local", ray_address: str | None = None, stale_s: float = 60.0):
+    def __init__(
+        self,
+        store_root: str | Path,
+        max_running: int = 1,
+        max_queued: int = 16,
+        cancel_grace_s: float = 10.0,
+        on_change: Callable[[JobRecord], None] | None = None,
+        on_success: Callable[[str], None] | None = None,
+        keep_days: float = 7.0,
+        backend: str = "local",
+        ray_address: str | None = None,
+        stale_s: float = 60.0,
+    ):
         if backend not in ("local", "ray"):
             raise ValueError(f"unknown jobs backend {backend!r}; use local or ray")
         self.store_root = str(store_root)
@@ -348,8 +416,16 @@ class JobManager:
             if any(j.avatar == name and j.state not in FINISHED for j in self._jobs.values()):
                 raise ResourceLimit(f"avatar {name!r} is already being onboarded; wait for that job or cancel it")
             job_id = uuid.uuid4().hex[:16]
-            job = JobRecord(job_id, name, preset, overwrite, self._keep_input(Path(video), job_id),
-                            created_unix=time.time(), backend=self.backend, owner=self.owner)
+            job = JobRecord(
+                job_id,
+                name,
+                preset,
+                overwrite,
+                self._keep_input(Path(video), job_id),
+                created_unix=time.time(),
+                backend=self.backend,
+                owner=self.owner,
+            )
             self._jobs[job.job_id] = job
             self._queue.append(job.job_id)
             self._changed(job)
@@ -391,7 +467,9 @@ class JobManager:
         time.sleep(min(timeout, 1.0))
         job = self.table.get(job_id)
         if job is not None:
-            job.version = version + 1 if (job.state, job.stage, job.progress, job.message) != self._seen.get(job_id) else version
+            job.version = (
+                version + 1 if (job.state, job.stage, job.progress, job.message) != self._seen.get(job_id) else version
+            )
             self._seen[job_id] = (job.state, job.stage, job.progress, job.message)
         return job
 
@@ -455,8 +533,10 @@ class JobManager:
 
         for job, beat in self.table.unfinished():
             if job.avatar == name and job.owner != self.owner and owner_alive(job.owner, beat, self.stale_s):
-                raise ResourceLimit(f"avatar {name!r} is already being onboarded by job {job.job_id} of another "
-                                    "server on this store; wait for it or cancel it")
+                raise ResourceLimit(
+                    f"avatar {name!r} is already being onboarded by job {job.job_id} of another "
+                    "server on this store; wait for it or cancel it"
+                )
         lock_path = Path(self.store_root) / "work" / f".{name}.lock"
         if not lock_path.parent.is_dir():
             return
@@ -464,8 +544,10 @@ class JobManager:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            raise ResourceLimit(f"avatar {name!r} is already being onboarded by another process on this store "
-                                "(the CLI or another server); wait for it to finish or cancel it") from None
+            raise ResourceLimit(
+                f"avatar {name!r} is already being onboarded by another process on this store "
+                "(the CLI or another server); wait for it to finish or cancel it"
+            ) from None
         lock.release()
 
     def _import_json_journal(self) -> None:
@@ -476,8 +558,11 @@ class JobManager:
         for path in self.journal.glob("*.json"):
             try:
                 rec = json.loads(path.read_text())
-                job = JobRecord(**{k: v for k, v in rec.items() if k in fields and k not in ("video", "owner")},
-                                video=Path(""), owner=f"{socket.gethostname()}:{int(rec.get('server_pid', 0))}")
+                job = JobRecord(
+                    **{k: v for k, v in rec.items() if k in fields and k not in ("video", "owner")},
+                    video=Path(""),
+                    owner=f"{socket.gethostname()}:{int(rec.get('server_pid', 0))}",
+                )
                 if self.table.get(job.job_id) is None:
                     self.table.put(job)
             except (OSError, ValueError, TypeError) as e:
@@ -492,24 +577,34 @@ class JobManager:
         now = time.time()
         for job, beat in self.table.unfinished():
             # (a job of this very process is an orphan too: an earlier manager here was closed)
-            if ((job.owner != self.owner and owner_alive(job.owner, beat, self.stale_s))
-                    or not self.table.claim(job.job_id, job.owner, self.owner)):
+            if (job.owner != self.owner and owner_alive(job.owner, beat, self.stale_s)) or not self.table.claim(
+                job.job_id, job.owner, self.owner
+            ):
                 continue  # a live server owns it, or another server claimed it first
             job.owner = self.owner
             if str(job.video) not in ("", ".") and job.video.is_file():
-                log.warning("onboarding job %s (avatar %s) was interrupted by a server stop; resuming it",
-                            job.job_id, job.avatar)
+                log.warning(
+                    "onboarding job %s (avatar %s) was interrupted by a server stop; resuming it",
+                    job.job_id,
+                    job.avatar,
+                )
                 job.state, job.started_unix, job.backend = QUEUED, 0.0, self.backend
                 job.message = "resumed after a server restart (from the last finished stage)"
                 self._jobs[job.job_id] = job
                 self._queue.append(job.job_id)
             else:
-                log.warning("onboarding job %s (avatar %s) was interrupted by a server stop and its video is gone; "
-                            "marking it FAILED", job.job_id, job.avatar)
+                log.warning(
+                    "onboarding job %s (avatar %s) was interrupted by a server stop and its video is gone; "
+                    "marking it FAILED",
+                    job.job_id,
+                    job.avatar,
+                )
                 job.state, job.finished_unix, job.queue_position = FAILED, now, 0
                 job.error_code = "ABORTED"
-                job.error = ("the server stopped while this job was queued or running and its uploaded video is gone; "
-                             "submit the same video again to resume from the last finished step")
+                job.error = (
+                    "the server stopped while this job was queued or running and its uploaded video is gone; "
+                    "submit the same video again to resume from the last finished step"
+                )
                 self._jobs[job.job_id] = job
             self.table.put(job)
         for pos, jid in enumerate(self._queue, 1):
@@ -561,14 +656,28 @@ class JobManager:
             job = self._jobs[self._queue.pop(0)]
             event = self._ctx.Event()
             proc = self._ctx.Process(
-                target=_worker, name=f"onboard-{job.job_id}", daemon=True,
-                args=(job.job_id, str(job.video), job.avatar, self.store_root, job.preset, job.overwrite,
-                      self._events, event, os.getpid(), self.ray_address))
+                target=_worker,
+                name=f"onboard-{job.job_id}",
+                daemon=True,
+                args=(
+                    job.job_id,
+                    str(job.video),
+                    job.avatar,
+                    self.store_root,
+                    job.preset,
+                    job.overwrite,
+                    self._events,
+                    event,
+                    os.getpid(),
+                    self.ray_address,
+                ),
+            )
             proc.start()
             self._procs[job.job_id] = (proc, event, None)
             job.state, job.started_unix, job.queue_position, job.message = RUNNING, time.time(), 0, "starting worker"
             log.info("onboarding job %s started (avatar %s, pid %s)", job.job_id, job.avatar, proc.pid)
             self._changed(job)
+
     def _handle(self, event: tuple) -> None:
         job_id, kind, *rest = event
         if job_id is None:  # a wake-up from submit
@@ -621,7 +730,9 @@ class JobManager:
         for job_id, (proc, event, deadline) in list(self._procs.items()):
             if proc.is_alive():
                 if deadline is not None and now > deadline:
-                    log.warning("onboarding job %s did not stop %.0f s after cancel; terminating", job_id, self.cancel_grace_s)
+                    log.warning(
+                        "onboarding job %s did not stop %.0f s after cancel; terminating", job_id, self.cancel_grace_s
+                    )
                     proc.terminate()
                 continue
             # drain any events the worker sent just before exiting
@@ -636,4 +747,6 @@ class JobManager:
                 if event.is_set():
                     self._finish(job, CANCELLED, "", "cancelled")
                 else:
-                    self._finish(job, FAILED, "INTERNAL", f"onboarding worker exited with code {proc.exitcode}; see server log")
+                    self._finish(
+                        job, FAILED, "INTERNAL", f"onboarding worker exited with code {proc.exitcode}; see server log"
+                    )

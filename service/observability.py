@@ -3,6 +3,7 @@
 Metrics live in a per-server :class:`prometheus_client.CollectorRegistry` (several servers can run
 in one process, e.g. in tests) and are exposed over HTTP on the metrics port.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,12 +62,22 @@ class ServiceMetrics:
         self.requests = Counter("avatar_requests", "Finished RPCs", ["method", "code"], registry=self.registry)
         self.frames = Counter("avatar_frames", "Frames sent", ["method"], registry=self.registry)
         self.first_frame = Histogram(
-            "avatar_first_frame_seconds", "Latency to the first frame", ["method"], registry=self.registry,
-            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30))
+            "avatar_first_frame_seconds",
+            "Latency to the first frame",
+            ["method"],
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+        )
         self.render_fps = Histogram(
-            "avatar_render_fps", "Frames per second of finished renders", ["method"], registry=self.registry,
-            buckets=(1, 2, 5, 10, 15, 20, 25, 30, 40, 60, 100, 200))
-        self.active_streams = Gauge("avatar_active_streams", "Render/StreamRender calls in flight", registry=self.registry)
+            "avatar_render_fps",
+            "Frames per second of finished renders",
+            ["method"],
+            registry=self.registry,
+            buckets=(1, 2, 5, 10, 15, 20, 25, 30, 40, 60, 100, 200),
+        )
+        self.active_streams = Gauge(
+            "avatar_active_streams", "Render/StreamRender calls in flight", registry=self.registry
+        )
         self.jobs = Gauge("avatar_jobs", "Onboarding jobs by state", ["state"], registry=self.registry)
         self._http = None
 

@@ -33,6 +33,7 @@ Hostile-client hardening (each limit is enforced before the work it bounds):
 - Uploads are spooled under ``STORE/spool/<pid>-*`` and the spool of a dead server is removed at
   start-up; onboarding workers die with the server (:mod:`service.jobs`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -70,8 +71,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AvatarService"].full_name
 _STATE = {
-    jobs_mod.QUEUED: pb.Job.STATE_QUEUED, jobs_mod.RUNNING: pb.Job.STATE_RUNNING,
-    jobs_mod.SUCCEEDED: pb.Job.STATE_SUCCEEDED, jobs_mod.FAILED: pb.Job.STATE_FAILED,
+    jobs_mod.QUEUED: pb.Job.STATE_QUEUED,
+    jobs_mod.RUNNING: pb.Job.STATE_RUNNING,
+    jobs_mod.SUCCEEDED: pb.Job.STATE_SUCCEEDED,
+    jobs_mod.FAILED: pb.Job.STATE_FAILED,
     jobs_mod.CANCELLED: pb.Job.STATE_CANCELLED,
 }
 
@@ -134,8 +137,17 @@ class ServerConfig:
         from avatar.runtime import check_device
 
         check_device(self.device)
-        for name in ("max_message_mb", "max_audio_s", "max_streams", "idle_timeout_s", "max_idle_s", "send_timeout_s",
-                     "cache_size", "max_jobs", "max_video_mb"):
+        for name in (
+            "max_message_mb",
+            "max_audio_s",
+            "max_streams",
+            "idle_timeout_s",
+            "max_idle_s",
+            "send_timeout_s",
+            "cache_size",
+            "max_jobs",
+            "max_video_mb",
+        ):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"server setting {name} must be > 0, got {getattr(self, name)}")
         if self.jobs not in ("local", "ray"):
@@ -236,8 +248,9 @@ def cap_size(options, native: int):
     return options
 
 
-def stream_latency_args(block, nerf_right, nerf_window: int | None = None,
-                        where: str = "StreamConfig") -> tuple[int | None, int | None]:
+def stream_latency_args(
+    block, nerf_right, nerf_window: int | None = None, where: str = "StreamConfig"
+) -> tuple[int | None, int | None]:
     """A client's low-latency session settings -> the ``block`` / ``nerf_right`` arguments of
     :class:`avatar.api.StreamSession` (None = the library default).
 
@@ -265,13 +278,17 @@ def stream_latency_args(block, nerf_right, nerf_window: int | None = None,
 
     block, nerf_right = integer("block", block), integer("nerf_right", nerf_right)
     if block is not None and not 0 <= block <= MAX_BLOCK:
-        raise InvalidInput(f"{where}.block must be 1..{MAX_BLOCK} frames per motion block (0 or unset = the default, "
-                           f"{BLOCK}), got {block}; smaller blocks lower the lookahead")
+        raise InvalidInput(
+            f"{where}.block must be 1..{MAX_BLOCK} frames per motion block (0 or unset = the default, "
+            f"{BLOCK}), got {block}; smaller blocks lower the lookahead"
+        )
     half = None if nerf_window is None else int(nerf_window) // 2
     if nerf_right is not None and not (0 <= nerf_right and (half is None or nerf_right <= half)):
         limit = ">= 0" if half is None else f"0..{half} for this avatar (its NeRF window is {nerf_window} frames)"
-        raise InvalidInput(f"{where}.nerf_right (frames of NeRF look-ahead) must be {limit}, got {nerf_right}; "
-                           "unset = the full centred window")
+        raise InvalidInput(
+            f"{where}.nerf_right (frames of NeRF look-ahead) must be {limit}, got {nerf_right}; "
+            "unset = the full centred window"
+        )
     return (int(block) or None) if block is not None else None, None if nerf_right is None else int(nerf_right)
 
 
@@ -325,17 +342,31 @@ def make_spool(store: str | Path) -> Path:
 
 def avatar_info_msg(info: dict) -> pb.AvatarInfo:
     """Store/Avatar info dict -> proto AvatarInfo."""
-    return pb.AvatarInfo(name=info["name"], size=int(info["size"]), fps=float(info["fps"]),
-                         created=str(info.get("created", "")),
-                         metrics={k: float(v) for k, v in (info.get("metrics") or {}).items()})
+    return pb.AvatarInfo(
+        name=info["name"],
+        size=int(info["size"]),
+        fps=float(info["fps"]),
+        created=str(info.get("created", "")),
+        metrics={k: float(v) for k, v in (info.get("metrics") or {}).items()},
+    )
 
 
 def job_msg(job: jobs_mod.JobRecord, scrub=lambda text: text) -> pb.Job:
     """JobRecord -> proto Job; ``scrub`` removes server paths from its message and error."""
-    return pb.Job(job_id=job.job_id, avatar=job.avatar, state=_STATE[job.state], stage=job.stage,
-                  progress=job.progress, message=scrub(job.message), error_code=job.error_code, error=scrub(job.error),
-                  created_unix=job.created_unix, started_unix=job.started_unix, finished_unix=job.finished_unix,
-                  queue_position=job.queue_position)
+    return pb.Job(
+        job_id=job.job_id,
+        avatar=job.avatar,
+        state=_STATE[job.state],
+        stage=job.stage,
+        progress=job.progress,
+        message=scrub(job.message),
+        error_code=job.error_code,
+        error=scrub(job.error),
+        created_unix=job.created_unix,
+        started_unix=job.started_unix,
+        finished_unix=job.finished_unix,
+        queue_position=job.queue_position,
+    )
 
 
 @dataclasses.dataclass
@@ -384,9 +415,15 @@ def _rpc(fn):
                 code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
         md = dict(context.invocation_metadata() or ())
         tok = bearer_token(context.invocation_metadata())
-        fields = {"method": method, "request_id": call.request_id, "code": code, "peer": context.peer(),
-                  "token": token_id(tok) if tok else "", "duration_s": round(time.monotonic() - t0, 4),
-                  "user_agent": md.get("user-agent", "")}
+        fields = {
+            "method": method,
+            "request_id": call.request_id,
+            "code": code,
+            "peer": context.peer(),
+            "token": token_id(tok) if tok else "",
+            "duration_s": round(time.monotonic() - t0, 4),
+            "user_agent": md.get("user-agent", ""),
+        }
         if call.frames:
             fields["frames"] = call.frames
         fields.update(call.fields)
@@ -395,6 +432,7 @@ def _rpc(fn):
         self.metrics.requests.labels(method, code).inc()
 
     if inspect.isgeneratorfunction(fn):
+
         @functools.wraps(fn)
         def stream_wrapper(self, request, context):
             call, t0 = start(self, context)
@@ -417,6 +455,7 @@ def _rpc(fn):
             finally:
                 responses.close()  # runs the method's own cleanup (slot release) now
                 finish(self, context, call, t0)
+
         return stream_wrapper
 
     @functools.wraps(fn)
@@ -430,6 +469,7 @@ def _rpc(fn):
             fail(self, context, call, e)
         finally:
             finish(self, context, call, t0)
+
     return unary_wrapper
 
 
@@ -496,8 +536,12 @@ class SendWatchdog:
             for _, (since, context, call) in late:
                 call.fields["code"] = "CANCELLED"
                 call.fields["send_timeout_s"] = round(now - since, 2)
-                log.warning("request %s (%s): the client read nothing for %.1f s; cancelling the call",
-                            call.request_id, call.method, now - since)
+                log.warning(
+                    "request %s (%s): the client read nothing for %.1f s; cancelling the call",
+                    call.request_id,
+                    call.method,
+                    now - since,
+                )
                 context.cancel()
 
 
@@ -516,12 +560,21 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
         self._slots = threading.BoundedSemaphore(cfg.max_streams)
         self.send_watch = SendWatchdog(cfg.send_timeout_s)
         self.spool = make_spool(cfg.store)
-        self._hide = sorted({str(p) for p in (self.spool, Path(cfg.store), Path(cfg.store).resolve(),
-                                              Path(tempfile.gettempdir()))}, key=len, reverse=True)
-        self.jobs = jobs_mod.JobManager(cfg.store, max_running=cfg.max_jobs, max_queued=cfg.max_queued_jobs,
-                                        cancel_grace_s=cfg.job_cancel_grace_s, on_change=self._job_changed,
-                                        on_success=self.cache.evict, backend=cfg.jobs,
-                                        ray_address=cfg.ray_address)
+        self._hide = sorted(
+            {str(p) for p in (self.spool, Path(cfg.store), Path(cfg.store).resolve(), Path(tempfile.gettempdir()))},
+            key=len,
+            reverse=True,
+        )
+        self.jobs = jobs_mod.JobManager(
+            cfg.store,
+            max_running=cfg.max_jobs,
+            max_queued=cfg.max_queued_jobs,
+            cancel_grace_s=cfg.job_cancel_grace_s,
+            on_change=self._job_changed,
+            on_success=self.cache.evict,
+            backend=cfg.jobs,
+            ray_address=cfg.ray_address,
+        )
 
     def close(self) -> None:
         """Stop onboarding workers and remove spooled uploads."""
@@ -551,12 +604,17 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
 
     def _check_duration(self, n_samples: int) -> None:
         if n_samples > self.cfg.max_audio_s * SAMPLE_RATE:
-            raise ResourceLimit(f"audio longer than this server's limit of {self.cfg.max_audio_s:.0f} s; "
-                                "split it into shorter requests")
+            raise ResourceLimit(
+                f"audio longer than this server's limit of {self.cfg.max_audio_s:.0f} s; split it into shorter requests"
+            )
 
     def _frame_msg(self, index: int, frame: np.ndarray, enc: pb.FrameEncoding, fps: float) -> pb.Frame:
-        return pb.Frame(index=index, timestamp_s=index / fps, format=enc.format,
-                        image=encode_frame(frame, enc.format, enc.jpeg_quality))
+        return pb.Frame(
+            index=index,
+            timestamp_s=index / fps,
+            format=enc.format,
+            image=encode_frame(frame, enc.format, enc.jpeg_quality),
+        )
 
     def _decode_audio_file(self, data: bytes) -> np.ndarray:
         """Decode an uploaded audio file, stopping at ``max_audio_s`` (bounded memory).
@@ -588,7 +646,9 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
 
         call.fields["avatar"] = request.name
         if not self.store.exists(validate_name(request.name)):
-            raise AvatarNotFound(f"no avatar named {request.name!r} on this server; ListAvatars shows the available ones")
+            raise AvatarNotFound(
+                f"no avatar named {request.name!r} on this server; ListAvatars shows the available ones"
+            )
         return avatar_info_msg(self.store.info(request.name))
 
     # ---- rendering ----------------------------------------------------------------------------
@@ -609,9 +669,16 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             options = cap_size(options, av.size)
             total = int(round(len(wav) / SAMPLES_PER_FRAME))
             size = options.size or av.size
-            yield pb.RenderResponse(header=pb.RenderHeader(
-                request_id=call.request_id, avatar=avatar_info_msg(av.info()), size=size, fps=av.fps,
-                total_frames=total, audio_duration_s=len(wav) / SAMPLE_RATE))
+            yield pb.RenderResponse(
+                header=pb.RenderHeader(
+                    request_id=call.request_id,
+                    avatar=avatar_info_msg(av.info()),
+                    size=size,
+                    fps=av.fps,
+                    total_frames=total,
+                    audio_duration_s=len(wav) / SAMPLE_RATE,
+                )
+            )
             first = None
             frames = av.render(wav, options)
             for i, frame in enumerate(frames):
@@ -628,9 +695,14 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             elapsed = time.monotonic() - t0
             if call.frames:
                 self.metrics.render_fps.labels("Render").observe(call.frames / max(elapsed, 1e-6))
-            yield pb.RenderResponse(summary=pb.RenderSummary(
-                frames=call.frames, audio_duration_s=len(wav) / SAMPLE_RATE, render_s=elapsed,
-                first_frame_latency_s=first or 0.0))
+            yield pb.RenderResponse(
+                summary=pb.RenderSummary(
+                    frames=call.frames,
+                    audio_duration_s=len(wav) / SAMPLE_RATE,
+                    render_s=elapsed,
+                    first_frame_latency_s=first or 0.0,
+                )
+            )
         finally:
             if frames is not None:
                 frames.close()
@@ -727,8 +799,9 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             if kind == "end_of_audio":
                 ended = True
                 return stream.End(decoder.finish())
-            raise InvalidInput(f"unexpected '{kind}' message after the config; send audio, options_update, "
-                               "interrupt or end_of_audio")
+            raise InvalidInput(
+                f"unexpected '{kind}' message after the config; send audio, options_update, interrupt or end_of_audio"
+            )
 
         return receive
 
@@ -749,8 +822,9 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
         realtime = cfg.realtime if cfg.HasField("realtime") else True
         idle = cfg.idle_frames if cfg.HasField("idle_frames") else realtime
         with_audio = cfg.frame_audio if cfg.HasField("frame_audio") else True
-        block, nerf_right = stream_latency_args(cfg.block if cfg.HasField("block") else None,
-                                                cfg.nerf_right if cfg.HasField("nerf_right") else None)
+        block, nerf_right = stream_latency_args(
+            cfg.block if cfg.HasField("block") else None, cfg.nerf_right if cfg.HasField("nerf_right") else None
+        )
         self._acquire_slot()
         session = None
         try:
@@ -764,15 +838,32 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             if latency is not None:
                 call.fields.update(block=latency.block, nerf_right=latency.nerf_right)
             fps = float(av.fps)
-            pacer = stream.Pacer(session, stream.PacerConfig(
-                fps=fps, realtime=realtime, idle=idle, out_rate=out_fmt.sample_rate,
-                idle_limit_s=self.cfg.max_idle_s, message_timeout_s=self.cfg.idle_timeout_s))
-            yield pb.StreamRenderResponse(header=pb.StreamHeader(
-                request_id=call.request_id, avatar=avatar_info_msg(av.info()), size=options.size or av.size,
-                fps=fps, lookahead_s=session.lookahead_s, start_time_unix_ns=time.time_ns(), output_audio=out_fmt,
-                max_idle_s=self.cfg.max_idle_s if idle else 0.0, idle_frames=idle,
-                block=latency.block if latency is not None else 0,
-                nerf_right=latency.nerf_right if latency is not None else 0))
+            pacer = stream.Pacer(
+                session,
+                stream.PacerConfig(
+                    fps=fps,
+                    realtime=realtime,
+                    idle=idle,
+                    out_rate=out_fmt.sample_rate,
+                    idle_limit_s=self.cfg.max_idle_s,
+                    message_timeout_s=self.cfg.idle_timeout_s,
+                ),
+            )
+            yield pb.StreamRenderResponse(
+                header=pb.StreamHeader(
+                    request_id=call.request_id,
+                    avatar=avatar_info_msg(av.info()),
+                    size=options.size or av.size,
+                    fps=fps,
+                    lookahead_s=session.lookahead_s,
+                    start_time_unix_ns=time.time_ns(),
+                    output_audio=out_fmt,
+                    max_idle_s=self.cfg.max_idle_s if idle else 0.0,
+                    idle_frames=idle,
+                    block=latency.block if latency is not None else 0,
+                    nerf_right=latency.nerf_right if latency is not None else 0,
+                )
+            )
 
             def check() -> bool:  # before every frame's work
                 if not context.is_active():
@@ -783,8 +874,13 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
             observed, t_run = False, time.monotonic()
             for out in pacer.run(self._stream_events(inbox, decoder, call), check):
                 if isinstance(out, stream.Interrupted):
-                    yield pb.StreamRenderResponse(interrupted=pb.Interrupted(
-                        next_frame=out.next_frame, dropped_audio_s=out.dropped_audio_s, dropped_frames=out.dropped_frames))
+                    yield pb.StreamRenderResponse(
+                        interrupted=pb.Interrupted(
+                            next_frame=out.next_frame,
+                            dropped_audio_s=out.dropped_audio_s,
+                            dropped_frames=out.dropped_frames,
+                        )
+                    )
                     continue
                 msg = self._frame_msg(out.index, out.image, cfg.encoding, fps)
                 msg.idle = out.idle
@@ -800,13 +896,25 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
                 return
             st = pacer.stats
             if call.frames:
-                self.metrics.render_fps.labels("StreamRender").observe(call.frames / max(time.monotonic() - t_run, 1e-6))
+                self.metrics.render_fps.labels("StreamRender").observe(
+                    call.frames / max(time.monotonic() - t_run, 1e-6)
+                )
             first_latency = st["first_frame_latency_s"] or 0.0
-            call.fields.update(audio_s=round(st["audio_s"], 3), first_frame_latency_s=round(first_latency, 4),
-                               idle_frames=st["idle_frames"], interrupts=st["interrupts"])
-            yield pb.StreamRenderResponse(summary=pb.StreamSummary(
-                frames=call.frames, audio_duration_s=st["audio_s"], first_frame_latency_s=first_latency,
-                idle_frames=st["idle_frames"], interrupts=st["interrupts"]))
+            call.fields.update(
+                audio_s=round(st["audio_s"], 3),
+                first_frame_latency_s=round(first_latency, 4),
+                idle_frames=st["idle_frames"],
+                interrupts=st["interrupts"],
+            )
+            yield pb.StreamRenderResponse(
+                summary=pb.StreamSummary(
+                    frames=call.frames,
+                    audio_duration_s=st["audio_s"],
+                    first_frame_latency_s=first_latency,
+                    idle_frames=st["idle_frames"],
+                    interrupts=st["interrupts"],
+                )
+            )
         finally:
             del session
             self._release_slot()
@@ -839,8 +947,10 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
                         raise InvalidInput("after the metadata, send only video_chunk messages")
                     size += len(req.video_chunk)
                     if size > limit:
-                        raise ResourceLimit(f"the video exceeds this server's upload limit of {self.cfg.max_video_mb} MB; "
-                                            "trim or re-encode it")
+                        raise ResourceLimit(
+                            f"the video exceeds this server's upload limit of {self.cfg.max_video_mb} MB; "
+                            "trim or re-encode it"
+                        )
                     f.write(req.video_chunk)
             if size == 0:
                 raise InvalidMedia("no video data was uploaded; send the file as video_chunk messages")
@@ -855,8 +965,10 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
     def _job(self, job_id: str) -> jobs_mod.JobRecord:
         job = self.jobs.get(job_id)
         if job is None:
-            raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"no onboarding job {job_id!r} on this store "
-                             "(finished jobs are kept for 7 days; ListJobs shows them)")
+            raise RpcFailure(
+                grpc.StatusCode.NOT_FOUND,
+                f"no onboarding job {job_id!r} on this store (finished jobs are kept for 7 days; ListJobs shows them)",
+            )
         return job
 
     @_rpc
@@ -930,8 +1042,7 @@ class AvatarServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
             interceptors=[AuthInterceptor(tokens, on_denied=self._denied)],
-            options=[("grpc.max_receive_message_length", max_bytes),
-                     ("grpc.max_send_message_length", max_bytes)],
+            options=[("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)],
             maximum_concurrent_rpcs=workers,
         )
         pb_grpc.add_AvatarServiceServicer_to_server(self.servicer, self._server)
@@ -939,7 +1050,8 @@ class AvatarServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server)
+            self._server,
+        )
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:
             try:
@@ -953,15 +1065,19 @@ class AvatarServer:
             raise InvalidInput(f"cannot listen on {address}; pick a free port with --port")
         self.metrics_port = None
         if not cfg.tls_cert and not is_loopback(cfg.host):
-            log.warning("SERVING PLAINTEXT gRPC ON %s, A NON-LOOPBACK ADDRESS: API tokens and media cross the network "
-                        "unencrypted; pass --tls-cert/--tls-key or bind 127.0.0.1 behind a TLS proxy", cfg.host)
+            log.warning(
+                "SERVING PLAINTEXT gRPC ON %s, A NON-LOOPBACK ADDRESS: API tokens and media cross the network "
+                "unencrypted; pass --tls-cert/--tls-key or bind 127.0.0.1 behind a TLS proxy",
+                cfg.host,
+            )
 
     def _denied(self, method: str, code: str, peer: str, token: str | None) -> None:
         """Metrics + access log of a call the auth interceptor refused (never the token itself)."""
         name = method.rsplit("/", 1)[-1]
         self.metrics.requests.labels(name, code).inc()
-        log_access({"method": name, "code": code, "peer": peer, "token": token_id(token) if token else "",
-                    "denied": True})
+        log_access(
+            {"method": name, "code": code, "peer": peer, "token": token_id(token) if token else "", "denied": True}
+        )
 
     def start(self) -> "AvatarServer":
         """Start serving (and the metrics endpoint, on the gRPC host); returns self."""
@@ -970,8 +1086,14 @@ class AvatarServer:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_port, host=http_host(self.cfg.host))
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s:%d (metrics port %s, store %s, tls %s)", self.cfg.host, self.port,
-                 self.metrics_port, self.cfg.store, bool(self.cfg.tls_cert))
+        log.info(
+            "serving on %s:%d (metrics port %s, store %s, tls %s)",
+            self.cfg.host,
+            self.port,
+            self.metrics_port,
+            self.cfg.store,
+            bool(self.cfg.tls_cert),
+        )
         return self
 
     def stop(self, grace: float | None = 2.0) -> None:

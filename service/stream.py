@@ -29,6 +29,7 @@ never runs dry gets exactly the frames of a batch render of its audio (``stream 
 - **Idle limit**: with idle frames, no audio for ``idle_limit_s`` ends the session with
   :class:`IdleLimitReached`; without them, no event at all for ``message_timeout_s`` does.
 """
+
 from __future__ import annotations
 
 import collections
@@ -165,7 +166,7 @@ class FrameAudio:
         out = np.zeros(b - a, np.float32)
         lo, hi = max(a, self._start), min(b, self._start + len(self._buf))
         if hi > lo:
-            out[lo - a: hi - a] = self._buf[lo - self._start: hi - self._start]
+            out[lo - a : hi - a] = self._buf[lo - self._start : hi - self._start]
         drop = min(max(0, b - self._start), len(self._buf))
         self._buf, self._start = self._buf[drop:], self._start + drop
         return out
@@ -202,13 +203,19 @@ class Pacer:
         self.s.rewind_frames = self.cfg.max_ahead + 2
         self.audio = FrameAudio(self.cfg.out_rate, self.cfg.fps)
         self.pending: collections.deque[OutFrame] = collections.deque()
-        self.stats: dict = {"frames": 0, "idle_frames": 0, "audio_s": 0.0, "interrupts": 0,
-                            "first_frame_latency_s": None, "interrupt_latency_s": None}
-        self._work = None          # the session's pull() iterator while it may yield frames
-        self._starved = True       # the last pull() found nothing to render
+        self.stats: dict = {
+            "frames": 0,
+            "idle_frames": 0,
+            "audio_s": 0.0,
+            "interrupts": 0,
+            "first_frame_latency_s": None,
+            "interrupt_latency_s": None,
+        }
+        self._work = None  # the session's pull() iterator while it may yield frames
+        self._starved = True  # the last pull() found nothing to render
         self._pads: list[list[int]] = []  # [start, end) timeline samples of inserted silence
         self._anchor: float | None = None
-        self._sent = 0             # index of the next frame to send
+        self._sent = 0  # index of the next frame to send
         self._ended = False
         self._stop = False
         self._t_first_audio: float | None = None
@@ -292,7 +299,11 @@ class Pacer:
             st["idle_frames"] += 1
         else:
             self._last_audio = max(self._last_audio, now)
-        if st["first_frame_latency_s"] is None and self._t_first_audio is not None and f.index >= self._first_speech_frame:
+        if (
+            st["first_frame_latency_s"] is None
+            and self._t_first_audio is not None
+            and f.index >= self._first_speech_frame
+        ):
             st["first_frame_latency_s"] = now - self._t_first_audio
         if self._t_interrupt is not None:
             st["interrupt_latency_s"], self._t_interrupt = now - self._t_interrupt, None
@@ -347,10 +358,10 @@ class Pacer:
             if quiet > cfg.idle_limit_s:
                 raise IdleLimitReached(
                     f"idle limit reached: no audio for {quiet:.0f} s (this server closes a stream after "
-                    f"{cfg.idle_limit_s:.0f} s without audio); open a new stream when there is speech")
+                    f"{cfg.idle_limit_s:.0f} s without audio); open a new stream when there is speech"
+                )
         elif not self.pending and self._starved and now - self._last_event > cfg.message_timeout_s:
-            raise IdleLimitReached(f"no audio or end_of_audio for {cfg.message_timeout_s:.0f} s; "
-                                   "the stream was closed")
+            raise IdleLimitReached(f"no audio or end_of_audio for {cfg.message_timeout_s:.0f} s; the stream was closed")
 
     # -- events --
     def _handle(self, ev, now: float):

@@ -40,6 +40,7 @@ slower than real time (this CPU) the video runs at the render rate, the audio is
 pieces per frame, and input audio beyond ``max_backlog_s`` of unrendered audio is dropped (counted
 in the stats) so the latency stays bounded.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -72,12 +73,31 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("web_static")
 FPS = float(_FPS)
 #: HTTP status of each AvatarError.grpc_code
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "FAILED_PRECONDITION": 409,
-               "RESOURCE_EXHAUSTED": 429, "DEADLINE_EXCEEDED": 504, "UNAUTHENTICATED": 401,
-               "PERMISSION_DENIED": 403, "CANCELLED": 499, "INTERNAL": 500}
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "FAILED_PRECONDITION": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "DEADLINE_EXCEEDED": 504,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "CANCELLED": 499,
+    "INTERNAL": 500,
+}
 #: render options a browser may set (no server paths such as emotion_video)
-WEB_OPTIONS = ("emotion", "emotion_strength", "still", "blink", "blink_rate", "temperature", "seed", "size",
-               "head_speed", "head_amplitude")
+WEB_OPTIONS = (
+    "emotion",
+    "emotion_strength",
+    "still",
+    "blink",
+    "blink_rate",
+    "temperature",
+    "seed",
+    "size",
+    "head_speed",
+    "head_amplitude",
+)
 _TOKENS = web.AppKey("tokens", dict)
 _SERVICER = web.AppKey("servicer", object)
 _WEB = web.AppKey("web", object)
@@ -104,8 +124,10 @@ def require(request: web.Request, scope: str) -> str:
 
     token = bearer_token([("authorization", request.headers.get("Authorization", ""))])
     if token is None:
-        raise _http(web.HTTPUnauthorized, "missing credentials: send 'Authorization: Bearer <token>' "
-                                          "(enter the token at the top of the page)")
+        raise _http(
+            web.HTTPUnauthorized,
+            "missing credentials: send 'Authorization: Bearer <token>' (enter the token at the top of the page)",
+        )
     scopes = scopes_for(request.app[_TOKENS], token)
     if scopes is None:
         raise _http(web.HTTPForbidden, "unknown token: ask the server operator for a valid API token")
@@ -290,8 +312,11 @@ class MonoResampler:
         x = x.reshape(-1, channels).mean(axis=1) if frame.format.is_packed else x.reshape(channels, -1).mean(axis=0)
         if frame.sample_rate != self._rate:
             self._rate = frame.sample_rate
-            self._rs = None if self._rate == AUDIO_RATE else soxr.ResampleStream(self._rate, AUDIO_RATE, 1,
-                                                                                 dtype="float32", quality="HQ")
+            self._rs = (
+                None
+                if self._rate == AUDIO_RATE
+                else soxr.ResampleStream(self._rate, AUDIO_RATE, 1, dtype="float32", quality="HQ")
+            )
         return np.ascontiguousarray(x if self._rs is None else self._rs.resample_chunk(x, last=False), np.float32)
 
 
@@ -313,9 +338,19 @@ class LiveSession:
         stats: counters and first-frame stage timings (see :meth:`snapshot`).
     """
 
-    def __init__(self, sid: str, avatar, options, loop: asyncio.AbstractEventLoop, max_backlog_s: float,
-                 max_audio_s: float, on_end=None, max_idle_s: float = 600.0, block: int | None = None,
-                 nerf_right: int | None = None):
+    def __init__(
+        self,
+        sid: str,
+        avatar,
+        options,
+        loop: asyncio.AbstractEventLoop,
+        max_backlog_s: float,
+        max_audio_s: float,
+        on_end=None,
+        max_idle_s: float = 600.0,
+        block: int | None = None,
+        nerf_right: int | None = None,
+    ):
         from service.server import open_stream
         from service.stream import Pacer, PacerConfig
 
@@ -329,8 +364,16 @@ class LiveSession:
         self.max_audio = int(max_audio_s * AUDIO_RATE)
         # the session's block and right context (derived from the avatar's models, StreamSession.latency)
         self._block, self._ctx_right = self.session.latency.block, self.session.latency.ctx_right
-        self.stats: dict = {"frames_rendered": 0, "frames_sent": 0, "idle_frames": 0, "interrupts": 0,
-                            "audio_in_s": 0.0, "audio_dropped_s": 0.0, "state": "new", "error": ""}
+        self.stats: dict = {
+            "frames_rendered": 0,
+            "frames_sent": 0,
+            "idle_frames": 0,
+            "interrupts": 0,
+            "audio_in_s": 0.0,
+            "audio_dropped_s": 0.0,
+            "state": "new",
+            "error": "",
+        }
         self.t: dict[str, float] = {"created": time.monotonic()}  # first-frame stage marks (monotonic s)
         # per-stage timing of the first frame: wrap this session's own engines (instance attributes)
         self._stop = threading.Event()
@@ -338,15 +381,24 @@ class LiveSession:
         self.session.frames.frame = _Timed(self.session.frames.frame, self.stats, self.t, "nerf_s", self._stop)
         # the StreamRender pacer (service/stream.py): paced frames with their audio, idle frames once the
         # speech pauses (not before the first audio, so the first-frame stages keep their meaning), interrupt
-        self.pacer = Pacer(self.session, PacerConfig(fps=FPS, realtime=True, idle=True, out_rate=AUDIO_RATE,
-                                                     start_grace_s=float("inf"), idle_limit_s=max_idle_s))
+        self.pacer = Pacer(
+            self.session,
+            PacerConfig(
+                fps=FPS,
+                realtime=True,
+                idle=True,
+                out_rate=AUDIO_RATE,
+                start_grace_s=float("inf"),
+                idle_limit_s=max_idle_s,
+            ),
+        )
         self.pc = RTCPeerConnection()
         self.video = FrameTrack(self)
         self.audio_out = PlayoutAudioTrack(self)
         self._inbox: queue.Queue = queue.Queue()
         self._frames: asyncio.Queue = asyncio.Queue()
-        self._queued = 0                            # input samples in _inbox, not yet given to the pacer
-        self._accepted = 0                          # input samples accepted for rendering
+        self._queued = 0  # input samples in _inbox, not yet given to the pacer
+        self._accepted = 0  # input samples accepted for rendering
         self._on_end = on_end
         self._ended = False
         self._thread = threading.Thread(target=self._render_loop, name=f"web-live-{sid}", daemon=True)
@@ -528,6 +580,7 @@ class FrameTrack(MediaStreamTrack):
             self.live.t.setdefault("first_frame_sent", time.monotonic())
         return vf
 
+
 class PlayoutAudioTrack(MediaStreamTrack):
     """Outgoing audio: 20 ms packets of 16 kHz mono at real-time pace; the audio of the frames
     released so far, silence when there is none."""
@@ -553,7 +606,7 @@ class PlayoutAudioTrack(MediaStreamTrack):
         while k < n and self._buf:
             head = self._buf[0]
             m = min(n - k, head.size)
-            out[k:k + m] = head[:m]
+            out[k : k + m] = head[:m]
             k += m
             if m == head.size:
                 self._buf.popleft()
@@ -644,9 +697,16 @@ class WebApp:
         from avatar.runtime import resolve_device
 
         device = self.cfg.device or str(resolve_device())
-        return web.json_response({"device": device, "max_audio_s": self.cfg.max_audio_s,
-                                  "max_video_mb": self.cfg.max_video_mb, "presets": list(PRESETS),
-                                  "max_backlog_s": self.max_backlog_s, "fps": FPS})
+        return web.json_response(
+            {
+                "device": device,
+                "max_audio_s": self.cfg.max_audio_s,
+                "max_video_mb": self.cfg.max_video_mb,
+                "presets": list(PRESETS),
+                "max_backlog_s": self.max_backlog_s,
+                "fps": FPS,
+            }
+        )
 
     # -- avatars --
     async def avatars(self, request: web.Request) -> web.Response:
@@ -703,8 +763,11 @@ class WebApp:
         finally:
             path.unlink(missing_ok=True)
             out.unlink(missing_ok=True)
-        return web.Response(body=body, content_type="video/mp4",
-                            headers={"X-Frames": str(res["frames"]), "X-Render-Fps": f"{res['render_fps']:.2f}"})
+        return web.Response(
+            body=body,
+            content_type="video/mp4",
+            headers={"X-Frames": str(res["frames"]), "X-Render-Fps": f"{res['render_fps']:.2f}"},
+        )
 
     def _render_mp4(self, name: str, audio: Path, out: Path, raw_options) -> dict:
         from avatar.media import load_audio
@@ -790,8 +853,9 @@ class WebApp:
         await self._run(self._info, name)
         av = await self._run(self.servicer.cache.get, name)
         options = parse_options(body.get("options"), av.size)
-        block, nerf_right = stream_latency_args(body.get("block"), body.get("nerf_right"), av.models.nerf.window,
-                                                where="offer")
+        block, nerf_right = stream_latency_args(
+            body.get("block"), body.get("nerf_right"), av.models.nerf.window, where="offer"
+        )
         self.servicer._acquire_slot()
         sid = uuid.uuid4().hex[:12]
         released = threading.Event()
@@ -803,8 +867,18 @@ class WebApp:
 
         loop = asyncio.get_running_loop()
         try:
-            live = LiveSession(sid, av, options, loop, self.max_backlog_s, self.cfg.max_audio_s, on_end=release,
-                               max_idle_s=self.cfg.max_idle_s, block=block, nerf_right=nerf_right)
+            live = LiveSession(
+                sid,
+                av,
+                options,
+                loop,
+                self.max_backlog_s,
+                self.cfg.max_audio_s,
+                on_end=release,
+                max_idle_s=self.cfg.max_idle_s,
+                block=block,
+                nerf_right=nerf_right,
+            )
         except BaseException:
             release()
             raise
@@ -838,17 +912,33 @@ class WebApp:
             await self._end(sid)
             release()
             raise InvalidInput("the offer carries no audio track; send microphone or file audio")
-        log.info("web live session %s: avatar %s, %d px, block %d, nerf_right %d, lookahead %.2f s", sid, name,
-                 live.size, live._block, live.session.latency.nerf_right, live.lookahead_s)
+        log.info(
+            "web live session %s: avatar %s, %d px, block %d, nerf_right %d, lookahead %.2f s",
+            sid,
+            name,
+            live.size,
+            live._block,
+            live.session.latency.nerf_right,
+            live.lookahead_s,
+        )
 
         def unconnected():  # a browser that never completes ICE must not hold a render slot
             if sid in self.sessions and "connected" not in live.t:
                 log.info("web live session %s: not connected within %.0f s; closing it", sid, self.connect_timeout_s)
                 asyncio.ensure_future(self._end(sid))
+
         loop.call_later(self.connect_timeout_s, unconnected)
-        return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": sid,
-                                  "lookahead_s": live.lookahead_s, "block": live._block,
-                                  "nerf_right": live.session.latency.nerf_right, "size": live.size})
+        return web.json_response(
+            {
+                "sdp": pc.localDescription.sdp,
+                "type": pc.localDescription.type,
+                "session": sid,
+                "lookahead_s": live.lookahead_s,
+                "block": live._block,
+                "nerf_right": live.session.latency.nerf_right,
+                "size": live.size,
+            }
+        )
 
     async def _end(self, sid: str) -> None:
         live = self.sessions.pop(sid, None)
@@ -896,8 +986,16 @@ class WebServer:
         InvalidInput (from :meth:`start`): the port cannot be bound.
     """
 
-    def __init__(self, servicer, tokens: dict[str, frozenset[str]], host: str = "127.0.0.1", port: int = 8080,
-                 tls_cert: str | None = None, tls_key: str | None = None, max_backlog_s: float = 2.0):
+    def __init__(
+        self,
+        servicer,
+        tokens: dict[str, frozenset[str]],
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        max_backlog_s: float = 2.0,
+    ):
         self.servicer, self.tokens, self.host, self.port = servicer, tokens, host, port
         self.tls = (tls_cert, tls_key) if tls_cert else None
         self.max_backlog_s = max_backlog_s
@@ -949,11 +1047,15 @@ class WebServer:
         self._thread.start()
         ready.wait()
         if failure:
-            raise InvalidInput(f"cannot serve the web console on {self.host}:{self.port}: {failure[0]}; "
-                               "pick a free port with --web") from failure[0]
+            raise InvalidInput(
+                f"cannot serve the web console on {self.host}:{self.port}: {failure[0]}; pick a free port with --web"
+            ) from failure[0]
         if not self.tls and not is_loopback(self.host):
-            log.warning("SERVING THE WEB CONSOLE OVER PLAIN HTTP ON %s: tokens and media cross the network "
-                        "unencrypted, and browsers allow the microphone only on https or localhost", self.host)
+            log.warning(
+                "SERVING THE WEB CONSOLE OVER PLAIN HTTP ON %s: tokens and media cross the network "
+                "unencrypted, and browsers allow the microphone only on https or localhost",
+                self.host,
+            )
         log.info("web console on %s", self.url)
         return self
 

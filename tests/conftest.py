@@ -1,4 +1,5 @@
 """Shared test fixtures: real media from ``$AVATAR_TEST_DATA`` (default ``../shared/data``)."""
+
 from __future__ import annotations
 
 import os
@@ -92,6 +93,6 @@ def push_in_random_chunks(session, audio, seed: int, max_chunk: int) -> list:
     got, i = [], 0
     while i < len(audio):
         k = int(rng.integers(0, max_chunk))
-        got += session.push(audio[i: i + k])
+        got += session.push(audio[i : i + k])
         i += k
     return got + session.finish()

@@ -3,6 +3,7 @@ and OpenCV only (no PyAV, mediapipe or librosa), for tests that must run without
 stack. The scene is a bright disc (the "head") over a torso band on a textured background, seen by
 the dataset's default camera; landmarks are a fixed face-like cloud whose mouth opens and closes.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,11 @@ def make_dataset(root: str | Path, n_frames: int = 60, size: int = 64, seed: int
     mean[36], mean[45] = (-0.5, -0.3, 0.0), (0.5, -0.3, 0.0)
     t = np.arange(n, dtype=np.float32)
     lm3d = np.repeat(mean[None], n, 0)
-    lm3d[:, 57, 1] += 0.1 * np.sin(t / 3.0)                 # lower lip moves
+    lm3d[:, 57, 1] += 0.1 * np.sin(t / 3.0)  # lower lip moves
     head_scale = 0.09
     pose = np.repeat(np.eye(4, dtype=np.float32)[None], n, 0)
     pose[:, :3, 3] = (0.0, 0.0, 0.6)
-    pose[:, 0, 3] += 0.002 * np.sin(t / 5.0)                # a little head motion
+    pose[:, 0, 3] += 0.002 * np.sin(t / 5.0)  # a little head motion
     f = 1200.0 / 512.0 * S
     K = {"fx": f, "fy": f, "cx": S / 2.0, "cy": S / 2.0}
     cam = lm3d * head_scale + pose[:, None, :3, 3]
@@ -61,10 +62,16 @@ def make_dataset(root: str | Path, n_frames: int = 60, size: int = 64, seed: int
         "face_valid": np.ones(n, bool),
     }
     manifest = {
-        "schema": SCHEMA, "fps": 25, "size": S, "n_frames": n, "intrinsics": K, "head_scale": head_scale,
-        "features": {"kind": "mel", "dim": 80}, "split": {"val_start": val_start, "n_train": val_start,
-                                                          "n_val": n - val_start},
-        "source": {"path": "synthetic"}, "crop_box": {"x0": 0, "y0": 0, "side": S},
+        "schema": SCHEMA,
+        "fps": 25,
+        "size": S,
+        "n_frames": n,
+        "intrinsics": K,
+        "head_scale": head_scale,
+        "features": {"kind": "mel", "dim": 80},
+        "split": {"val_start": val_start, "n_train": val_start, "n_val": n - val_start},
+        "source": {"path": "synthetic"},
+        "crop_box": {"x0": 0, "y0": 0, "side": S},
     }
     write_dataset(root, frames, masks, arrays, manifest)
     json.loads((root / "manifest.json").read_text())

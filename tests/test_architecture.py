@@ -20,6 +20,7 @@ unit each (their modules may import each other; cycles are still refused):
     cli       avatar.cli and every ``commands`` module (``avatar/*/commands.py``, ``service/commands.py``)
     bench     bench
 """
+
 from __future__ import annotations
 
 import ast
@@ -30,8 +31,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("avatar", "service", "recipes", "bench")
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("avatar", "avatar.errors", "avatar.atomic", "avatar.config", "avatar.logs", "avatar.runtime",
-              "avatar.timebase")),
+    (
+        "base",
+        (
+            "avatar",
+            "avatar.errors",
+            "avatar.atomic",
+            "avatar.config",
+            "avatar.logs",
+            "avatar.runtime",
+            "avatar.timebase",
+        ),
+    ),
     ("media", ("avatar.media",)),
     ("signals", ("avatar.audio", "avatar.face")),
     ("formats", ("avatar.data", "avatar.store")),
@@ -74,8 +85,11 @@ def _known(name: str) -> str | None:
 
 def _command_modules(tree: ast.Module) -> list[str]:
     for node in tree.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (
-            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        target = (
+            node.target
+            if isinstance(node, ast.AnnAssign)
+            else (node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        )
         if isinstance(target, ast.Name) and target.id == "COMMAND_MODULES":
             return list(ast.literal_eval(node.value))
     raise AssertionError("avatar/cli.py has no COMMAND_MODULES list")
@@ -99,8 +113,10 @@ def _imports() -> dict[str, dict[str, int]]:
                 else:
                     prefix = node.module or ""
                 # `from pkg import submodule` imports the submodule; `from mod import name` the module
-                targets += [(f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in MODULES else prefix, node.lineno)
-                            for a in node.names]
+                targets += [
+                    (f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in MODULES else prefix, node.lineno)
+                    for a in node.names
+                ]
         if mod == "avatar.cli":
             targets += [(name, 0) for name in _command_modules(tree)]
         for name, line in targets:
@@ -191,17 +207,23 @@ def test_imports_only_run_downward():
             if dep_unit == unit or dep_layer < layer:
                 continue
             where = "sibling" if dep_layer == layer else "upward"
-            bad.append(f"{MODULES[mod].relative_to(ROOT)}:{line}: {mod} ({LAYERS[layer][0]}) imports {dep} "
-                       f"({LAYERS[dep_layer][0]}): {where}")
-    assert not bad, ("imports must run downward (docs/ARCHITECTURE.md): move the shared piece down a layer, "
-                     "or pass it in from above\n" + "\n".join(bad))
+            bad.append(
+                f"{MODULES[mod].relative_to(ROOT)}:{line}: {mod} ({LAYERS[layer][0]}) imports {dep} "
+                f"({LAYERS[dep_layer][0]}): {where}"
+            )
+    assert not bad, (
+        "imports must run downward (docs/ARCHITECTURE.md): move the shared piece down a layer, "
+        "or pass it in from above\n" + "\n".join(bad)
+    )
 
 
 def test_no_import_cycles():
     cycles = _cycles(GRAPH)
     new = [sorted(c) for c in cycles if c not in KNOWN_CYCLES]
-    assert not new, ("import cycles (lazy imports included; docs/ARCHITECTURE.md): move what both sides need "
-                     "into a module below them\n" + "\n".join(" <-> ".join(c) for c in new))
+    assert not new, (
+        "import cycles (lazy imports included; docs/ARCHITECTURE.md): move what both sides need "
+        "into a module below them\n" + "\n".join(" <-> ".join(c) for c in new)
+    )
     gone = [sorted(c) for c in KNOWN_CYCLES if c not in cycles]
     assert not gone, f"a known cycle is gone or changed; update KNOWN_CYCLES in tests/test_architecture.py: {gone}"
 
@@ -241,6 +263,10 @@ def test_nerf_roles_import_downward():
     row = {f"avatar.nerf.{name}": i for i, names in enumerate(NERF_ROLES) for name in names}
     listed = {m for m in MODULES if m.startswith("avatar.nerf.")} - {"avatar.nerf.commands"}
     assert listed == set(row), f"add new avatar/nerf modules to NERF_ROLES: {sorted(listed ^ set(row))}"
-    bad = [f"{mod} imports {dep}" for mod in sorted(row) for dep in GRAPH.get(mod, {})
-           if dep in row and row[dep] < row[mod]]
+    bad = [
+        f"{mod} imports {dep}"
+        for mod in sorted(row)
+        for dep in GRAPH.get(mod, {})
+        if dep in row and row[dep] < row[mod]
+    ]
     assert not bad, "avatar/nerf imports must run down NERF_ROLES:\n" + "\n".join(bad)

@@ -1,4 +1,5 @@
 """avatar.audio on real speech: 50 Hz alignment, chunked == single pass, streaming == batch, HuBERT path."""
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,17 @@ def hubert_dir(tmp_path_factory):
     from transformers import HubertConfig, HubertModel
 
     torch.manual_seed(0)
-    cfg = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       conv_dim=(16,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
-                       num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    cfg = HubertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16,) * 7,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
     path = tmp_path_factory.mktemp("hubert_tiny")
     HubertModel(cfg).save_pretrained(path)
     return path
@@ -47,7 +56,7 @@ def _stream(extractor: StreamingFeatureExtractor, wav: np.ndarray, seed: int) ->
     outs, i = [], 0
     while i < len(wav):
         k = int(rng.choice([0, 1, 7, 320, 333, 1000, 4800, 9999]))
-        outs.append(extractor.push(wav[i:i + k]))
+        outs.append(extractor.push(wav[i : i + k]))
         i += k
     outs.append(extractor.flush())
     assert all(o.dtype == np.float32 and o.shape[1] == extractor.dim for o in outs)
@@ -64,7 +73,7 @@ def test_mel_shape_rate_and_video_alignment(eng, data_dir):
     assert g.shape == (2 * n, 80) and np.array_equal(g, f[: 2 * n])
     h = extract_features(eng, n_frames=n + 3)  # longer video: edge frames repeated
     assert h.shape == (2 * n + 6, 80)
-    assert np.array_equal(h[: len(f)], f) and np.array_equal(h[len(f):], np.repeat(f[-1:], 2 * n + 6 - len(f), 0))
+    assert np.array_equal(h[: len(f)], f) and np.array_equal(h[len(f) :], np.repeat(f[-1:], 2 * n + 6 - len(f), 0))
     # 48 kHz stereo news speech, resampled by load_audio
     news = load_audio(data_dir / "audio" / "chinese_news.wav")
     fn = extract_features(news, n_frames=200)
@@ -74,8 +83,19 @@ def test_mel_shape_rate_and_video_alignment(eng, data_dir):
 def test_mel_centring_matches_librosa(eng):
     """Frame t is centred on sample 320 t + 160: equals librosa's centred STFT of audio shifted by 160."""
     f = extract_features(eng[:48_000])
-    ref = librosa.feature.melspectrogram(y=eng[160:48_000], sr=16000, n_fft=1024, hop_length=320, win_length=640,
-                                         n_mels=80, fmin=55, fmax=7600, power=1.0, center=True, pad_mode="constant")
+    ref = librosa.feature.melspectrogram(
+        y=eng[160:48_000],
+        sr=16000,
+        n_fft=1024,
+        hop_length=320,
+        win_length=640,
+        n_mels=80,
+        fmin=55,
+        fmax=7600,
+        power=1.0,
+        center=True,
+        pad_mode="constant",
+    )
     ref = np.log10(np.maximum(ref, 1e-5)).T
     assert np.abs(f[2:140] - ref[2:140]).max() < 1e-4
 
@@ -115,7 +135,7 @@ def test_silence_energy_and_mel(eng):
     speech = audio_energy(eng, len(eng) // 640)
     assert np.median(speech) > 50 * en.max()
     i = 100
-    assert speech[i] == pytest.approx(np.sqrt(np.mean(eng[640 * i:640 * (i + 1)].astype(np.float64) ** 2)), rel=1e-5)
+    assert speech[i] == pytest.approx(np.sqrt(np.mean(eng[640 * i : 640 * (i + 1)].astype(np.float64) ** 2)), rel=1e-5)
     # loud video frames have louder mel frames (the two features agree on timing)
     mel_loud = extract_features(eng, n_frames=len(speech)).reshape(len(speech), 2, 80).mean((1, 2))
     assert np.corrcoef(np.log(speech + 1e-6), mel_loud)[0, 1] > 0.8
@@ -124,7 +144,7 @@ def test_silence_energy_and_mel(eng):
 def test_hubert_single_pass_matches_model(eng, hubert_dir):
     from transformers import HubertModel
 
-    wav = eng[:48_000 + 77]
+    wav = eng[: 48_000 + 77]
     f = extract_features(wav, "hubert", hubert_path=hubert_dir)
     n = n_feature_frames(len(wav))
     assert f.shape == (n, 32) and f.dtype == np.float32
@@ -145,15 +165,17 @@ def test_hubert_chunked_vs_single_pass(eng, hubert_dir):
     full_ctx = extract_features(eng, "hubert", hubert_path=hubert_dir, chunk_s=2.0, context_s=8.0)
     assert np.abs(full_ctx - single).max() < 1e-4
     # bounded context: global attention makes this approximate; more context is closer
-    errs = [np.abs(extract_features(eng, "hubert", hubert_path=hubert_dir, chunk_s=2.0, context_s=c) - single).mean()
-            for c in (0.5, 4.0)]
+    errs = [
+        np.abs(extract_features(eng, "hubert", hubert_path=hubert_dir, chunk_s=2.0, context_s=c) - single).mean()
+        for c in (0.5, 4.0)
+    ]
     assert errs[1] < errs[0]
 
 
 def test_hubert_streaming_equals_batch(eng, hubert_dir):
     s = StreamingFeatureExtractor("hubert", hubert_path=hubert_dir, block_s=0.2, context_s=0.4)
     assert s.lookahead_samples == 320 * 30 - 120
-    wav = eng[:48_000 + 5]
+    wav = eng[: 48_000 + 5]
     out = _stream(s, wav, seed=2)
     batch = extract_features(wav, "hubert", hubert_path=hubert_dir, chunk_s=0.2, context_s=0.4)
     assert out.shape == batch.shape == (n_feature_frames(len(wav)), 32)
@@ -203,7 +225,7 @@ def test_errors(tmp_path, hubert_dir):
 
 def test_feature_stats(eng):
     f = extract_features(eng)
-    stats = FeatureStats.fit(f[i:i + 97] for i in range(0, len(f), 97))
+    stats = FeatureStats.fit(f[i : i + 97] for i in range(0, len(f), 97))
     assert stats.mean.dtype == np.float32 and stats.mean.shape == (80,)
     assert np.allclose(stats.mean, f.mean(0), atol=1e-4) and np.allclose(stats.std, f.std(0), rtol=1e-4)
     z = stats.normalize(f)

@@ -1,5 +1,6 @@
 """CLI conventions every command shares: ``avatar --version`` (one version, pyproject's) and
 ``list --json``."""
+
 from __future__ import annotations
 
 import json
@@ -76,7 +77,6 @@ def test_device_flag_is_the_default_device_while_the_command_runs(monkeypatch):
     assert runtime.resolve_device("cpu").type == "cpu"
 
 
-
 def test_onboard_seed_and_quiet_reach_every_training_stage(monkeypatch, tmp_path, capsys):
     """``onboard --seed N -q``: the seed reaches each training stage (motion fine-tuning, postnet, head
     and torso NeRF) and ``-q`` turns their bars off; without the flags: seed 0, bars on. (The seeds
@@ -99,8 +99,12 @@ def test_onboard_seed_and_quiet_reach_every_training_stage(monkeypatch, tmp_path
         monkeypatch.setattr(module, name, lambda *a, _n=name, **kw: calls.append((_n, kw["seed"], kw["progress"])))
     for stage in ("motion", "postnet", "head", "torso"):
         run_stage(stage, tmp_path, tmp_path / "v.mp4", "cpu-smoke", tmp_path / "gen", seed=7, show_bars=False)
-    assert calls == [("finetune_generator", 7, False), ("train_postnet", 7, False), ("train_nerf", 7, False),
-                     ("train_nerf", 7, False)]
+    assert calls == [
+        ("finetune_generator", 7, False),
+        ("train_postnet", 7, False),
+        ("train_nerf", 7, False),
+        ("train_nerf", 7, False),
+    ]
 
 
 def test_demo_quiet_reaches_every_stage(monkeypatch, tmp_path, capsys):
@@ -144,17 +148,25 @@ def test_demo_quiet_reaches_every_stage(monkeypatch, tmp_path, capsys):
     (tmp_path / recipes.demo.SPEAKER).parent.mkdir(parents=True)
     (tmp_path / recipes.demo.SPEAKER).touch()
     monkeypatch.setattr(avatar.store, "AvatarStore", Store)
-    monkeypatch.setattr(recipes.train_generator, "train_generator",
-                        lambda *a, **kw: calls.append(("generator", kw["progress"])))
-    monkeypatch.setattr(avatar.motion.emotion, "train_emotion", lambda *a, **kw: calls.append(("emotion", kw["progress"])))
+    monkeypatch.setattr(
+        recipes.train_generator, "train_generator", lambda *a, **kw: calls.append(("generator", kw["progress"]))
+    )
+    monkeypatch.setattr(
+        avatar.motion.emotion, "train_emotion", lambda *a, **kw: calls.append(("emotion", kw["progress"]))
+    )
     monkeypatch.setattr(onboard_module, "onboard", lambda *a, **kw: calls.append(("onboard", kw["bars"])))
     monkeypatch.setattr(avatar.api, "load", lambda *a, **kw: Avatar())
     monkeypatch.setattr(recipes.demo, "_compare_png", lambda *a: None)
     for progress in (False, True):
         calls: list = []
         assert real_run_demo(tmp_path, tmp_path / "out", preset="cpu-smoke", progress=progress) == 0
-        assert calls == [("generator", progress), ("emotion", progress), ("onboard", progress),
-                         ("render", progress), ("render", progress)]
+        assert calls == [
+            ("generator", progress),
+            ("emotion", progress),
+            ("onboard", progress),
+            ("render", progress),
+            ("render", progress),
+        ]
     capsys.readouterr()
 
 
@@ -174,8 +186,28 @@ def test_render_and_show_json_on_a_real_avatar(tiny_avatar, tmp_path, capsys, da
 
     wav = tmp_path / "a.wav"
     write_wav(wav, load_audio(audio)[:16000], 16000)
-    assert main(["render", "--avatar", name, "--audio", str(wav), "--out", str(tmp_path / "o.mp4"),
-                 "--store", str(root), "--json", "-q", "--device", "cpu", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "render",
+                "--avatar",
+                name,
+                "--audio",
+                str(wav),
+                "--out",
+                str(tmp_path / "o.mp4"),
+                "--store",
+                str(root),
+                "--json",
+                "-q",
+                "--device",
+                "cpu",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["path"] == str(tmp_path / "o.mp4") and res["frames"] == 25 and res["wall_s"] > 0
     assert main(["show", name, "--json", "--store", str(root)]) == 0
@@ -195,9 +227,11 @@ def test_completion_script(shell, capsys, tmp_path):
         assert word in script, word
     if shell == "bash" and shutil.which("bash"):
         (tmp_path / "c.bash").write_text(script)
-        probe = ('source c.bash; t(){ COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]}-1)); COMP_LINE="$*"; '
-                 'COMP_POINT=${#COMP_LINE}; COMPREPLY=(); _shtab_avatar avatar "${COMP_WORDS[-1]}" x; echo "${COMPREPLY[*]}"; }; '
-                 't avatar ren; t avatar train-nerf --preset ""')
+        probe = (
+            'source c.bash; t(){ COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]}-1)); COMP_LINE="$*"; '
+            'COMP_POINT=${#COMP_LINE}; COMPREPLY=(); _shtab_avatar avatar "${COMP_WORDS[-1]}" x; echo "${COMPREPLY[*]}"; }; '
+            't avatar ren; t avatar train-nerf --preset ""'
+        )
         out = subprocess.run(["bash", "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
@@ -222,19 +256,25 @@ def test_stage_presets_name_each_stages_own_presets():
     for old, new in PRESET_ALIASES.items():
         assert stage_preset("generator", new) == old == stage_preset("postnet", old)
     assert {n: (p.nerf, p.postnet) for n, p in PRESETS.items()} == {
-        "cpu-smoke": ("cpu-smoke", "smoke"), "cpu-small": ("cpu-small", "cpu"), "gpu-full": ("gpu-full", "gpu")}
+        "cpu-smoke": ("cpu-smoke", "smoke"),
+        "cpu-small": ("cpu-small", "cpu"),
+        "gpu-full": ("gpu-full", "gpu"),
+    }
 
 
-@pytest.mark.parametrize("argv, handed, warned", [
-    (["train-generator", "c", "--out", "o"], "cpu", False),  # the default is unchanged
-    (["train-generator", "c", "--out", "o", "--preset", "cpu-smoke"], "smoke", False),
-    (["train-generator", "c", "--out", "o", "--preset", "gpu"], "gpu", True),
-    (["train-postnet", "d", "--generator", "g", "--out", "o", "--preset", "gpu-full"], "gpu", False),
-    (["train-postnet", "d", "--generator", "g", "--out", "o", "--preset", "smoke"], "smoke", True),
-    (["train-nerf", "d", "--out", "o"], "cpu-small", False),
-    (["train-nerf", "d", "--out", "o", "--preset", "smoke"], "cpu-smoke", True),
-    (["onboard", "v.mp4", "--name", "n", "--preset", "cpu"], "cpu-small", True),
-])
+@pytest.mark.parametrize(
+    "argv, handed, warned",
+    [
+        (["train-generator", "c", "--out", "o"], "cpu", False),  # the default is unchanged
+        (["train-generator", "c", "--out", "o", "--preset", "cpu-smoke"], "smoke", False),
+        (["train-generator", "c", "--out", "o", "--preset", "gpu"], "gpu", True),
+        (["train-postnet", "d", "--generator", "g", "--out", "o", "--preset", "gpu-full"], "gpu", False),
+        (["train-postnet", "d", "--generator", "g", "--out", "o", "--preset", "smoke"], "smoke", True),
+        (["train-nerf", "d", "--out", "o"], "cpu-small", False),
+        (["train-nerf", "d", "--out", "o", "--preset", "smoke"], "cpu-smoke", True),
+        (["onboard", "v.mp4", "--name", "n", "--preset", "cpu"], "cpu-small", True),
+    ],
+)
 def test_every_command_takes_the_unified_preset_names(argv, handed, warned, monkeypatch, capsys):
     from avatar.motion import commands as motion_commands
     from avatar.nerf import commands as nerf_commands
@@ -246,8 +286,12 @@ def test_every_command_takes_the_unified_preset_names(argv, handed, warned, monk
         seen["preset"] = args.preset
         return 0
 
-    for module, name in ((motion_commands, "_train_generator"), (motion_commands, "_train_postnet"),
-                         (nerf_commands, "_train"), (pipeline_commands, "cmd_onboard")):
+    for module, name in (
+        (motion_commands, "_train_generator"),
+        (motion_commands, "_train_postnet"),
+        (nerf_commands, "_train"),
+        (pipeline_commands, "cmd_onboard"),
+    ):
         monkeypatch.setattr(module, name, fake)
     assert main(argv) == 0
     assert seen["preset"] == handed
@@ -274,8 +318,14 @@ def test_only_the_library_installs_and_the_cli_finds_the_app_layers(tmp_path):
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert meta["tool"]["setuptools"]["packages"]["find"]["include"] == ["avatar*"]
     assert "graft service" in (REPO / "MANIFEST.in").read_text()  # the sdist keeps them
-    r = subprocess.run([sys.executable, "-m", "avatar.cli", "--help"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    r = subprocess.run(
+        [sys.executable, "-m", "avatar.cli", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     for command in ("serve", "client", "demo", "train-emotion", "train-generator"):
         assert re.search(rf"^    {command}\b", r.stdout, re.M), command

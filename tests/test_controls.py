@@ -1,4 +1,5 @@
 """Expression / head-motion controls (avatar.pipeline.controls) on real tracked data."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -125,8 +126,16 @@ def test_blink_model_closes_real_eyes(tracked):
     np.testing.assert_array_equal(restored.eyes_closed_delta, model.eyes_closed_delta)
 
 
-@pytest.mark.parametrize("changes", [{"blink_rate": -1.0}, {"blink_rate": 61.0}, {"head_speed": 0.0},
-                                     {"head_amplitude": 2.5}, {"head_amplitude": -0.1}])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"blink_rate": -1.0},
+        {"blink_rate": 61.0},
+        {"head_speed": 0.0},
+        {"head_amplitude": 2.5},
+        {"head_amplitude": -0.1},
+    ],
+)
 def test_bad_control_values(changes):
     with pytest.raises(InvalidInput):
         RenderOptions().updated(**changes)

@@ -1,5 +1,6 @@
 """Dataset format 2 (issue 12): frames JPEG/PNG-encoded in one array + offsets, masks PNG (exact),
 decoded once for training; format-1 datasets are refused with a conversion command that works."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,15 @@ import pytest
 import torch
 
 from avatar.data.convert import convert_v1, main as convert_main
-from avatar.data.dataset import (SCHEMA, SCHEMA_V1, Dataset, DatasetOutdated, EncodedImageWriter, decode_image,
-                                 encode_image)
+from avatar.data.dataset import (
+    SCHEMA,
+    SCHEMA_V1,
+    Dataset,
+    DatasetOutdated,
+    EncodedImageWriter,
+    decode_image,
+    encode_image,
+)
 from avatar.errors import BundleCorrupt
 from synthetic_dataset import make_dataset
 
@@ -125,5 +133,7 @@ def test_training_pixels_decoded_once_match_per_batch_decoding(tmp_path, monkeyp
     assert not lazy.decoded
     for px in (once, lazy):
         rgb, lab = px.gather(f, y, x)
-        assert torch.equal(rgb, torch.from_numpy(frames[f, y, x])) and torch.equal(lab, torch.from_numpy(masks[f, y, x]))
+        assert torch.equal(rgb, torch.from_numpy(frames[f, y, x])) and torch.equal(
+            lab, torch.from_numpy(masks[f, y, x])
+        )
         assert np.array_equal(px.mask(4), masks[4])

@@ -1,5 +1,6 @@
 """Emotion deltas (avatar.motion.emotion): schedule, EAT-style category model (tiny training on real
 MEAD clips), EAMM-style reference video, lip-sync preservation, clamping, errors."""
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,15 @@ def test_schedule_weights_crossfade():
 
 
 def test_clip_names_speakers_and_aliases(tmp_path):
-    names = ["M030_front_happy_level3_001.mp4", "filby89+spectre__MEAD_M030_level_3_angry_016.mp4",
-             "filby89+spectre__MEAD_W015_level_1_neutral_030.mp4", "eamm_sad.mp4", "eamm_fear.mp4",
-             "filby89+spectre__LRS3_00002.mp4", "notes.txt"]
+    names = [
+        "M030_front_happy_level3_001.mp4",
+        "filby89+spectre__MEAD_M030_level_3_angry_016.mp4",
+        "filby89+spectre__MEAD_W015_level_1_neutral_030.mp4",
+        "eamm_sad.mp4",
+        "eamm_fear.mp4",
+        "filby89+spectre__LRS3_00002.mp4",
+        "notes.txt",
+    ]
     for n in names:
         (tmp_path / n).write_bytes(b"")
     got = E.list_clips(tmp_path)
@@ -83,8 +90,14 @@ def test_mirror_and_symmetrize():
 
 
 # ------------------------------------------------------------------ real clips, tiny training
-CLIPS = ["M030_front_neutral_level1_001", "M030_front_happy_level3_001", "M030_front_surprised_level3_001",
-         "W009_front_neutral_level1_001", "W009_front_happy_level3_001", "W009_front_surprised_level3_001"]
+CLIPS = [
+    "M030_front_neutral_level1_001",
+    "M030_front_happy_level3_001",
+    "M030_front_surprised_level3_001",
+    "W009_front_neutral_level1_001",
+    "W009_front_happy_level3_001",
+    "W009_front_surprised_level3_001",
+]
 
 
 @pytest.fixture(scope="module")
@@ -214,10 +227,10 @@ def test_schedule_switches_over_time(trained, tracks):
     frames = np.arange(75)
     out = E.build_emotion_delta(models, RenderOptions(emotion="neutral,happy@1.0"))(lm, frames)
     happy = E.build_emotion_delta(models, RenderOptions(emotion="happy"))(lm, frames)
-    np.testing.assert_array_equal(out[:21], lm[:21])          # before 0.85 s: neutral, exact
+    np.testing.assert_array_equal(out[:21], lm[:21])  # before 0.85 s: neutral, exact
     np.testing.assert_allclose(out[29:], happy[29:], atol=1e-6)  # after 1.15 s: happy
     step = np.abs(np.diff(out - lm, axis=0)).max()
-    assert step < 0.5 * np.abs(happy - lm).max() + 1e-6        # crossfade, no jump
+    assert step < 0.5 * np.abs(happy - lm).max() + 1e-6  # crossfade, no jump
 
 
 def test_clamp_stays_near_person_range(trained, tracks):
@@ -257,10 +270,10 @@ def test_reference_video_delta(tracks, data_dir, tmp_path):
     n = len(disp)
     assert n == 94
     np.testing.assert_array_equal(disp[:, list(E.FROZEN)], 0.0)  # mouth occluded: speech does not leak
-    assert np.abs(disp[:, 17:27]).max() > 1e-3                     # brows move
+    assert np.abs(disp[:, 17:27]).max() > 1e-3  # brows move
     raw = E.reference_displacement(ref, models.lm3d_mean, smooth_s=0.0)
     jitter = lambda x: np.abs(np.diff(x, 2, axis=0)).mean()  # noqa: E731
-    assert jitter(disp) < 0.7 * jitter(raw)                         # temporally smoothed
+    assert jitter(disp) < 0.7 * jitter(raw)  # temporally smoothed
     lm = np.repeat(st.neutral_mean[None], 3 * n, axis=0)
     frames = np.arange(3 * n)
     out = f(lm, frames)
@@ -269,8 +282,10 @@ def test_reference_video_delta(tracks, data_dir, tmp_path):
     # ping-pong loop: frame n-1+j mirrors frame n-1-j, no jump at the loop point
     np.testing.assert_allclose(d[n : 2 * n - 1], d[n - 2 :: -1][: n - 1], atol=1e-6)
     step = np.abs(np.diff(d, axis=0)).max(axis=(1, 2))
-    assert step[n - 3 : n + 2].max() <= step[: n - 1].max() + 1e-6   # no jump at the loop point
-    assert np.array_equal(E.build_emotion_delta(models, RenderOptions(emotion_video=ref, emotion_strength=0.0))(lm, frames), lm)
+    assert step[n - 3 : n + 2].max() <= step[: n - 1].max() + 1e-6  # no jump at the loop point
+    assert np.array_equal(
+        E.build_emotion_delta(models, RenderOptions(emotion_video=ref, emotion_strength=0.0))(lm, frames), lm
+    )
 
 
 def _real(st, label):
@@ -334,7 +349,7 @@ def test_reference_neutral_segment(tracks, data_dir):
     joined = E.TrackedClip(neu.path, np.concatenate([neu.points, emo.points]))
     r = E.measure_reference(joined, None, stats)
     assert r.neutral_source == "segment"
-    d = r.disp[len(neu.points):].mean(0)
+    d = r.disp[len(neu.points) :].mean(0)
     real = _real(st, "surprised")
     assert E.cosine(d, real) > 0.9 and 0.8 < E.norm(d) / E.norm(real) < 1.2
     held = E.measure_reference(emo, None, stats)
@@ -382,8 +397,26 @@ def test_cli_seed_and_quiet(clip_dir, tmp_path, capfd):
 
     def run(seed: int, name: str, *flags: str) -> tuple[dict, str]:
         out = tmp_path / name
-        assert main(["train-emotion", str(clip_dir), "--out", str(out), "--steps", "20", "--seed", str(seed),
-                     "--cache", str(tmp_path / "cache"), "--device", "cpu", *flags]) == 0
+        assert (
+            main(
+                [
+                    "train-emotion",
+                    str(clip_dir),
+                    "--out",
+                    str(out),
+                    "--steps",
+                    "20",
+                    "--seed",
+                    str(seed),
+                    "--cache",
+                    str(tmp_path / "cache"),
+                    "--device",
+                    "cpu",
+                    *flags,
+                ]
+            )
+            == 0
+        )
         return load_file(str(out / "model.safetensors")), capfd.readouterr().err
 
     a, err_a = run(0, "a", "-q")

@@ -1,4 +1,5 @@
 """Face tracking pieces on real frames: FaceMesh -> iBUG-68 mapping, crop window, pose, masks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -151,10 +152,14 @@ def test_smoothing_keeps_motion_removes_jitter():
     true[:, :3, :3] = Rotation.from_euler("y", yaw[:, None], degrees=True).as_matrix()
     true[:, 2, 3] = 1.0
     noisy = true.copy()
-    noisy[:, :3, :3] = (Rotation.from_rotvec(rng.normal(scale=np.radians(0.5), size=(n, 3))) * Rotation.from_matrix(true[:, :3, :3])).as_matrix()
+    noisy[:, :3, :3] = (
+        Rotation.from_rotvec(rng.normal(scale=np.radians(0.5), size=(n, 3))) * Rotation.from_matrix(true[:, :3, :3])
+    ).as_matrix()
     noisy[:, 2, 3] += rng.normal(scale=0.01, size=n)
     sm = smooth_poses(noisy, 25.0)
-    ang = lambda a, b: np.degrees((Rotation.from_matrix(a[:, :3, :3]).inv() * Rotation.from_matrix(b[:, :3, :3])).magnitude())
+    ang = lambda a, b: np.degrees(
+        (Rotation.from_matrix(a[:, :3, :3]).inv() * Rotation.from_matrix(b[:, :3, :3])).magnitude()
+    )
     assert ang(sm, true)[10:-10].mean() < 0.5 * ang(noisy, true)[10:-10].mean()
     assert np.abs(sm[:, 2, 3] - 1).mean() < 0.4 * np.abs(noisy[:, 2, 3] - 1).mean()
 
@@ -182,8 +187,8 @@ def test_background_plate_removes_moving_person():
     masks = np.zeros((n, s, s), np.uint8)
     for i in range(n):
         x = 4 * i
-        frames[i, 20:50, x:x + 12] = 0
-        masks[i, 18:52, x:x + 14] = 2
+        frames[i, 20:50, x : x + 12] = 0
+        masks[i, 18:52, x : x + 14] = 2
     masks[:, 30:34, 30:34] = 1  # never background in any frame -> inpainted
     plate = background_plate(frames, masks, np.arange(n), band=16, halo_px=1)
     seen = np.ones((s, s), bool)

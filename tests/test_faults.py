@@ -5,6 +5,7 @@ Fast tests use a real gRPC server on 127.0.0.1 and, where only the server's own 
 on bundles and the CLI use copies of the session's tiny real avatar (tests/conftest.py). Tests that
 take more than ~30 s are marked ``slow`` (kill -9 of onboarding/render/server, the 2-minute soak).
 """
+
 from __future__ import annotations
 
 import errno
@@ -144,8 +145,18 @@ def _install_fake(server: AvatarServer, fake: FakeAvatar) -> None:
 
 
 def _start(store: Path, **overrides) -> AvatarServer:
-    cfg = ServerConfig(store=str(store), host="127.0.0.1", port=0, metrics_port=0, max_streams=1,
-                       idle_timeout_s=5.0, send_timeout_s=1.5, max_audio_s=20.0, max_message_mb=8, cache_size=4)
+    cfg = ServerConfig(
+        store=str(store),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        max_streams=1,
+        idle_timeout_s=5.0,
+        send_timeout_s=1.5,
+        max_audio_s=20.0,
+        max_message_mb=8,
+        cache_size=4,
+    )
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return AvatarServer(cfg, TOKENS).start()
@@ -212,10 +223,15 @@ def test_client_that_stops_reading_frees_its_slot(server, method):
         stuck = stub.Render(pb.RenderRequest(avatar="fake", audio=_wav(audio), encoding=png), metadata=md)
     else:
         f32 = pb.AudioFormat(encoding=pb.AudioFormat.ENCODING_FLOAT32)
-        reqs = [pb.StreamRenderRequest(config=pb.StreamConfig(avatar="fake", encoding=png, realtime=False,
-                                                              audio_format=f32))]
-        reqs += [pb.StreamRenderRequest(audio=pb.AudioChunk(data=audio[i:i + 16000].tobytes()))
-                 for i in range(0, len(audio), 16000)]
+        reqs = [
+            pb.StreamRenderRequest(
+                config=pb.StreamConfig(avatar="fake", encoding=png, realtime=False, audio_format=f32)
+            )
+        ]
+        reqs += [
+            pb.StreamRenderRequest(audio=pb.AudioChunk(data=audio[i : i + 16000].tobytes()))
+            for i in range(0, len(audio), 16000)
+        ]
         stuck = stub.StreamRender(iter(reqs), metadata=md)
     # never read `stuck`: its frames fill the flow-control window and the server's send blocks
     t0 = time.monotonic()
@@ -303,9 +319,12 @@ def test_names_and_filenames_over_rpc(server, tmp_path):
             c.stub.Onboard(iter(reqs), metadata=c.metadata)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # a NUL (and separators) in the upload's file name: never INTERNAL
-        reqs = [pb.OnboardRequest(metadata=pb.OnboardMetadata(name="okname", preset="cpu-smoke",
-                                                              filename="x.m\0p4/../../etc")),
-                pb.OnboardRequest(video_chunk=b"not a video" * 10)]
+        reqs = [
+            pb.OnboardRequest(
+                metadata=pb.OnboardMetadata(name="okname", preset="cpu-smoke", filename="x.m\0p4/../../etc")
+            ),
+            pb.OnboardRequest(video_chunk=b"not a video" * 10),
+        ]
         job = c.stub.Onboard(iter(reqs), metadata=c.metadata)
         assert job.job_id
     from service.server import upload_suffix
@@ -357,7 +376,8 @@ def test_corrupting_each_bundle_file_is_detected(store_copy, tiny_avatar, capsys
     bundle = store_copy / "avatars" / name
     shutil.copytree(bundle, store_copy / "avatars" / "good")
     (store_copy / "avatars" / "good" / "manifest.json").write_text(
-        (bundle / "manifest.json").read_text().replace(f'"name": "{name}"', '"name": "good"'))
+        (bundle / "manifest.json").read_text().replace(f'"name": "{name}"', '"name": "good"')
+    )
     files = _bundle_files(bundle)
     assert len(files) >= 8
     pristine = {f: (bundle / f).read_bytes() for f in files}
@@ -469,7 +489,10 @@ def test_wrong_shapes_nan_weights_and_bad_blink_are_bundle_corrupt(store_copy, t
     # malformed blink.json with a matching checksum
     (bundle / "blink.json").write_text('{"rate_per_min": "often"}')
     m = json.loads((bundle / "manifest.json").read_text())
-    m["files"]["blink.json"] = {"sha256": sha256_file(bundle / "blink.json"), "size": (bundle / "blink.json").stat().st_size}
+    m["files"]["blink.json"] = {
+        "sha256": sha256_file(bundle / "blink.json"),
+        "size": (bundle / "blink.json").stat().st_size,
+    }
     (bundle / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleCorrupt, match="blink.json"):
         AvatarModels(bundle, device="cpu")
@@ -500,8 +523,9 @@ def test_render_output_path_problems_fail_before_work(tiny_avatar, tmp_path, cap
         err = capsys.readouterr().err
         assert code == InvalidInput.exit_code and msg in err and err.count("\n") == 1, (label, err)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1024))
-    code = cli(["render", "--avatar", tiny_avatar[1], "--audio", audio, "--out", tmp_path / "o.mp4",
-                "--store", tiny_avatar[0]])
+    code = cli(
+        ["render", "--avatar", tiny_avatar[1], "--audio", audio, "--out", tmp_path / "o.mp4", "--store", tiny_avatar[0]]
+    )
     err = capsys.readouterr().err
     assert code == ResourceLimit.exit_code and "disk space" in err and err.count("\n") == 1
     assert loads == [], "the avatar was loaded before the output path was checked"
@@ -522,7 +546,7 @@ def test_disk_full_during_render_is_one_line(tiny_avatar, tmp_path, capsys, monk
     err = capsys.readouterr().err
     errors = [line for line in err.replace("\r", "\n").splitlines() if "error" in line.lower()]
     assert code == 74 and "Traceback" not in err and len(errors) == 1, err
-    assert errors[0][errors[0].index("error:"):].startswith("error: No space left on device")
+    assert errors[0][errors[0].index("error:") :].startswith("error: No space left on device")
     assert not out.exists() and not list(tmp_path.glob(".o.*"))
 
 
@@ -539,7 +563,13 @@ def test_device_and_broken_pipe(tiny_avatar, tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         f"{sys.executable} -m avatar.cli show {tiny_avatar[1]} --store {tiny_avatar[0]} | head -c 1",
-        shell=True, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.stdout == "{" and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
@@ -654,12 +684,33 @@ def test_jobs_are_reconciled_at_start(tmp_path):
     dead.wait()
     journal = tmp_path / "jobs"
     journal.mkdir()
-    (journal / "j1.json").write_text(json.dumps({"job_id": "j1", "avatar": "a", "preset": "cpu-smoke", "overwrite": False,
-                                                 "state": "RUNNING", "created_unix": time.time(),
-                                                 "server_pid": dead.pid}))
-    (journal / "old.json").write_text(json.dumps({"job_id": "old", "avatar": "a", "preset": "p", "overwrite": False,
-                                                  "state": "SUCCEEDED", "created_unix": 1.0, "finished_unix": 1.0,
-                                                  "server_pid": dead.pid}))
+    (journal / "j1.json").write_text(
+        json.dumps(
+            {
+                "job_id": "j1",
+                "avatar": "a",
+                "preset": "cpu-smoke",
+                "overwrite": False,
+                "state": "RUNNING",
+                "created_unix": time.time(),
+                "server_pid": dead.pid,
+            }
+        )
+    )
+    (journal / "old.json").write_text(
+        json.dumps(
+            {
+                "job_id": "old",
+                "avatar": "a",
+                "preset": "p",
+                "overwrite": False,
+                "state": "SUCCEEDED",
+                "created_unix": 1.0,
+                "finished_unix": 1.0,
+                "server_pid": dead.pid,
+            }
+        )
+    )
     (journal / "junk.json").write_text("{")
     jm = JobManager(tmp_path, max_running=1)
     try:
@@ -717,8 +768,19 @@ def test_kill9_during_onboarding_then_rerun(tiny_avatar, tmp_path):
     store = AvatarStore(tmp_path / "store")
     shutil.copytree(AvatarStore(tiny_avatar[0]).generator_dir, store.generator_dir)
     clip = tiny_avatar[0].parent / "clip.mp4"
-    cmd = [sys.executable, "-m", "avatar.cli", "onboard", str(clip), "--name", "killed", "--preset", "cpu-smoke",
-           "--store", str(store.root)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "avatar.cli",
+        "onboard",
+        str(clip),
+        "--name",
+        "killed",
+        "--preset",
+        "cpu-smoke",
+        "--store",
+        str(store.root),
+    ]
     kills = []
     for attempt in range(3):  # each run resumes the last one; kill points spread over the stages
         proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -758,8 +820,20 @@ def test_kill9_during_render_then_rerun(tiny_avatar, tmp_path, data_dir):
 
     sf.write(audio, load_audio(data_dir / "audio" / "RD_Radio31_000.wav")[:16000], 16000)
     out = tmp_path / "o.mp4"
-    cmd = [sys.executable, "-m", "avatar.cli", "render", "--avatar", tiny_avatar[1], "--audio", str(audio),
-           "--out", str(out), "--store", str(tiny_avatar[0])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "avatar.cli",
+        "render",
+        "--avatar",
+        tiny_avatar[1],
+        "--audio",
+        str(audio),
+        "--out",
+        str(out),
+        "--store",
+        str(tiny_avatar[0]),
+    ]
     proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.monotonic()
     while not list(tmp_path.glob(".o.*.tmp.mp4")) and time.monotonic() - t0 < 120 and proc.poll() is None:
@@ -798,9 +872,25 @@ def test_kill9_of_the_server_takes_its_onboarding_worker_along(tiny_avatar, tmp_
     clip = tiny_avatar[0].parent / "clip.mp4"
 
     def serve():
-        proc = subprocess.Popen([sys.executable, "-m", "avatar.cli", "serve", "--store", str(store.root), "--port", "0",
-                                 "--metrics-port", "-1"], env=_env(), cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "avatar.cli",
+                "serve",
+                "--store",
+                str(store.root),
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+            ],
+            env=_env(),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         line = proc.stdout.readline()
         return proc, json.loads(line)["port"]
 
@@ -812,8 +902,9 @@ def test_kill9_of_the_server_takes_its_onboarding_worker_along(tiny_avatar, tmp_
             while c.get_job(job["job_id"])["state"] != "RUNNING" and time.monotonic() - t0 < 30:
                 time.sleep(0.2)
             time.sleep(3.0)  # the worker is importing / preprocessing
-            workers = [p for p in _children(srv.pid)
-                       if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+            workers = [
+                p for p in _children(srv.pid) if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()
+            ]
             assert workers, "no onboarding worker found"
         spools = list((store.root / "spool").iterdir())
         assert spools
@@ -832,7 +923,9 @@ def test_kill9_of_the_server_takes_its_onboarding_worker_along(tiny_avatar, tmp_
             assert old["state"] in ("QUEUED", "RUNNING"), old
             with pytest.raises(grpc.RpcError) as e:
                 c.onboard(clip, "orphan", preset="cpu-smoke")
-            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "already being onboarded" in e.value.details()
+            assert (
+                e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "already being onboarded" in e.value.details()
+            )
             for state in c.watch_job(job["job_id"]):
                 pass
             assert state["state"] == "SUCCEEDED", state
@@ -865,11 +958,29 @@ def test_soak_four_streams(tiny_avatar, tmp_path, data_dir):
     warmup = duration / 2
     cfg = tmp_path / "serve.json"
     cfg.write_text(json.dumps({"max_streams": 4, "max_audio_s": 30}))
-    proc = subprocess.Popen([sys.executable, "-m", "avatar.cli", "serve", "--store", str(tiny_avatar[0]), "--port", "0",
-                             "--metrics-port", "-1", "--config", str(cfg)], env=_env(), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "avatar.cli",
+            "serve",
+            "--store",
+            str(tiny_avatar[0]),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--config",
+            str(cfg),
+        ],
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     port = json.loads(proc.stdout.readline())["port"]
-    speech = load_audio(data_dir / "audio" / "RD_Radio31_000.wav")[16000:16000 + 8000]  # 0.5 s
+    speech = load_audio(data_dir / "audio" / "RD_Radio31_000.wav")[16000 : 16000 + 8000]  # 0.5 s
     run = threading.Event()
     stop = threading.Event()
     idle = threading.Semaphore(0)
@@ -885,7 +996,7 @@ def test_soak_four_streams(tiny_avatar, tmp_path, data_dir):
                     run.wait()
                     continue
                 try:
-                    chunks = [speech[s:s + 1600] for s in range(0, len(speech), 1600)]
+                    chunks = [speech[s : s + 1600] for s in range(0, len(speech), 1600)]
                     frames = list(c.stream(tiny_avatar[1], chunks, {"seed": i}, realtime=False, timeout=120))
                     with lock:
                         counts["streams"] += 1
@@ -927,10 +1038,18 @@ def test_soak_four_streams(tiny_avatar, tmp_path, data_dir):
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     growth = (last - base) / base
-    summary = {"seconds": duration, "streams": counts["streams"], "frames": counts["frames"], "errors": len(errors),
-               "rss_start_mb": round(rss[0][1], 1), "rss_idle_after_warmup_mb": round(base, 1),
-               "rss_peak_mb": round(max(r for _, r in rss), 1), "rss_idle_end_mb": round(last, 1),
-               "growth_pct": round(100 * growth, 2), "rss_every_10s_mb": [round(r) for _, r in rss[::10]]}
+    summary = {
+        "seconds": duration,
+        "streams": counts["streams"],
+        "frames": counts["frames"],
+        "errors": len(errors),
+        "rss_start_mb": round(rss[0][1], 1),
+        "rss_idle_after_warmup_mb": round(base, 1),
+        "rss_peak_mb": round(max(r for _, r in rss), 1),
+        "rss_idle_end_mb": round(last, 1),
+        "growth_pct": round(100 * growth, 2),
+        "rss_every_10s_mb": [round(r) for _, r in rss[::10]],
+    }
     print("\nsoak:", json.dumps(summary))
     assert errors == []
     assert counts["streams"] >= 4

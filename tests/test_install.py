@@ -1,5 +1,6 @@
 """Install contract (issue 12): what pyproject declares, `pip check`, and the training/rendering paths
 running on a host without the preprocessing stack (PyAV, mediapipe, librosa, ... cannot be imported)."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: the `preprocess` / `serve` groups: a NeRF training/rendering host may lack all of them
 BLOCKED = ("av", "mediapipe", "librosa", "soundfile", "soxr", "transformers", "grpc", "matplotlib")
 
-BLOCKER = '''
+BLOCKER = """
 import importlib.abc, sys
 BLOCKED = {blocked!r}
 class _Block(importlib.abc.MetaPathFinder):
@@ -24,9 +25,9 @@ class _Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"{{name}} is blocked in this test (not installed on a GPU host)")
         return None
 sys.meta_path.insert(0, _Block())
-'''
+"""
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json, sys
 import numpy as np
 for m in BLOCKED:
@@ -53,7 +54,7 @@ metrics = evaluate_nerf(ds_dir, out, max_frames=2, device="cpu")
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 print(json.dumps({"shape": list(img.shape), "dtype": str(img.dtype), "psnr": metrics["render"]["psnr_full"],
                   "loaded": loaded}))
-'''
+"""
 
 
 def test_pyproject_groups():
@@ -61,8 +62,10 @@ def test_pyproject_groups():
     and serving stacks are optional groups, not core dependencies."""
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert meta["requires-python"] == ">=3.11,<3.14"
-    core = {d.split(";")[0].split("[")[0].split("=")[0].split("<")[0].split(">")[0].strip().lower(): d
-            for d in meta["dependencies"]}
+    core = {
+        d.split(";")[0].split("[")[0].split("=")[0].split("<")[0].split(">")[0].strip().lower(): d
+        for d in meta["dependencies"]
+    }
     assert core["torch"].replace(" ", "") == "torch>=2.4"
     assert not set(core) & {"av", "mediapipe", "librosa", "soundfile", "grpcio", "transformers"}
     extras = meta["optional-dependencies"]
@@ -99,8 +102,14 @@ def test_train_and_render_without_preprocessing_stack(tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCKER.format(blocked=BLOCKED))
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", f"BLOCKED = {BLOCKED!r}\n" + SCRIPT, str(ds), str(tmp_path / "model")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", f"BLOCKED = {BLOCKED!r}\n" + SCRIPT, str(ds), str(tmp_path / "model")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["shape"] == [3, 48, 48, 3] and res["dtype"] == "torch.uint8"

@@ -6,6 +6,7 @@ cpu-smoke onboarding through a local Ray instance (``ray.init(num_cpus=2)``, abo
 start Ray) with the head NeRF task's worker killed mid-stage, resumed by Ray's retry from the last
 finished stage.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,14 @@ assert build_parser().parse_args(["onboard", "v.mp4", "--name", "n", "--ray"]).r
 assert build_parser().parse_args(["onboard", "v.mp4", "--name", "n", "--ray", "10.0.0.1:6379"]).ray == "10.0.0.1:6379"
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
@@ -121,8 +128,9 @@ def test_jobs_after_a_server_restart_over_grpc(tmp_path):
     bogus.write_bytes(b"this is not a video" * 100)
 
     def start(max_jobs):
-        return AvatarServer(ServerConfig(store=str(store), port=0, metrics_port=None, max_jobs=max_jobs,
-                                         job_cancel_grace_s=2.0), tokens).start()
+        return AvatarServer(
+            ServerConfig(store=str(store), port=0, metrics_port=None, max_jobs=max_jobs, job_cancel_grace_s=2.0), tokens
+        ).start()
 
     srv = start(1)
     try:
@@ -154,11 +162,20 @@ def test_jobs_after_a_server_restart_over_grpc(tmp_path):
 # ---- one writer per avatar ----------------------------------------------------------------------
 def _hold_lock(path: Path) -> subprocess.Popen:
     """Another process (a CLI onboarding, another server's worker) holding the per-name lock."""
-    proc = subprocess.Popen([sys.executable, "-c", f"""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import sys
 from filelock import FileLock
 lock = FileLock({str(path)!r}); lock.acquire(); print("held", flush=True); sys.stdin.read()
-"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -188,8 +205,9 @@ def test_second_writer_is_refused(tiny_avatar, tmp_path):
                 jm.submit(video, "busy", "cpu-smoke", False)
             # a live job of another server on the store (its owner's heartbeat is fresh)
             other = jm.submit(video, "elsewhere", "cpu-smoke", False)
-            jm.table._run("UPDATE jobs SET owner='otherhost:1', heartbeat_unix=? WHERE job_id=?",
-                          (time.time(), other.job_id))
+            jm.table._run(
+                "UPDATE jobs SET owner='otherhost:1', heartbeat_unix=? WHERE job_id=?", (time.time(), other.job_id)
+            )
             jm2 = JobManager(store.root, max_running=0)
             try:
                 v2 = tmp_path / "v2.mp4"
@@ -270,8 +288,10 @@ def test_serve_jobs_ray_onboards_and_cancels(ray_local, tiny_avatar, tmp_path):
     shutil.copytree(AvatarStore(tiny_avatar[0]).generator_dir, store.generator_dir)
     clip = tiny_avatar[0].parent / "clip.mp4"
     token = "t" * 32
-    srv = AvatarServer(ServerConfig(store=str(store.root), port=0, metrics_port=None, max_jobs=2, jobs="ray",
-                                   job_cancel_grace_s=10.0), {token: frozenset({"onboard"})}).start()
+    srv = AvatarServer(
+        ServerConfig(store=str(store.root), port=0, metrics_port=None, max_jobs=2, jobs="ray", job_cancel_grace_s=10.0),
+        {token: frozenset({"onboard"})},
+    ).start()
     try:
         with AvatarClient(f"127.0.0.1:{srv.port}", token=token) as c:
             job = c.onboard(clip, "served", preset="cpu-smoke")

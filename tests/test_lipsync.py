@@ -2,6 +2,7 @@
 stream/chunk exactness, the whole-clip lip-sync evaluation with its baselines, silence, per-person
 fine-tuning, several corpora. Lip-sync *quality* on unseen speakers is measured by
 ``bench/bench_lipsync.py`` (minutes of training), not here."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -71,7 +72,7 @@ def test_transform_window_equals_whole_and_padding(corpus):
     assert whole.shape == (len(feats), 81) and np.isfinite(whole).all()
     a, b = 150, 190  # a window with the full history to its left transforms like the whole
     h = 2 * cfg.history_frames()
-    part = transform_features(feats[a - h: b], cfg, start=a - h)
+    part = transform_features(feats[a - h : b], cfg, start=a - h)
     np.testing.assert_allclose(part[h:], whole[a:b], atol=1e-5)
     # padding before the signal (negative absolute index) is left out of the statistics
     pad = np.concatenate([np.full((10, feats.shape[1]), -5.0, np.float32), feats[:40]])
@@ -89,12 +90,14 @@ def test_chunked_windowed_equal_single_pass(tcn, corpus):
     feats = np.tile(np.asarray(Dataset(corpus[2]).features, np.float32), (3, 1))
     full = gen.predict(feats, chunk_frames=10**6)
     np.testing.assert_allclose(gen.predict(feats, chunk_frames=17), full, atol=1e-5)
-    np.testing.assert_array_equal(gen.predict(feats, temperature=1.0, seed=1), gen.predict(feats, temperature=0.5, seed=9))
+    np.testing.assert_array_equal(
+        gen.predict(feats, temperature=1.0, seed=1), gen.predict(feats, temperature=0.5, seed=9)
+    )
     left = gen.history_frames + gen.context_frames
     for t0 in (100, 101, 333):
         w0, w1 = t0 - left, t0 + 30 + gen.context_frames
-        part = gen.predict(feats[2 * w0: 2 * w1], start_frame=w0)
-        np.testing.assert_allclose(part[left: left + 30], full[t0: t0 + 30], atol=1e-5)
+        part = gen.predict(feats[2 * w0 : 2 * w1], start_frame=w0)
+        np.testing.assert_allclose(part[left : left + 30], full[t0 : t0 + 30], atol=1e-5)
 
 
 @pytest.mark.parametrize("future", [-1, 2, 4, 6])
@@ -114,12 +117,12 @@ def test_tcn_lookahead_is_bounded(future):
     assert y.shape == (1, 60, cfg.n_basis)
     t = 30
     x2 = x.clone()
-    x2[:, 2 * (t + k + 1):] += 5.0  # audio from frame t + k + 1 on
+    x2[:, 2 * (t + k + 1) :] += 5.0  # audio from frame t + k + 1 on
     y2 = net(x2)
     torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1])
-    assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:])
+    assert not torch.allclose(y2[:, t + 1 :], y[:, t + 1 :])
     x3 = x.clone()
-    x3[:, 2 * (t + k):] += 5.0  # frame t + k is inside the lookahead of frame t
+    x3[:, 2 * (t + k) :] += 5.0  # frame t + k is inside the lookahead of frame t
     assert not torch.allclose(net(x3)[:, t], y[:, t])
 
 

@@ -1,5 +1,6 @@
 """Third-party log noise (avatar/logs.py): fd 2 goes to /dev/null inside ``quiet_native`` and always
 comes back; mediapipe's C++ start-up and per-frame warnings stay out of stderr unless verbose."""
+
 from __future__ import annotations
 
 import os
@@ -49,10 +50,18 @@ print("ok")
 def test_mediapipe_quiet_unless_verbose():
     pytest.importorskip("mediapipe")
     env = {k: v for k, v in os.environ.items() if k not in (ENV_VERBOSE, "GLOG_minloglevel", "TF_CPP_MIN_LOG_LEVEL")}
-    quiet = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    quiet = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert quiet.returncode == 0 and quiet.stdout == "ok\n", quiet.stderr[-2000:]
     assert quiet.stderr == ""
-    loud = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env={**env, ENV_VERBOSE: "1"}, capture_output=True,
-                          text=True, timeout=120)
+    loud = subprocess.run(
+        [sys.executable, "-c", _SCRIPT],
+        cwd=REPO,
+        env={**env, ENV_VERBOSE: "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert loud.returncode == 0
     assert "W0000" in loud.stderr or "TensorFlow Lite" in loud.stderr  # what the quiet run hid

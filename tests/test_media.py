@@ -1,4 +1,5 @@
 """avatar.media on real clips: probing, 25 fps resampling, audio decoding, MP4 writing, bad inputs."""
+
 from __future__ import annotations
 
 import itertools
@@ -25,10 +26,10 @@ from avatar.media import (
 def _best_corr(a: np.ndarray, b: np.ndarray, max_lag: int = 3000) -> float:
     """Max normalised correlation of a and b over lags in [-max_lag, max_lag] (codec delays)."""
     n = min(len(a), len(b)) - 2 * max_lag
-    ref = b[max_lag:max_lag + n]
+    ref = b[max_lag : max_lag + n]
     best = -1.0
     for lag in range(0, 2 * max_lag + 1, 1):
-        seg = a[lag:lag + n]
+        seg = a[lag : lag + n]
         if len(seg) < n:
             break
         c = float(np.dot(seg, ref) / (np.linalg.norm(seg) * np.linalg.norm(ref) + 1e-12))
@@ -43,7 +44,7 @@ def _encode_audio(src: np.ndarray, sr: int, path: Path, codec: str) -> None:
         s.layout = "mono"
         fmt = "fltp" if codec == "aac" else "s16p"
         for i in range(0, len(src), 4096):
-            x = src[i:i + 4096]
+            x = src[i : i + 4096]
             if fmt == "s16p":
                 x = (x * 32767).astype(np.int16)
             f = av.AudioFrame.from_ndarray(x[None, :], format=fmt, layout="mono")
@@ -70,7 +71,7 @@ def test_probe_and_first_seconds_of_speaker_clip(data_dir):
     assert all(f.shape == (512, 512, 3) and f.dtype == np.uint8 for f in frames)
     assert np.abs(frames[0].astype(int) - frames[30]).mean() > 0.5  # the video moves
     small = next(iter_video_frames(path, crop=(128, 96, 256), size=64))
-    ref = frames[0][96:96 + 256, 128:128 + 256]
+    ref = frames[0][96 : 96 + 256, 128 : 128 + 256]
     assert small.shape == (64, 64, 3)
     assert np.abs(small.astype(float) - ref.reshape(64, 4, 64, 4, 3).mean((1, 3))).mean() < 2.0
 
@@ -171,7 +172,7 @@ def test_crop_outside_the_image_is_black(data_dir):
     f = next(iter_video_frames(path, crop=(-50, h - 100, 200)))
     assert f.shape == (200, 200, 3)
     assert f[:, :50].max() == 0 and f[100:].max() == 0
-    assert np.array_equal(f[:100, 50:], full[h - 100:, :150])
+    assert np.array_equal(f[:100, 50:], full[h - 100 :, :150])
 
 
 def test_corrupt_inputs(data_dir, tmp_path):
@@ -192,8 +193,13 @@ def test_corrupt_inputs(data_dir, tmp_path):
             w.write(f)
     fast_cut = tmp_path / "fast_truncated.mp4"
     fast_cut.write_bytes(fast.read_bytes()[: fast.stat().st_size * 2 // 3])
-    cases = {cut: "truncated", text: "not a readable media", empty: "empty", missing: "not found",
-             fast_cut: "truncated|corrupt"}
+    cases = {
+        cut: "truncated",
+        text: "not a readable media",
+        empty: "empty",
+        missing: "not found",
+        fast_cut: "truncated|corrupt",
+    }
     for path, msg in cases.items():
         with pytest.raises(InvalidMedia, match=msg) as e:
             probe(path)

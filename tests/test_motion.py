@@ -3,6 +3,7 @@
 Tiny configs on real clips: a session fixture runs the real recipe (preprocess two corpus clips at
 64 px + a broken file, smoke-preset SyncNet + generator training) once; the tests share it.
 """
+
 from __future__ import annotations
 
 import json
@@ -147,8 +148,8 @@ def test_chunked_and_windowed_equal_single_pass(gen, may):
     ctx = gen.context_frames
     for t0 in (100, 101, 203):  # a window of the sequence, placed by start_frame (any phase)
         w0, w1 = t0 - ctx, t0 + 30 + ctx
-        part = gen.predict(feats[2 * w0: 2 * w1], seed=7, start_frame=w0)
-        np.testing.assert_allclose(part[ctx: ctx + 30], full[t0: t0 + 30], atol=1e-5)
+        part = gen.predict(feats[2 * w0 : 2 * w1], seed=7, start_frame=w0)
+        np.testing.assert_allclose(part[ctx : ctx + 30], full[t0 : t0 + 30], atol=1e-5)
 
 
 def test_very_long_audio_runs_in_bounded_chunks(gen):
@@ -258,8 +259,10 @@ def test_postnet_amplitude_calibration(trained, may, tmp_path):
     plain = mouth_opening(plain_pn.apply(pred) + mean)[tr]
     assert plain.std() / real.std() == pytest.approx(m["train_open_std_ratio"], rel=1e-4)
     # the size is the real one (or the clipped gain's best; the opening is a norm, so ~linear), the timing is untouched
-    assert calibrated.std() / real.std() == pytest.approx(min(1.0, m["train_open_std_ratio"] * pn.gain), rel=2e-2) \
+    assert (
+        calibrated.std() / real.std() == pytest.approx(min(1.0, m["train_open_std_ratio"] * pn.gain), rel=2e-2)
         or m["train_open_std_ratio"] > 1.0
+    )
     assert pearson(calibrated, real) == pytest.approx(pearson(plain, real), abs=5e-3)
     # y' = rest + gain (y - rest) on the jaw + mouth only (the rest shape is the fixed point)
     lower = np.r_[0:17, 48:68]
@@ -332,7 +335,6 @@ def test_cli_help_lists_motion_commands():
         assert e.value.code == 0
 
 
-
 def _bars(err: str) -> bool:
     """Whether ``err`` holds tqdm progress-bar output."""
     return "%|" in err or "\r" in err
@@ -351,14 +353,48 @@ def test_cli_train_generator_and_postnet_seed_and_quiet(trained, may, tmp_path, 
     def generator(seed: int, name: str, *flags: str) -> tuple[dict, str]:
         out = tmp_path / name
         shutil.copytree(gen_dir / "cache", out / "cache")  # the corpus preprocessed once, by the fixture
-        assert main(["train-generator", str(gen_dir.parent / "corpus"), "--out", str(out), "--preset", "cpu-smoke",
-                     "--seed", str(seed), "--device", "cpu", *flags]) == 0
+        assert (
+            main(
+                [
+                    "train-generator",
+                    str(gen_dir.parent / "corpus"),
+                    "--out",
+                    str(out),
+                    "--preset",
+                    "cpu-smoke",
+                    "--seed",
+                    str(seed),
+                    "--device",
+                    "cpu",
+                    *flags,
+                ]
+            )
+            == 0
+        )
         return load_file(str(out / GENERATOR_FILE)), capfd.readouterr().err
 
     def postnet(seed: int, name: str, *flags: str) -> tuple[dict, str]:
         out = tmp_path / name
-        assert main(["train-postnet", str(may), "--generator", str(gen_dir), "--out", str(out), "--preset", "cpu-smoke",
-                     "--seed", str(seed), "--device", "cpu", *flags]) == 0
+        assert (
+            main(
+                [
+                    "train-postnet",
+                    str(may),
+                    "--generator",
+                    str(gen_dir),
+                    "--out",
+                    str(out),
+                    "--preset",
+                    "cpu-smoke",
+                    "--seed",
+                    str(seed),
+                    "--device",
+                    "cpu",
+                    *flags,
+                ]
+            )
+            == 0
+        )
         return load_file(str(out / "postnet.safetensors")), capfd.readouterr().err
 
     for train in (generator, postnet):
@@ -410,16 +446,30 @@ def test_hubert_features_path(tmp_path, data_dir):
     from avatar.motion.generator import Audio2Motion
 
     torch.manual_seed(0)
-    hcfg = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        conv_dim=(16,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True,
-                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    hcfg = HubertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16,) * 7,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
     HubertModel(hcfg).save_pretrained(tmp_path / "hubert")
     wav = load_audio(data_dir / "audio" / "RD_Radio31_000.wav")[: 16000 * 3]
     feats = extract_features(wav, "hubert", hubert_path=tmp_path / "hubert", n_frames=75)
     assert feats.shape == (150, 32)
     net = VAEFlowGenerator(replace(PRESETS["smoke"].generator, feature_dim=32))
-    stats = MotionStats("hubert", feats.mean(0).tolist(), (feats.std(0) + 1e-5).tolist(), [0.0] * 204, [0.01] * 204,
-                        {"hubert_path": str(tmp_path / "hubert")})
+    stats = MotionStats(
+        "hubert",
+        feats.mean(0).tolist(),
+        (feats.std(0) + 1e-5).tolist(),
+        [0.0] * 204,
+        [0.01] * 204,
+        {"hubert_path": str(tmp_path / "hubert")},
+    )
     a2m = Audio2Motion(net, stats, device="cpu")
     assert a2m.predict(feats, feature_kind="hubert").shape == (75, 68, 3)
     assert a2m.hubert_path == str(tmp_path / "hubert")

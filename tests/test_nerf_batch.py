@@ -1,5 +1,6 @@
 """Batched renderer (issue 12): all rays of B frames in one pass, head boxes on the device, torso only
 inside the person box; the pixels equal a frame-by-frame reference (the renderer before batching)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,14 +32,26 @@ def scene(tmp_path_factory):
             p.data.normal_(0, 0.5) if p.dim() > 1 else p.data.uniform_(-0.5, 0.5)
     idx = np.array([0, 3, 7])
     win = landmark_window(ds.n_frames, idx, cfg.head.window)
-    inputs = (torch.from_numpy(np.asarray(ds.lm3d)[win]), torch.from_numpy(np.asarray(ds.pose)[idx]),
-              torch.from_numpy(np.asarray(ds.blink)[idx]))
+    inputs = (
+        torch.from_numpy(np.asarray(ds.lm3d)[win]),
+        torch.from_numpy(np.asarray(ds.pose)[idx]),
+        torch.from_numpy(np.asarray(ds.blink)[idx]),
+    )
     return ds, cfg, head, torso, inputs
 
 
 def _nerf(ds, cfg, head, torso, chunk=8192):
-    nerf = AvatarNerf(head, torso, ds.size, ds.intrinsics, ds.head_scale, cfg.head.window, device="cpu",
-                      n_samples=cfg.train.n_samples, chunk=chunk)
+    nerf = AvatarNerf(
+        head,
+        torso,
+        ds.size,
+        ds.intrinsics,
+        ds.head_scale,
+        cfg.head.window,
+        device="cpu",
+        n_samples=cfg.train.n_samples,
+        chunk=chunk,
+    )
     nerf.set_background(np.asarray(ds.background))
     return nerf
 
@@ -61,15 +74,26 @@ def _reference(nerf: AvatarNerf, lm, pose, blink) -> torch.Tensor:
         idx = sub.nonzero().squeeze(1)
         if len(idx):
             o, d = camera_rays(all_pix[idx].float(), K, torch.linalg.inv(pose[b]), nerf.head_scale)
-            r = render_head_rays(field, nerf.head.occ, o, d, cond[b].expand(len(idx), -1),
-                                 field.individual_code(None, len(idx)), nerf.n_samples)
+            r = render_head_rays(
+                field,
+                nerf.head.occ,
+                o,
+                d,
+                cond[b].expand(len(idx), -1),
+                field.individual_code(None, len(idx)),
+                nerf.n_samples,
+            )
             head_rgb[idx], head_acc[idx] = r["rgb"], r["acc"]
         rgb = composite(bg, head_rgb, head_acc)
         if nerf.torso is not None:
             tf = nerf.torso.field
             n = size * size
-            alpha, trgb = tf((all_pix.float() + 0.5) / size, pose[b].expand(n, 4, 4), tf.individual_code(None, n),
-                             torch.cat((head_rgb, head_acc[:, None]), -1))
+            alpha, trgb = tf(
+                (all_pix.float() + 0.5) / size,
+                pose[b].expand(n, 4, 4),
+                tf.individual_code(None, n),
+                torch.cat((head_rgb, head_acc[:, None]), -1),
+            )
             rgb = composite(bg, head_rgb, head_acc, trgb, alpha)
         out.append((rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).reshape(size, size, 3))
     return torch.stack(out)

@@ -1,4 +1,5 @@
 """`python -m bench.bench_gpu --dataset DIR --quick` runs end to end on CPU and reports every section."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,26 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
 
     ds = make_dataset(tmp_path / "ds", n_frames=30, size=32)
     results, rows_json = tmp_path / "RESULTS.md", tmp_path / "rows.json"
-    assert main(["--dataset", str(ds), "--quick", "--minutes", "0.05", "--device", "cpu", "--results", str(results),
-                 "--json", str(rows_json), "--out", str(tmp_path / "model")]) == 0
+    assert (
+        main(
+            [
+                "--dataset",
+                str(ds),
+                "--quick",
+                "--minutes",
+                "0.05",
+                "--device",
+                "cpu",
+                "--results",
+                str(results),
+                "--json",
+                str(rows_json),
+                "--out",
+                str(tmp_path / "model"),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(rows_json.read_text())
     sections = {r["section"] for r in rows}
     assert {"build", "encoding", "data", "train", "quality", "memory", "render", "onboard"} <= sections
@@ -41,7 +60,12 @@ def test_gpu_bundle_script_and_code(tmp_path):
     text = gpu_bundle.GPU_CHECK
     assert "--no-index --find-links wheels" in text and "pytest -q -m cuda" in text and "bench.bench_gpu" in text
     gpu_bundle._copy_code(tmp_path / "code")
-    for f in ("avatar/nerf/inference.py", "bench/bench_gpu.py", "tests/test_nerf_cuda.py", "tests/synthetic_dataset.py",
-              "pyproject.toml"):
+    for f in (
+        "avatar/nerf/inference.py",
+        "bench/bench_gpu.py",
+        "tests/test_nerf_cuda.py",
+        "tests/synthetic_dataset.py",
+        "pyproject.toml",
+    ):
         assert (tmp_path / "code" / f).is_file(), f
     assert gpu_bundle.LIMIT_BYTES == 60 * 2**20

@@ -5,6 +5,7 @@ and CPU rendering ignores it (bit-identical). ``@pytest.mark.cuda`` tests (skipp
 a tiny head trained on CUDA with the estimator renders like the PyTorch sampler on the same field,
 and its estimator survives save/load.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,7 @@ import torch
 from test_nerf_train import dataset  # noqa: F401  (module fixture: a real 3 s, 64 px dataset)
 
 from avatar.config import to_dict
-from avatar.nerf.cuda_sampler import (OCC_THRE, estimator_from_grid, estimator_is_empty, render_step_size,
-                                      use_nerfacc)
+from avatar.nerf.cuda_sampler import OCC_THRE, estimator_from_grid, estimator_is_empty, render_step_size, use_nerfacc
 from avatar.nerf.model import atomic_save, build_head, load_head
 from avatar.nerf.presets import get_preset
 from avatar.nerf.render import render_head_rays
@@ -65,7 +65,7 @@ def test_estimator_saved_with_head_and_legacy_models_use_the_grid(tmp_path):
     assert torch.allclose(legacy.estimator.aabbs[0], head.field.aabb)
 
     # round trip: a trained estimator state comes back exactly
-    head.estimator.occs.copy_(torch.rand(G ** 3, generator=torch.Generator().manual_seed(2)) * 0.02)
+    head.estimator.occs.copy_(torch.rand(G**3, generator=torch.Generator().manual_seed(2)) * 0.02)
     head.estimator.binaries.copy_((head.estimator.occs > 0.01).view_as(head.estimator.binaries))
     _write_part(tmp_path / "new", cfg, head.state_dict())
     back, _ = load_head(tmp_path / "new")
@@ -131,11 +131,11 @@ def test_nerfacc_matches_pytorch_sampler(dataset, trained_cuda):  # noqa: F811
     head, _ = load_head(trained_cuda / "head", "cuda")
     with torch.no_grad():
         o, d, cond, code = _val_rays(dataset, head)
-        ref = render_head_rays(head.field, None, o, d, cond, code, 256)                  # dense PyTorch quadrature
+        ref = render_head_rays(head.field, None, o, d, cond, code, 256)  # dense PyTorch quadrature
         acc = render_head_rays(head.field, head.occ, o, d, cond, code, 256, estimator=head.estimator)
-    assert "ray_indices" in acc and acc["weights"].dim() == 1                           # the nerfacc path ran
-    assert acc["weights"].numel() < o.shape[0] * 256                                    # and skipped space
-    assert float(ref["acc"].max()) > 0.5                                                # the head is there
+    assert "ray_indices" in acc and acc["weights"].dim() == 1  # the nerfacc path ran
+    assert acc["weights"].numel() < o.shape[0] * 256  # and skipped space
+    assert float(ref["acc"].max()) > 0.5  # the head is there
     for k in ("rgb", "acc", "depth", "ambient"):
         assert acc[k].shape == ref[k].shape, k
     assert float((acc["rgb"] - ref["rgb"]).abs().mean()) < 0.02
@@ -148,12 +148,12 @@ def test_estimator_round_trip_cuda(trained_cuda):
     from safetensors.torch import load_file
 
     state = load_file(str(trained_cuda / "head" / "model.safetensors"))
-    assert float(state["estimator.occs"].abs().sum()) > 0                               # updated in training
+    assert float(state["estimator.occs"].abs().sum()) > 0  # updated in training
     assert 0 < int(state["estimator.binaries"].sum()) < state["estimator.binaries"].numel()
     head, _ = load_head(trained_cuda / "head", "cuda")
     assert torch.equal(head.estimator.occs.cpu(), state["estimator.occs"])
     assert torch.equal(head.estimator.binaries.cpu(), state["estimator.binaries"])
-    assert torch.isfinite(head.occ.density).all()                                       # PyTorch grid synced
+    assert torch.isfinite(head.occ.density).all()  # PyTorch grid synced
 
 
 @pytest.mark.cuda
@@ -167,7 +167,9 @@ def test_inference_cuda_bf16_close_to_cpu(dataset, trained_cuda):  # noqa: F811
     win = landmark_window(ds.n_frames, np.array([f]), get_preset("cpu-smoke").head.window)
     lm = torch.from_numpy(np.array(ds.lm3d, dtype=np.float32)[win])
     pose = torch.from_numpy(np.array(ds.pose, dtype=np.float32)[[f]])
-    imgs = [load_nerf(trained_cuda, device=dev, n_samples=64).render(lm, pose).cpu().float() / 255
-            for dev in ("cuda", "cpu")]
+    imgs = [
+        load_nerf(trained_cuda, device=dev, n_samples=64).render(lm, pose).cpu().float() / 255
+        for dev in ("cuda", "cpu")
+    ]
     mse = float(((imgs[0] - imgs[1]) ** 2).mean())
     assert -10 * np.log10(max(mse, 1e-10)) > 28.0

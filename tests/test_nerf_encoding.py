@@ -1,4 +1,5 @@
 """Hash-grid encoding: brute-force reference values + gradients (2-D, 3-D), layout, tcnn parity."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,15 @@ from avatar.nerf.encoding import HashGridConfig, HashGridEncoding, hashgrid_refe
 @pytest.mark.parametrize("dim", [2, 3])
 def test_matches_bruteforce_values_and_gradients(dim):
     torch.manual_seed(dim)
-    enc = HashGridEncoding(dim=dim, n_levels=6, n_features_per_level=2, log2_hashmap_size=9,
-                           base_resolution=4, finest_resolution=64, backend="torch")
+    enc = HashGridEncoding(
+        dim=dim,
+        n_levels=6,
+        n_features_per_level=2,
+        log2_hashmap_size=9,
+        base_resolution=4,
+        finest_resolution=64,
+        backend="torch",
+    )
     assert enc._is_hash.any() and (~enc._is_hash).any(), "config must exercise dense and hashed levels"
     with torch.no_grad():
         enc.table.uniform_(-1, 1)
@@ -40,7 +48,10 @@ def test_gradcheck_double(dim):
 
     def f(x, t):
         from avatar.nerf.encoding import _HashGridFunction
-        return _HashGridFunction.apply(x, t, enc._scales, enc._mults, enc._is_hash, enc._rows, enc._offsets, enc._corners)
+
+        return _HashGridFunction.apply(
+            x, t, enc._scales, enc._mults, enc._is_hash, enc._rows, enc._offsets, enc._corners
+        )
 
     assert torch.autograd.gradcheck(f, (x, table), eps=1e-6, atol=1e-5)
 
@@ -49,8 +60,8 @@ def test_level_layout_follows_tcnn():
     # tiny-cuda-nn: scale_l = N_min * b^l - 1, R_l = ceil(scale_l) + 1 (base 16, finest 512, 16 levels)
     cfg = HashGridConfig(dim=3, n_levels=16, log2_hashmap_size=19, base_resolution=16, finest_resolution=512)
     scales, res, rows, offsets = level_layout(cfg)
-    assert scales[0] == 15.0 and res[0] == 16 and rows[0] == 16 ** 3
-    assert res[-1] == 512 and rows[-1] == 2 ** 19
+    assert scales[0] == 15.0 and res[0] == 16 and rows[0] == 16**3
+    assert res[-1] == 512 and rows[-1] == 2**19
     assert abs(scales[1] - (16 * 32 ** (1 / 15) - 1)) < 1e-4
     assert offsets[1] == rows[0] and all(r % 8 == 0 for r in rows)
 
@@ -66,10 +77,12 @@ def test_rejects_bad_dim_and_backend():
 def test_matches_tinycudann():
     pytest.importorskip("tinycudann")
     torch.manual_seed(0)
-    ours = HashGridEncoding(dim=3, n_levels=8, log2_hashmap_size=14, base_resolution=16, finest_resolution=512,
-                            backend="torch").cuda()
-    theirs = HashGridEncoding(dim=3, n_levels=8, log2_hashmap_size=14, base_resolution=16, finest_resolution=512,
-                              backend="tcnn").cuda()
+    ours = HashGridEncoding(
+        dim=3, n_levels=8, log2_hashmap_size=14, base_resolution=16, finest_resolution=512, backend="torch"
+    ).cuda()
+    theirs = HashGridEncoding(
+        dim=3, n_levels=8, log2_hashmap_size=14, base_resolution=16, finest_resolution=512, backend="tcnn"
+    ).cuda()
     with torch.no_grad():
         ours.table.uniform_(-1, 1)
         theirs.table.copy_(ours.table)
@@ -85,8 +98,9 @@ def test_matches_tinycudann():
 @pytest.mark.cuda
 def test_torch_backend_cuda_matches_cpu():
     torch.manual_seed(0)
-    enc = HashGridEncoding(dim=3, n_levels=8, log2_hashmap_size=14, base_resolution=16, finest_resolution=512,
-                           backend="torch")
+    enc = HashGridEncoding(
+        dim=3, n_levels=8, log2_hashmap_size=14, base_resolution=16, finest_resolution=512, backend="torch"
+    )
     with torch.no_grad():
         enc.table.uniform_(-1, 1)
     x = torch.rand(4096, 3)

@@ -1,5 +1,6 @@
 """Rays against a hand-computed camera, ray-box intersection, volume rendering in closed form,
 spherical harmonics, occupancy skipping."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """NeRF training on a real 3-second slice (preprocessed at 64 px): loss goes down, checkpoints
 round-trip bit-exactly, a killed run resumes to the same step, torso + inference + eval work."""
+
 from __future__ import annotations
 
 import json
@@ -147,8 +148,23 @@ def test_kill_and_resume_reaches_same_step(dataset, tmp_path, monkeypatch):
     # AVATAR_THREADS is what the trainer's configure_threads() follows, here and in the subprocess
     monkeypatch.setenv("AVATAR_THREADS", "1")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "avatar.cli", "train-nerf", str(dataset), "--out", str(out), "--part", "head",
-           "--preset", "cpu-smoke", "--steps", "40", "--seed", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "avatar.cli",
+        "train-nerf",
+        str(dataset),
+        "--out",
+        str(out),
+        "--part",
+        "head",
+        "--preset",
+        "cpu-smoke",
+        "--steps",
+        "40",
+        "--seed",
+        "3",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "head" / "checkpoint.safetensors"
@@ -160,6 +176,7 @@ def test_kill_and_resume_reaches_same_step(dataset, tmp_path, monkeypatch):
     proc.wait()
     assert not (out / "head" / "model.safetensors").exists()
     from safetensors import safe_open
+
     with safe_open(str(ckpt), framework="pt") as f:
         killed_at = int(f.metadata()["step"])
     assert 10 <= killed_at < 40
@@ -173,7 +190,10 @@ def test_kill_and_resume_reaches_same_step(dataset, tmp_path, monkeypatch):
     from avatar.nerf.trainer import train_nerf
 
     train_nerf(dataset, tmp_path / "straight", part="head", preset="cpu-smoke", steps=40, seed=3, progress=False)
-    a, b = load_file(str(out / "head" / "model.safetensors")), load_file(str(tmp_path / "straight" / "head" / "model.safetensors"))
+    a, b = (
+        load_file(str(out / "head" / "model.safetensors")),
+        load_file(str(tmp_path / "straight" / "head" / "model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -212,11 +232,13 @@ def test_torso_inference_and_eval(dataset, trained, tmp_path):
     for f in m["frames"]:
         gt = np.asarray(ds.frames[f]).astype(np.float64)
         x0, y0, x1, y1 = mouth_box(ds.lm2d[f], S)
-        full.append(10 * np.log10(255.0 ** 2 / np.mean((frozen - gt) ** 2)))
-        mouth.append(10 * np.log10(255.0 ** 2 / np.mean((frozen[y0:y1, x0:x1] - gt[y0:y1, x0:x1]) ** 2)))
+        full.append(10 * np.log10(255.0**2 / np.mean((frozen - gt) ** 2)))
+        mouth.append(10 * np.log10(255.0**2 / np.mean((frozen[y0:y1, x0:x1] - gt[y0:y1, x0:x1]) ** 2)))
     assert m["frozen_frame"]["psnr_full"] == pytest.approx(np.mean(full), abs=1e-3)
     assert m["frozen_frame"]["psnr_mouth"] == pytest.approx(np.mean(mouth), abs=1e-3)
-    assert 0 < m["frozen_frame"]["ssim_full"] < 1 and ssim(frozen.astype(np.uint8), frozen.astype(np.uint8)) == pytest.approx(1.0)
+    assert 0 < m["frozen_frame"]["ssim_full"] < 1 and ssim(
+        frozen.astype(np.uint8), frozen.astype(np.uint8)
+    ) == pytest.approx(1.0)
     table = (tmp_path / "eval" / "table.txt").read_text()
     assert table == fidelity_table(m) + "\n" and all(n in table for n in ("render", "frozen_frame", "mean_frame"))
     assert (tmp_path / "eval" / "side_by_side.mp4").stat().st_size > 0
@@ -294,7 +316,7 @@ def test_head_alpha_stays_on_the_head(dataset, trained_longer):
         outside = ~cv2.dilate(head.astype(np.uint8), kernel).astype(bool)
         rows = np.flatnonzero(head.any(1))
         above = outside.copy()
-        above[rows[0]:] = False  # the rows above the hair
+        above[rows[0] :] = False  # the rows above the hair
         assert alpha.shape == head.shape and 0.0 <= alpha.min() and alpha.max() <= 1.0 + 1e-5
         assert alpha[outside].mean() < 0.05, (f, alpha[outside].mean())
         assert (alpha[above] > 0.2).mean() < 0.01, (f, (alpha[above] > 0.2).mean())

@@ -1,4 +1,5 @@
 """End to end on real input: onboarding (cpu-smoke) and rendering real speech to MP4."""
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,19 @@ def test_render_mp4_real_speech(tiny_avatar, data_dir, tmp_path, speech, caplog)
     write_wav(wav, np.stack([hi, 0.5 * hi], axis=1), 48000)  # stereo, right channel 6 dB quieter
     out = tmp_path / "out.mp4"
     with caplog.at_level(logging.INFO, logger="avatar.pipeline.render"):
-        rc = cli(["render", "--avatar", tiny_avatar[1], "--audio", str(wav), "--out", str(out), "--store", str(tiny_avatar[0])])
+        rc = cli(
+            [
+                "render",
+                "--avatar",
+                tiny_avatar[1],
+                "--audio",
+                str(wav),
+                "--out",
+                str(out),
+                "--store",
+                str(tiny_avatar[0]),
+            ]
+        )
     assert rc == 0
     info = probe(out)
     n = round(len(speech) / 640)
@@ -111,7 +124,9 @@ def test_mouth_moves_with_speech_not_silence(av, speech):
 
     talk_px, talk_open = run(speech)
     quiet_px, quiet_open = run(np.zeros_like(speech))
-    assert talk_open > 5 * quiet_open, f"mouth opening varies as much in silence ({quiet_open}) as in speech ({talk_open})"
+    assert talk_open > 5 * quiet_open, (
+        f"mouth opening varies as much in silence ({quiet_open}) as in speech ({talk_open})"
+    )
     assert talk_px > quiet_px, f"rendered mouth region: speech {talk_px} vs silence {quiet_px}"
 
 
@@ -141,7 +156,7 @@ def test_stream_lazy_pull_rewind_and_silence(av, speech):
     s = av.stream(opts)
     got = []
     for i in range(0, len(a) + len(b), 2500):
-        s.feed(np.concatenate([a, b])[i:i + 2500])
+        s.feed(np.concatenate([a, b])[i : i + 2500])
         step = s.pull()
         got += [f for _, f in step]
     s.end()
@@ -171,7 +186,7 @@ def test_stream_lazy_pull_rewind_and_silence(av, speech):
     s.end()
     after = dict(s.pull())
     assert min(after) == k
-    ref = list(av.render(np.concatenate([a[:k * 640], b]), opts))
+    ref = list(av.render(np.concatenate([a[: k * 640], b]), opts))
     half = av.models.nerf.window // 2
     assert len(after) + k == len(ref)
     assert all(np.array_equal(after[t], ref[t]) for t in range(k + half, len(ref)))
@@ -202,8 +217,22 @@ def test_bad_inputs(av, tiny_avatar, tmp_path):
     with pytest.raises(InvalidInput, match="emotion"):
         list(av.render(np.zeros(16000, np.float32), api.RenderOptions(emotion="bored")))
     # CLI: a clear one-line error and a non-zero exit code
-    assert cli(["render", "--avatar", "nobody", "--audio", str(bad), "--out", str(tmp_path / "x.mp4"),
-                "--store", str(tiny_avatar[0])]) == AvatarNotFound.exit_code
+    assert (
+        cli(
+            [
+                "render",
+                "--avatar",
+                "nobody",
+                "--audio",
+                str(bad),
+                "--out",
+                str(tmp_path / "x.mp4"),
+                "--store",
+                str(tiny_avatar[0]),
+            ]
+        )
+        == AvatarNotFound.exit_code
+    )
     assert not (tmp_path / "x.mp4").exists()
 
 

@@ -1,4 +1,5 @@
 """`avatar preprocess` end to end on short re-encoded slices of the real clips (tiny sizes)."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,9 @@ from avatar.pipeline.preprocess import PreprocessConfig, preprocess, split_val_s
 BLANK = range(40, 46)  # 6 frames (0.24 s) without a face in the main test clip
 
 
-def make_clip(src: Path, dst: Path, seconds: float, blank=(), audio: bool = True, solid: bool = False, canvas=None) -> Path:
+def make_clip(
+    src: Path, dst: Path, seconds: float, blank=(), audio: bool = True, solid: bool = False, canvas=None
+) -> Path:
     """Re-encode the first ``seconds`` of ``src`` (H.264 + AAC) at its own frame rate; frames with
     an index in ``blank`` are replaced by black; ``solid`` replaces every frame by a flat colour;
     ``canvas=(W, H, x, y)`` pastes each frame at (x, y) on a grey W x H canvas."""
@@ -46,7 +49,9 @@ def make_clip(src: Path, dst: Path, seconds: float, blank=(), audio: bool = True
                         fr = new
                     if canvas:
                         img = np.full((canvas[1], canvas[0], 3), 128, np.uint8)
-                        img[canvas[3]:canvas[3] + fr.height, canvas[2]:canvas[2] + fr.width] = fr.to_ndarray(format="rgb24")
+                        img[canvas[3] : canvas[3] + fr.height, canvas[2] : canvas[2] + fr.width] = fr.to_ndarray(
+                            format="rgb24"
+                        )
                         new = av.VideoFrame.from_ndarray(img, format="rgb24")
                         new.pts, new.time_base = fr.pts, fr.time_base
                         fr = new
@@ -91,9 +96,18 @@ def test_dataset_contract(dataset):
     n = ds.n_frames
     assert n == 75  # round(3.0 s x 25)
     s = 128
-    shapes = {"frames": (n, s, s, 3), "masks": (n, s, s), "background": (s, s, 3), "audio": (n * 640,),
-              "lm2d": (n, 68, 2), "lm3d": (n, 68, 3), "lm3d_mean": (68, 3), "blink": (n,), "pose": (n, 4, 4),
-              "face_valid": (n,)}
+    shapes = {
+        "frames": (n, s, s, 3),
+        "masks": (n, s, s),
+        "background": (s, s, 3),
+        "audio": (n * 640,),
+        "lm2d": (n, 68, 2),
+        "lm3d": (n, 68, 3),
+        "lm3d_mean": (68, 3),
+        "blink": (n,),
+        "pose": (n, 4, 4),
+        "face_valid": (n,),
+    }
     for name, shape in shapes.items():
         arr = getattr(ds, name)
         assert arr.shape == shape, name
@@ -174,7 +188,13 @@ def test_previews_written(dataset):
 
 
 def test_30fps_silent_video_with_separate_wav(clips, data_dir, tmp_path):
-    out = preprocess(clips["noem"], tmp_path / "noem", PreprocessConfig(size=64), audio=data_dir / "corpus" / "KristiNoem.wav", progress=False)
+    out = preprocess(
+        clips["noem"],
+        tmp_path / "noem",
+        PreprocessConfig(size=64),
+        audio=data_dir / "corpus" / "KristiNoem.wav",
+        progress=False,
+    )
     ds = Dataset(out)
     assert ds.manifest["source"]["fps"] == pytest.approx(30.0)
     assert ds.n_frames == 75 and ds.features.shape[0] == 150 and ds.audio.shape == (75 * 640,)
@@ -197,11 +217,23 @@ def test_wide_frame_is_cropped_around_the_face(clips, tmp_path):
 
 def test_hubert_features(clips, tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                    conv_dim=(32, 32, 32, 32, 32, 32, 32), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    cfg = transformers.HubertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32, 32, 32, 32, 32, 32, 32),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
     hub = tmp_path / "hubert"
     transformers.HubertModel(cfg).save_pretrained(hub)
-    out = preprocess(clips["clean"], tmp_path / "ds", PreprocessConfig(size=64, audio_features="hubert", hubert_path=str(hub)), progress=False)
+    out = preprocess(
+        clips["clean"],
+        tmp_path / "ds",
+        PreprocessConfig(size=64, audio_features="hubert", hubert_path=str(hub)),
+        progress=False,
+    )
     ds = Dataset(out)
     assert ds.feature_kind == "hubert" and ds.features.shape == (2 * ds.n_frames, 32)
 
@@ -267,6 +299,11 @@ def test_cli_help_and_overwrite(clips, tmp_path, capsys):
         assert opt in text
     out = tmp_path / "ds"
     out.mkdir()
-    assert cli_main(["preprocess", str(clips["clean"]), "--out", str(out), "--size", "64", "--quiet"]) == OutputExists.exit_code
-    assert cli_main(["preprocess", str(clips["clean"]), "--out", str(out), "--size", "64", "--quiet", "--overwrite"]) == 0
+    assert (
+        cli_main(["preprocess", str(clips["clean"]), "--out", str(out), "--size", "64", "--quiet"])
+        == OutputExists.exit_code
+    )
+    assert (
+        cli_main(["preprocess", str(clips["clean"]), "--out", str(out), "--size", "64", "--quiet", "--overwrite"]) == 0
+    )
     assert json.loads((out / "manifest.json").read_text())["n_frames"] == 55

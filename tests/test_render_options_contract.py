@@ -1,6 +1,7 @@
 """Render options are defined once, by the dataclass :class:`avatar.pipeline.render.RenderOptions`; the
 gRPC message ``avatar.v1.RenderOptions`` and the ``avatar render`` flags must follow it. This test
 fails when one of the three gains or loses an option the others lack."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,8 @@ def test_proto_matches_the_dataclass():
     assert proto == _fields() - LOCAL_ONLY, (
         f"proto RenderOptions vs the dataclass: only in the proto {sorted(proto - _fields())}, missing from "
         f"the proto {sorted(_fields() - LOCAL_ONLY - proto)}; add fields at the end of the message in "
-        "proto/avatar/v1/avatar.proto, run `make proto`, and map them in service/server.py render_options")
+        "proto/avatar/v1/avatar.proto, run `make proto`, and map them in service/server.py render_options"
+    )
 
 
 def test_server_maps_every_proto_field(monkeypatch):
@@ -36,12 +38,34 @@ def test_server_maps_every_proto_field(monkeypatch):
     pytest.importorskip("grpc")
     from service.server import render_options
 
-    msg = pb.RenderOptions(emotion="happy", emotion_strength=0.5, still=True, blink=False, blink_rate=7.0,
-                           temperature=0.5, seed=3, size=64, head_speed=2.0, head_amplitude=0.5, lle_blend=0.25)
+    msg = pb.RenderOptions(
+        emotion="happy",
+        emotion_strength=0.5,
+        still=True,
+        blink=False,
+        blink_rate=7.0,
+        temperature=0.5,
+        seed=3,
+        size=64,
+        head_speed=2.0,
+        head_amplitude=0.5,
+        lle_blend=0.25,
+    )
     assert {f.name for f, _ in msg.ListFields()} == set(pb.RenderOptions.DESCRIPTOR.fields_by_name)
     opts = render_options(msg)
-    assert opts == RenderOptions(emotion="happy", emotion_strength=0.5, still=True, blink=False, blink_rate=7.0,
-                                 temperature=0.5, seed=3, size=64, head_speed=2.0, head_amplitude=0.5, lle_blend=0.25)
+    assert opts == RenderOptions(
+        emotion="happy",
+        emotion_strength=0.5,
+        still=True,
+        blink=False,
+        blink_rate=7.0,
+        temperature=0.5,
+        seed=3,
+        size=64,
+        head_speed=2.0,
+        head_amplitude=0.5,
+        lle_blend=0.25,
+    )
 
 
 def test_cli_has_a_flag_per_option():

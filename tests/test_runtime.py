@@ -1,4 +1,5 @@
 """avatar.runtime: usable CPU count from affinity + cgroup quota, thread pools sized to it."""
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,15 @@ def test_configure_threads_follows_affinity_in_a_fresh_process():
     )
     env = {k: v for k, v in os.environ.items() if k not in ("AVATAR_THREADS", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     cpu = sorted(os.sched_getaffinity(0))[0]
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-                         preexec_fn=lambda: os.sched_setaffinity(0, {cpu}), check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+        check=True,
+    )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"usable": 1, "n": 1, "torch": 1, "omp": "PASSIVE"}

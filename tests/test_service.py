@@ -4,6 +4,7 @@ Tests that need a rendered avatar use the session fixture ``avatar_store`` from
 ``tests/test_service_fixtures.py``-style logic below: ``$AVATAR_TEST_STORE`` (a store with an
 onboarded avatar), else a tiny avatar onboarded here with the ``cpu-smoke`` preset.
 """
+
 from __future__ import annotations
 
 import io
@@ -49,9 +50,20 @@ def _code(excinfo) -> grpc.StatusCode:
 
 
 def _start(store: Path, **overrides) -> AvatarServer:
-    cfg = ServerConfig(store=str(store), host="127.0.0.1", port=0, metrics_port=0, max_streams=2,
-                       idle_timeout_s=1.5, max_audio_s=10.0, max_message_mb=2, max_video_mb=1, cache_size=2,
-                       max_jobs=1, job_cancel_grace_s=3.0)
+    cfg = ServerConfig(
+        store=str(store),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        max_streams=2,
+        idle_timeout_s=1.5,
+        max_audio_s=10.0,
+        max_message_mb=2,
+        max_video_mb=1,
+        cache_size=2,
+        max_jobs=1,
+        job_cancel_grace_s=3.0,
+    )
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return AvatarServer(cfg, TOKENS).start()
@@ -91,7 +103,7 @@ def test_pcm_decoder_is_chunking_invariant(data_dir):
     dec, parts, i = PcmDecoder(pb.AudioFormat.ENCODING_PCM16, 48000), [], 0
     while i < len(raw):  # odd byte counts split samples across chunks
         n = int(rng.integers(1, 5000))
-        parts.append(dec.push(raw[i:i + n]))
+        parts.append(dec.push(raw[i : i + n]))
         i += n
     got = np.concatenate(parts + [dec.finish()])
     assert abs(len(ref) - 32000) <= 1
@@ -113,7 +125,9 @@ def test_png_frames_roundtrip_exactly():
 
 def test_token_parsing(tmp_path, monkeypatch):
     assert parse_tokens("# ops\nabcdefghijklmnop0=render,onboard; qrstuvwxyz0123456=admin") == {
-        "abcdefghijklmnop0": frozenset({"render", "onboard"}), "qrstuvwxyz0123456": frozenset({"admin"})}
+        "abcdefghijklmnop0": frozenset({"render", "onboard"}),
+        "qrstuvwxyz0123456": frozenset({"admin"}),
+    }
     for bad in ("abcdefghijklmnop0", "abcdefghijklmnop0=root", "short=render"):
         with pytest.raises(InvalidInput):
             parse_tokens(bad)
@@ -187,13 +201,13 @@ def test_avatar_errors(admin, server):
 def test_render_errors(admin, server, speech):
     wav = _wav_bytes(speech[:16000])
     cases = [
-        (dict(audio=wav), grpc.StatusCode.NOT_FOUND),                                   # no such avatar
+        (dict(audio=wav), grpc.StatusCode.NOT_FOUND),  # no such avatar
         (dict(audio=b"RIFF garbage, not audio" * 10), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(audio=b""), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(audio=wav, options={"emotion": "bogus"}), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(audio=wav, options={"temperature": 7.0}), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(audio=_wav_bytes(np.tile(speech, 2))), grpc.StatusCode.RESOURCE_EXHAUSTED),  # 16 s > 10 s limit
-        (dict(audio=os.urandom(3 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED),          # > 2 MB message
+        (dict(audio=os.urandom(3 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED),  # > 2 MB message
     ]
     for kwargs, code in cases:
         with pytest.raises(grpc.RpcError) as e:
@@ -236,8 +250,10 @@ def test_onboard_errors(tmp_path, server):
     with AvatarClient(f"127.0.0.1:{server.port}", token=ONBOARD) as c:
         video = tmp_path / "v.mp4"
         video.write_bytes(b"x" * 1000)
-        for kwargs, code in [(dict(name="bad/name"), grpc.StatusCode.INVALID_ARGUMENT),
-                             (dict(name="ok", preset="huge"), grpc.StatusCode.INVALID_ARGUMENT)]:
+        for kwargs, code in [
+            (dict(name="bad/name"), grpc.StatusCode.INVALID_ARGUMENT),
+            (dict(name="ok", preset="huge"), grpc.StatusCode.INVALID_ARGUMENT),
+        ]:
             with pytest.raises(grpc.RpcError) as e:
                 c.onboard(video, **kwargs)
             assert _code(e) == code
@@ -299,9 +315,28 @@ def test_tls(tmp_path, speech):
     if shutil.which("openssl") is None:
         pytest.skip("openssl command not available to make a test certificate")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     srv = _start(tmp_path / "store", tls_cert=str(cert), tls_key=str(key), metrics_port=None)
     try:
         with AvatarClient(f"localhost:{srv.port}", token=RENDER, tls_ca=cert) as c:
@@ -315,9 +350,26 @@ def test_tls(tmp_path, speech):
 
 def test_serve_command_starts_and_stops(tmp_path):
     env = dict(os.environ, AVATAR_TOKENS=f"{ADMIN}=admin")
-    proc = subprocess.Popen([sys.executable, "-m", "avatar.cli", "serve", "--store", str(tmp_path), "--host",
-                             "127.0.0.1", "--port", "0", "--metrics-port", "-1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "avatar.cli",
+            "serve",
+            "--store",
+            str(tmp_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert line, proc.stderr.read()

@@ -4,6 +4,7 @@ The avatar is the session's tiny real avatar (``tiny_avatar`` in tests/conftest.
 speakers/acosta_cnn_71s.mp4 -> a ``smoke`` shared generator -> ``cpu-smoke`` onboarding), or the
 store named by ``$AVATAR_TEST_STORE``.
 """
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,16 @@ def avatar_store(tiny_avatar) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def server(avatar_store):
-    cfg = ServerConfig(store=str(avatar_store[0]), host="127.0.0.1", port=0, metrics_port=0, max_streams=2,
-                       idle_timeout_s=5.0, max_audio_s=30.0, cache_size=1)
+    cfg = ServerConfig(
+        store=str(avatar_store[0]),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        max_streams=2,
+        idle_timeout_s=5.0,
+        max_audio_s=30.0,
+        cache_size=1,
+    )
     srv = AvatarServer(cfg, {TOKEN: frozenset({"admin"})}).start()
     yield srv
     srv.stop(0)
@@ -53,7 +62,7 @@ def speech(data_dir) -> np.ndarray:
     Short because the CPU renderer takes seconds per frame on the shared 2-core test machine."""
     from avatar.media import load_audio
 
-    return load_audio(data_dir / "audio" / "RD_Radio31_000.wav")[16000: 16000 + 3500]
+    return load_audio(data_dir / "audio" / "RD_Radio31_000.wav")[16000 : 16000 + 3500]
 
 
 def _wav(x: np.ndarray) -> bytes:
@@ -130,13 +139,14 @@ def test_stream_pcm16_resampled_options_update_and_pacing(client, avatar_store, 
     """44.1 kHz PCM16 input, an options update mid-stream, real-time pacing at 25 fps."""
     from avatar.media import load_audio, resample_audio
 
-    speech = load_audio(data_dir / "audio" / "RD_Radio31_000.wav")[16000: 16000 + 6400]  # 0.4 s -> 10 frames
+    speech = load_audio(data_dir / "audio" / "RD_Radio31_000.wav")[16000 : 16000 + 6400]  # 0.4 s -> 10 frames
     x = resample_audio(speech, 16000, 44100)
     pcm = (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
-    pieces = [pcm[i:i + 3001] for i in range(0, len(pcm), 3001)]  # odd sizes split samples
+    pieces = [pcm[i : i + 3001] for i in range(0, len(pcm), 3001)]  # odd sizes split samples
     pieces.insert(len(pieces) // 2, {"emotion_strength": 0.5})
-    call = client.stream(avatar_store[1], iter(pieces), {"size": 32}, sample_rate=44100, encoding="pcm16",
-                         image_format="jpeg")
+    call = client.stream(
+        avatar_store[1], iter(pieces), {"size": 32}, sample_rate=44100, encoding="pcm16", image_format="jpeg"
+    )
     got = list(call)
     assert [f.index for f in got] == list(range(10))
     # realtime pacing: frame i is not sent before frame 0 + i/25 (all audio was sent at once)
@@ -146,10 +156,19 @@ def test_stream_pcm16_resampled_options_update_and_pacing(client, avatar_store, 
 def test_stream_emotion_switch_mid_stream(client, avatar_store, speech):
     """Switching to an emotion mid-stream keeps every frame (count matches the audio) and changes the face."""
     n = round(len(speech) / 640)
-    neutral = [f.image for f in client.stream(avatar_store[1], iter([speech]), {"seed": 2, "size": 48},
-                                               image_format="png", realtime=False)]
-    call = client.stream(avatar_store[1], iter([speech[:3200], {"emotion": "happy", "emotion_strength": 1.5}, speech[3200:]]),
-                         {"seed": 2, "size": 48}, image_format="png", realtime=False)
+    neutral = [
+        f.image
+        for f in client.stream(
+            avatar_store[1], iter([speech]), {"seed": 2, "size": 48}, image_format="png", realtime=False
+        )
+    ]
+    call = client.stream(
+        avatar_store[1],
+        iter([speech[:3200], {"emotion": "happy", "emotion_strength": 1.5}, speech[3200:]]),
+        {"seed": 2, "size": 48},
+        image_format="png",
+        realtime=False,
+    )
     happy = [f.image for f in call]
     assert len(neutral) == len(happy) == n
     assert any(not np.array_equal(a, b) for a, b in zip(neutral, happy)), "the emotion switch changed no frame"
@@ -204,10 +223,43 @@ def test_client_cli_render_and_stream_write_mp4(server, avatar_store, speech, tm
     wav = tmp_path / "speech.wav"
     wav.write_bytes(_wav(speech))
     base = ["client", "--target", f"127.0.0.1:{server.port}", "--token", TOKEN]
-    assert main(base + ["render", "--avatar", avatar_store[1], "--audio", str(wav), "--out", str(tmp_path / "r.mp4"),
-                        "--size", "64"]) == 0
-    assert main(base + ["stream", "--avatar", avatar_store[1], "--audio", str(wav), "--out", str(tmp_path / "s.mp4"),
-                        "--size", "64", "--chunk-ms", "70", "--no-realtime"]) == 0
+    assert (
+        main(
+            base
+            + [
+                "render",
+                "--avatar",
+                avatar_store[1],
+                "--audio",
+                str(wav),
+                "--out",
+                str(tmp_path / "r.mp4"),
+                "--size",
+                "64",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            base
+            + [
+                "stream",
+                "--avatar",
+                avatar_store[1],
+                "--audio",
+                str(wav),
+                "--out",
+                str(tmp_path / "s.mp4"),
+                "--size",
+                "64",
+                "--chunk-ms",
+                "70",
+                "--no-realtime",
+            ]
+        )
+        == 0
+    )
     n = round(len(speech) / 640)
     for name in ("r.mp4", "s.mp4"):
         info = probe(tmp_path / name)

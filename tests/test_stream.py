@@ -5,6 +5,7 @@ deadline stopping the server's work. The pacer itself is :mod:`service.stream`.
 Timing bounds are loose (the 2-core test machine is shared with training jobs); the measured values
 are printed (``pytest -s``) and recorded in docs/SERVING.md.
 """
+
 from __future__ import annotations
 
 import threading
@@ -25,8 +26,17 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def server(tiny_avatar):
-    cfg = ServerConfig(store=str(tiny_avatar[0]), host="127.0.0.1", port=0, metrics_port=0, max_streams=2,
-                       idle_timeout_s=5.0, max_idle_s=3.0, max_audio_s=60.0, cache_size=1)
+    cfg = ServerConfig(
+        store=str(tiny_avatar[0]),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        max_streams=2,
+        idle_timeout_s=5.0,
+        max_idle_s=3.0,
+        max_audio_s=60.0,
+        cache_size=1,
+    )
     srv = AvatarServer(cfg, {TOKEN: frozenset({"admin"})}).start()
     yield srv
     srv.stop(0)
@@ -58,7 +68,7 @@ def test_frame_audio_timeline_cut_and_rates():
     x = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
     fa = FrameAudio(16000)
     for s in range(0, len(x), 999):
-        fa.add(x[s:s + 999])
+        fa.add(x[s : s + 999])
     got = [fa.take(i) for i in range(10)]
     np.testing.assert_array_equal(np.concatenate(got), x[:6400])
     fa.cut(10)
@@ -95,21 +105,23 @@ def test_each_frame_carries_its_audio_and_stream_equals_render(client, tiny_avat
     ref = list(client.render(tiny_avatar[1], buf.getvalue(), {"seed": 1, "size": SIZE}, image_format="png"))
     assert len(ref) == n and all(np.array_equal(a.image, b.image) for a, b in zip(got, ref))
     # PCM16 at 48 kHz out: 1920 samples a frame, the same sound
-    call = client.stream(tiny_avatar[1], iter([speech]), {"size": SIZE}, realtime=False,
-                         output_rate=48000, output_encoding="pcm16")
+    call = client.stream(
+        tiny_avatar[1], iter([speech]), {"size": SIZE}, realtime=False, output_rate=48000, output_encoding="pcm16"
+    )
     got = list(call)
     assert call.header.output_audio.sample_rate == 48000
     assert all(len(f.audio) == 1920 for f in got)
     from avatar.media import resample_audio
 
     ref48 = resample_audio(speech, 16000, 48000)
-    out = np.concatenate([f.audio for f in got])[:len(ref48)]
-    assert np.corrcoef(out, ref48[:len(out)])[0, 1] > 0.99
+    out = np.concatenate([f.audio for f in got])[: len(ref48)]
+    assert np.corrcoef(out, ref48[: len(out)])[0, 1] > 0.99
 
 
 def test_idle_frames_then_speech(client, tiny_avatar, speech):
     """No audio for 1.5 s: idle frames (silence, blinks, head track) at the frame rate; then the speech
     starts at the next frame to be sent and shows exactly what a batch render of that timeline shows."""
+
     def chunks():
         time.sleep(1.5)
         yield speech
@@ -123,7 +135,7 @@ def test_idle_frames_then_speech(client, tiny_avatar, speech):
     assert idle and all(f.index < cut for f in idle), "idle frames only before the speech"
     assert call.summary.idle_frames == len(idle) == cut and len(got) == cut + round(len(speech) / 640)
     assert all(not f.audio.any() for f in idle)
-    np.testing.assert_array_equal(np.concatenate([f.audio for f in got[cut:]])[:len(speech)], speech)
+    np.testing.assert_array_equal(np.concatenate([f.audio for f in got[cut:]])[: len(speech)], speech)
     times = np.array([f.received for f in idle])
     fps = (len(times) - 1) / max(times[-1] - times[0], 1e-6)
     print(f"\nidle: first idle frame {times[0] - t0:.2f} s after the call, {len(idle)} idle frames at {fps:.1f} fps")
@@ -132,8 +144,9 @@ def test_idle_frames_then_speech(client, tiny_avatar, speech):
     from avatar import api
 
     av = api.load(tiny_avatar[1], store=tiny_avatar[0])
-    ref = list(av.render(np.concatenate([np.zeros(cut * 640, np.float32), speech]),
-                         api.RenderOptions(seed=2, size=SIZE)))
+    ref = list(
+        av.render(np.concatenate([np.zeros(cut * 640, np.float32), speech]), api.RenderOptions(seed=2, size=SIZE))
+    )
     half = av.models.nerf.window // 2
     assert len(ref) == len(got)
     assert all(np.array_equal(got[t].image, ref[t]) for t in range(cut + half, len(got)))
@@ -157,14 +170,16 @@ def test_interrupt_drops_queued_audio_and_returns_to_idle(client, tiny_avatar, s
         if len(got) == 10:
             seen.set()
     assert [f.index for f in got] == list(range(len(got)))
-    (ack, ack_t), = call.interrupts
+    ((ack, ack_t),) = call.interrupts
     after = [f for f in got if f.index >= ack.next_frame]
-    assert after and all(f.idle for f in after) and not any(f.idle for f in got[:ack.next_frame])
+    assert after and all(f.idle for f in after) and not any(f.idle for f in got[: ack.next_frame])
     assert 10 <= ack.next_frame < 100 and ack.dropped_audio_s > 1.0
     assert call.summary.interrupts == 1 and call.summary.idle_frames == len(after)
     latency = after[0].received - sent["t"]
-    print(f"\ninterrupt: acknowledged after {ack_t - sent['t']:.3f} s, first idle frame after {latency:.3f} s, "
-          f"{ack.dropped_audio_s:.2f} s of audio and {ack.dropped_frames} rendered frames dropped")
+    print(
+        f"\ninterrupt: acknowledged after {ack_t - sent['t']:.3f} s, first idle frame after {latency:.3f} s, "
+        f"{ack.dropped_audio_s:.2f} s of audio and {ack.dropped_frames} rendered frames dropped"
+    )
     assert latency < 2.0
 
 
@@ -216,8 +231,15 @@ def test_low_latency_stream_reports_its_lookahead_and_equals_the_library(client,
     audio = speech[:6000]  # 9.4 frames: the rounding of the tail
     rng = np.random.default_rng(11)
     chunks = np.split(audio, np.sort(rng.choice(np.arange(1, len(audio)), size=5, replace=False)))
-    call = client.stream(tiny_avatar[1], iter(chunks), {"seed": 4, "size": SIZE}, image_format="png", realtime=False,
-                         block=2, nerf_right=1)
+    call = client.stream(
+        tiny_avatar[1],
+        iter(chunks),
+        {"seed": 4, "size": SIZE},
+        image_format="png",
+        realtime=False,
+        block=2,
+        nerf_right=1,
+    )
     got = list(call)
     opts = RenderOptions(seed=4, size=SIZE)
     assert call.header.lookahead_s == pytest.approx(StreamSession(models, opts, block=2, nerf_right=1).lookahead_s)
@@ -234,10 +256,16 @@ def test_low_latency_stream_reports_its_lookahead_and_equals_the_library(client,
     assert (call.header.block, call.header.nerf_right) == (8, 0) and call.header.lookahead_s == pytest.approx(0.80)
 
 
-@pytest.mark.parametrize("latency, field, valid", [
-    ({"block": -1}, "block", "1..64"), ({"block": 65}, "block", "1..64"),
-    ({"nerf_right": -1}, "nerf_right", ">= 0"), ({"nerf_right": 3}, "nerf_right", "0..2"),
-    ({"block": 2, "nerf_right": 5}, "nerf_right", "0..2")])
+@pytest.mark.parametrize(
+    "latency, field, valid",
+    [
+        ({"block": -1}, "block", "1..64"),
+        ({"block": 65}, "block", "1..64"),
+        ({"nerf_right": -1}, "nerf_right", ">= 0"),
+        ({"nerf_right": 3}, "nerf_right", "0..2"),
+        ({"block": 2, "nerf_right": 5}, "nerf_right", "0..2"),
+    ],
+)
 def test_bad_block_or_nerf_right_is_invalid_argument(client, tiny_avatar, server, speech, latency, field, valid):
     """Out-of-range latency settings end the call with INVALID_ARGUMENT naming the field and its valid
     range (nerf_right's upper bound is the avatar's NeRF window, 5 -> 2); no frame is rendered, no slot kept."""
@@ -263,8 +291,22 @@ def test_client_cli_stream_low_latency(server, tiny_avatar, speech, tmp_path, ca
 
     wav = tmp_path / "speech.wav"
     sf.write(wav, speech[:3200], 16000, subtype="FLOAT")
-    base = ["client", "--target", f"127.0.0.1:{server.port}", "--token", TOKEN, "stream", "--avatar", tiny_avatar[1],
-            "--audio", str(wav), "--size", str(SIZE), "--no-realtime", "-q"]
+    base = [
+        "client",
+        "--target",
+        f"127.0.0.1:{server.port}",
+        "--token",
+        TOKEN,
+        "stream",
+        "--avatar",
+        tiny_avatar[1],
+        "--audio",
+        str(wav),
+        "--size",
+        str(SIZE),
+        "--no-realtime",
+        "-q",
+    ]
     assert main(base + ["--out", str(tmp_path / "low.mp4"), "--low-latency"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["frames"] == 5 and (out["block"], out["nerf_right"]) == (2, 1)
@@ -290,7 +332,11 @@ class _FakeSession:
         self.finished = True
 
     def pull(self):
-        while self.frames_emitted < -(-self.samples // 640) if self.finished else self.frames_emitted < self.samples // 640:
+        while (
+            self.frames_emitted < -(-self.samples // 640)
+            if self.finished
+            else self.frames_emitted < self.samples // 640
+        ):
             self.frames_emitted += 1
             yield self.frames_emitted - 1, np.full((2, 2, 3), (self.frames_emitted - 1) % 256, np.uint8)
 

@@ -3,6 +3,7 @@ models, the block length and the NeRF window's right half as session parameters,
 lookahead equal to the audio a frame really waits for, and a low-latency avatar (a ``future=4``
 generator + the causal postnet that follows it) under 0.30 s whose stream equals its batch render.
 Real clips (the tiny avatar of ``conftest.py``), CPU, smoke-size models."""
+
 from __future__ import annotations
 
 import copy
@@ -14,8 +15,17 @@ import pytest
 
 from avatar.errors import InvalidInput
 from conftest import push_in_random_chunks
-from avatar.pipeline.render import (CTX_RIGHT, Latency, MotionEngine, RenderOptions, StreamSession,
-                                    landmarks_for_audio, motion_right_frames, render_frames, stream_latency)
+from avatar.pipeline.render import (
+    CTX_RIGHT,
+    Latency,
+    MotionEngine,
+    RenderOptions,
+    StreamSession,
+    landmarks_for_audio,
+    motion_right_frames,
+    render_frames,
+    stream_latency,
+)
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +187,10 @@ def test_postnet_future_bounds_its_right_reach(future):
     np.testing.assert_allclose(post.apply(x, chunk=7), y, rtol=1e-5, atol=1e-5)  # float32 conv sum order
     t = 30
     x2 = x.copy()
-    x2[t + k + 1:] += 1.0
+    x2[t + k + 1 :] += 1.0
     np.testing.assert_allclose(post.apply(x2)[: t + 1], y[: t + 1], atol=1e-6)
     x3 = x.copy()
-    x3[t + k:] += 1.0
+    x3[t + k :] += 1.0
     assert np.abs(post.apply(x3)[t] - y[t]).max() > 1e-4
     x4 = x.copy()
     x4[: t - (8 - k) + 1] += 1.0  # the left side reaches 8 - k frames back

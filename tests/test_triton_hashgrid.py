@@ -4,6 +4,7 @@ On CPU the kernels run in Triton's interpreter (small sizes); the same kernels a
 sm_90 ahead of time (no GPU needed) so a kernel that only fails to compile is caught here too.
 The ``cuda`` tests run the compiled kernels on a real GPU at production sizes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,10 +17,12 @@ from avatar.nerf.encoding import HashGridConfig, HashGridEncoding, hashgrid_refe
 from avatar.nerf.triton_hashgrid import compile_for_arch, hashgrid_triton, triton_available  # noqa: E402
 
 # small grids that still have both dense and hashed levels
-CFG2 = HashGridConfig(dim=2, n_levels=4, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4,
-                      finest_resolution=64)
-CFG3 = HashGridConfig(dim=3, n_levels=4, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4,
-                      finest_resolution=64)
+CFG2 = HashGridConfig(
+    dim=2, n_levels=4, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4, finest_resolution=64
+)
+CFG3 = HashGridConfig(
+    dim=3, n_levels=4, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4, finest_resolution=64
+)
 
 
 def _table(cfg: HashGridConfig, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -30,7 +33,7 @@ def _table(cfg: HashGridConfig, seed: int = 0, dtype=torch.float32) -> torch.Ten
 
 def _levels_kinds(cfg: HashGridConfig) -> set[bool]:
     _, res, rows, _ = level_layout(cfg)
-    return {r ** cfg.dim > t for r, t in zip(res, rows)}
+    return {r**cfg.dim > t for r, t in zip(res, rows)}
 
 
 def _points(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -88,8 +91,9 @@ def test_table_only_and_x_only_gradients():
 
 @pytest.mark.parametrize("F", [1, 4])
 def test_other_feature_widths(F):
-    cfg = HashGridConfig(dim=3, n_levels=3, n_features_per_level=F, log2_hashmap_size=9, base_resolution=4,
-                         finest_resolution=32)
+    cfg = HashGridConfig(
+        dim=3, n_levels=3, n_features_per_level=F, log2_hashmap_size=9, base_resolution=4, finest_resolution=32
+    )
     x = _points(200, 3, seed=7)
     table = _table(cfg, seed=8)
     ref = hashgrid_reference(x.double(), table.double(), cfg)
@@ -114,8 +118,9 @@ def test_matches_module_with_production_config():
     with torch.no_grad():
         enc.table.uniform_(-1, 1)
     x = _points(256, 3, seed=11)
-    np.testing.assert_allclose(hashgrid_triton(x, enc.table.detach(), enc.cfg).numpy(),
-                               enc(x).detach().numpy(), atol=2e-5)
+    np.testing.assert_allclose(
+        hashgrid_triton(x, enc.table.detach(), enc.cfg).numpy(), enc(x).detach().numpy(), atol=2e-5
+    )
 
 
 def test_empty_batch():
@@ -131,8 +136,9 @@ def test_bad_inputs_raise():
         hashgrid_triton(torch.rand(10, 3), table[:-1], CFG3)
     with pytest.raises(ValueError, match="dtype"):
         hashgrid_triton(torch.rand(10, 3), table.double(), CFG3)
-    cfg = HashGridConfig(dim=3, n_levels=2, n_features_per_level=3, log2_hashmap_size=8, base_resolution=4,
-                         finest_resolution=8)
+    cfg = HashGridConfig(
+        dim=3, n_levels=2, n_features_per_level=3, log2_hashmap_size=8, base_resolution=4, finest_resolution=8
+    )
     with pytest.raises(ValueError, match="n_features_per_level"):
         hashgrid_triton(torch.rand(10, 3), _table(cfg), cfg)
 

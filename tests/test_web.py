@@ -6,6 +6,7 @@ headless Chromium (Debian's /usr/bin/chromium, `make test-browser`) with a fake 
 from audio/eng.wav: it plays a rendered MP4, runs a live session until 25 frames were shown, and
 saves a screenshot to /tmp/avatar_web_console.png.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,16 @@ def _auth(token: str = ADMIN) -> dict:
 @pytest.fixture(scope="module")
 def server(tiny_avatar):
     """A gRPC server object (not listening) whose servicer the web app shares; 2 render slots."""
-    cfg = ServerConfig(store=str(tiny_avatar[0]), host="127.0.0.1", port=0, metrics_port=None, max_streams=2,
-                       max_audio_s=30.0, cache_size=2, job_cancel_grace_s=1.0)
+    cfg = ServerConfig(
+        store=str(tiny_avatar[0]),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=None,
+        max_streams=2,
+        max_audio_s=30.0,
+        cache_size=2,
+        job_cancel_grace_s=1.0,
+    )
     srv = AvatarServer(cfg, TOKENS)
     yield srv
     srv.servicer.close()
@@ -55,7 +64,7 @@ def speech(data_dir) -> np.ndarray:
     """0.6 s of real English speech, float32 mono 16 kHz (15 frames; eng.wav is near-silent before 2.5 s)."""
     from avatar.media import load_audio
 
-    return load_audio(data_dir / "audio" / "eng.wav")[48000:48000 + 9600]
+    return load_audio(data_dir / "audio" / "eng.wav")[48000 : 48000 + 9600]
 
 
 def _wav(x: np.ndarray, sr: int = 16000) -> bytes:
@@ -66,11 +75,13 @@ def _wav(x: np.ndarray, sr: int = 16000) -> bytes:
 
 def run_client(server, body):
     """Run ``await body(client)`` against a fresh WebApp on ``server``'s servicer (aiohttp test client)."""
+
     async def main():
         app = WebApp(server.servicer, TOKENS)
         async with TestClient(TestServer(app.app)) as client:
             client.webapp = app
             return await body(client)
+
     return asyncio.run(main())
 
 
@@ -100,6 +111,7 @@ def test_page_is_public_and_the_api_needs_a_token_with_its_scope(server):
         info = await (await c.get("/api/info", headers=_auth())).json()
         assert info["device"] == "cpu" or info["device"].startswith("cuda")
         assert "cpu-smoke" in info["presets"]
+
     run_client(server, body)
 
 
@@ -112,9 +124,26 @@ def test_serve_command_with_web_port(tiny_avatar):
     import urllib.request
 
     env = dict(os.environ, AVATAR_TOKENS=f"{RENDER}=render")
-    proc = subprocess.Popen([sys.executable, "-m", "avatar.cli", "serve", "--store", str(tiny_avatar[0]), "--port", "0",
-                             "--metrics-port", "-1", "--web", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "avatar.cli",
+            "serve",
+            "--store",
+            str(tiny_avatar[0]),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--web",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert line, proc.stderr.read()
@@ -154,6 +183,7 @@ def test_list_and_preview(server, tiny_avatar):
         assert r.status == 404 and (await r.json())["code"] == "NOT_FOUND"
         assert (await c.get("/api/avatars/..%2Fx/preview.png", headers=_auth())).status == 400
         return png
+
     run_client(server, body)
     assert _active(server) == 0  # the preview's render slot was released
 
@@ -175,6 +205,7 @@ def test_render_upload_returns_an_mp4_of_the_avatar(server, tiny_avatar, speech,
         assert r.content_type == "video/mp4"
         assert int(r.headers["X-Frames"]) == round(len(speech) / 640)
         return await r.read()
+
     data = run_client(server, body)
     out = tmp_path / "web.mp4"
     out.write_bytes(data)
@@ -219,6 +250,7 @@ def test_render_errors(server, tiny_avatar, speech):
         assert r.status == 400 and str(server.servicer.spool) not in body["error"]  # no server paths
         r = await c.post("/api/render", data=b"{}", headers={**_auth(), "Content-Type": "application/json"})
         assert r.status == 400
+
     run_client(server, body)
     assert _active(server) == 0
 
@@ -260,6 +292,7 @@ def test_onboard_submit_poll_and_cancel(server, tiny_avatar, data_dir, tmp_path)
             await asyncio.sleep(0.3)
         assert state == "CANCELLED"
         assert (await c.get("/api/jobs/nope", headers=_auth())).status == 404
+
     run_client(server, body)
     assert not (Path(tiny_avatar[0]) / "avatars" / "webnew").exists()
 
@@ -269,12 +302,14 @@ def test_webrtc_offer_errors(server, tiny_avatar):
     async def body(c):
         r = await c.post("/api/webrtc/offer", data=b"nope", headers=_auth())
         assert r.status == 400
-        r = await c.post("/api/webrtc/offer", json={"avatar": tiny_avatar[1], "sdp": "v=0\r\nm=video 9 x\r\n"},
-                         headers=_auth())
+        r = await c.post(
+            "/api/webrtc/offer", json={"avatar": tiny_avatar[1], "sdp": "v=0\r\nm=video 9 x\r\n"}, headers=_auth()
+        )
         assert r.status == 400 and "audio" in (await r.json())["error"]
         r = await c.post("/api/webrtc/offer", json={"avatar": "nobody", "sdp": "m=audio"}, headers=_auth())
         assert r.status == 404
         assert (await c.get("/api/webrtc/nope/stats", headers=_auth())).status == 404
+
     run_client(server, body)
     assert _active(server) == 0
 
@@ -292,7 +327,7 @@ def test_mono_resampler_mixes_down_and_does_not_depend_on_packets():
 
     def packets(step):
         for i in range(0, len(pcm), step):
-            f = av.AudioFrame.from_ndarray(pcm[i:i + step].reshape(1, -1), format="s16", layout="stereo")
+            f = av.AudioFrame.from_ndarray(pcm[i : i + step].reshape(1, -1), format="s16", layout="stereo")
             f.sample_rate = 48000
             yield f
 
@@ -318,8 +353,14 @@ def test_live_session_frames_carry_their_audio_and_interrupt_returns_to_idle(ser
     x = np.random.default_rng(0).uniform(-0.5, 0.5, 640 * 100).astype(np.float32)  # 4 s
 
     async def body():
-        live = LiveSession("t", server.servicer.cache.get(tiny_avatar[1]), RenderOptions(size=32),
-                           asyncio.get_running_loop(), 10.0, 30.0)
+        live = LiveSession(
+            "t",
+            server.servicer.cache.get(tiny_avatar[1]),
+            RenderOptions(size=32),
+            asyncio.get_running_loop(),
+            10.0,
+            30.0,
+        )
         live._thread.start()
         live._queued += x.size
         live._inbox.put(x)
@@ -338,10 +379,10 @@ def test_live_session_frames_carry_their_audio_and_interrupt_returns_to_idle(ser
     got, stats = asyncio.run(body())
     assert [g[0] for g in got] == list(range(len(got)))
     speech = [g for g in got if not g[3]]
-    assert 8 <= len(speech) < 60 and all(g[3] for g in got[len(speech):])
+    assert 8 <= len(speech) < 60 and all(g[3] for g in got[len(speech) :])
     for i, _, audio, _ in speech:
-        np.testing.assert_array_equal(audio, x[640 * i:640 * (i + 1)])
-    assert all(not g[2].any() for g in got[len(speech):])
+        np.testing.assert_array_equal(audio, x[640 * i : 640 * (i + 1)])
+    assert all(not g[2].any() for g in got[len(speech) :])
     assert stats["interrupts"] == 1 and stats["idle_frames"] >= 5
 
 
@@ -355,8 +396,11 @@ def test_webrtc_session_that_never_connects_frees_its_slot(server, tiny_avatar):
         pc.addTrack(AudioStreamTrack())
         pc.addTransceiver("video", direction="recvonly")
         await pc.setLocalDescription(await pc.createOffer())
-        r = await c.post("/api/webrtc/offer", headers=_auth(),
-                         json={"avatar": tiny_avatar[1], "sdp": pc.localDescription.sdp, "type": "offer"})
+        r = await c.post(
+            "/api/webrtc/offer",
+            headers=_auth(),
+            json={"avatar": tiny_avatar[1], "sdp": pc.localDescription.sdp, "type": "offer"},
+        )
         assert r.status == 200, await r.text()
         sid = (await r.json())["session"]
         assert _active(server) == 1 and sid in c.webapp.sessions
@@ -366,6 +410,7 @@ def test_webrtc_session_that_never_connects_frees_its_slot(server, tiny_avatar):
                 break
         await pc.close()
         return sid in c.webapp.sessions
+
     assert run_client(server, body) is False
     assert _active(server) == 0
 
@@ -382,8 +427,11 @@ def test_webrtc_offer_low_latency_block(server, tiny_avatar):
         pc.addTrack(AudioStreamTrack())
         pc.addTransceiver("video", direction="recvonly")
         await pc.setLocalDescription(await pc.createOffer())
-        r = await c.post("/api/webrtc/offer", headers=_auth(RENDER),
-                         json={"avatar": tiny_avatar[1], "sdp": pc.localDescription.sdp, "type": "offer", **latency})
+        r = await c.post(
+            "/api/webrtc/offer",
+            headers=_auth(RENDER),
+            json={"avatar": tiny_avatar[1], "sdp": pc.localDescription.sdp, "type": "offer", **latency},
+        )
         body = await r.json()
         if r.status == 200:
             await c.post(f"/api/webrtc/{body['session']}/close", headers=_auth())
@@ -391,8 +439,14 @@ def test_webrtc_offer_low_latency_block(server, tiny_avatar):
         return r.status, body
 
     async def body(c):
-        return [await offer(c), await offer(c, block=2, nerf_right=1), await offer(c, block=None, nerf_right=0),
-                await offer(c, block=-1), await offer(c, block=2.5), await offer(c, nerf_right=3)]
+        return [
+            await offer(c),
+            await offer(c, block=2, nerf_right=1),
+            await offer(c, block=None, nerf_right=0),
+            await offer(c, block=-1),
+            await offer(c, block=2.5),
+            await offer(c, nerf_right=3),
+        ]
 
     (s0, default), (s1, low), (s2, no_nerf), *bad = run_client(server, body)
     assert s0 == s1 == s2 == 200, (default, low, no_nerf)
@@ -418,6 +472,7 @@ def test_form_fields_are_bounded(server, tiny_avatar):
         fd.add_field("options", "x" * 100_000)
         r = await c.post("/api/render", data=fd, headers=_auth())
         assert r.status == 400 and "too long" in (await r.json())["error"]
+
     run_client(server, body)
 
 
@@ -430,7 +485,7 @@ def test_webrtc_session_returns_video_and_the_speech(server, tiny_avatar, data_d
 
     from avatar.media import load_audio
 
-    speech48 = load_audio(data_dir / "audio" / "eng.wav", sr=48000)[48000 * 3:48000 * 6]
+    speech48 = load_audio(data_dir / "audio" / "eng.wav", sr=48000)[48000 * 3 : 48000 * 6]
 
     class Speech(AudioStreamTrack):
         """20 ms packets of 48 kHz stereo s16 speech at real-time pace (what a browser's Opus decodes to)."""
@@ -442,7 +497,7 @@ def test_webrtc_session_returns_video_and_the_speech(server, tiny_avatar, data_d
         async def recv(self):
             await super().recv()  # paces 20 ms packets at real time; we replace its 8 kHz silence
             n = 960
-            x = speech48[self.i * n:(self.i + 1) * n]
+            x = speech48[self.i * n : (self.i + 1) * n]
             x = np.pad(x, (0, n - len(x)))
             pcm = (np.repeat(x[:, None], 2, axis=1) * 32767).astype(np.int16).reshape(1, -1)
             out = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
@@ -465,12 +520,20 @@ def test_webrtc_session_returns_video_and_the_speech(server, tiny_avatar, data_d
                     except Exception:
                         return
                     got[track.kind].append(f.to_ndarray() if track.kind == "audio" else f.to_ndarray(format="rgb24"))
+
             asyncio.ensure_future(read())
 
         await pc.setLocalDescription(await pc.createOffer())
-        r = await c.post("/api/webrtc/offer", headers=_auth(RENDER),
-                         json={"avatar": tiny_avatar[1], "sdp": pc.localDescription.sdp, "type": "offer",
-                               "options": {"still": True}})
+        r = await c.post(
+            "/api/webrtc/offer",
+            headers=_auth(RENDER),
+            json={
+                "avatar": tiny_avatar[1],
+                "sdp": pc.localDescription.sdp,
+                "type": "offer",
+                "options": {"still": True},
+            },
+        )
         assert r.status == 200, await r.text()
         answer = await r.json()
         # one MediaStream id for both tracks (a=msid), so browsers lip-sync them
@@ -493,7 +556,7 @@ def test_webrtc_session_returns_video_and_the_speech(server, tiny_avatar, data_d
     assert all(f.shape == (size, size, 3) for f in got["video"])
     assert np.stack(got["video"]).astype(np.float32).std() > 2.0
     audio = np.concatenate([a.reshape(-1) for a in got["audio"]]).astype(np.float32) / 32768
-    assert np.sqrt(np.mean(audio ** 2)) > 0.005  # the speech came back (silence before the first frame)
+    assert np.sqrt(np.mean(audio**2)) > 0.005  # the speech came back (silence before the first frame)
     st = stats["stages"]
     for k in ("connect", "lookahead_wait", "motion", "nerf", "pacing_send", "audio_in_to_frame_out"):
         assert st[k] is not None and st[k] >= 0, k
@@ -521,14 +584,23 @@ def test_browser_plays_an_mp4_and_a_live_webrtc_session(server, tiny_avatar, dat
     from conftest import make_clip
 
     mic = tmp_path / "mic.wav"
-    sf.write(mic, load_audio(data_dir / "audio" / "eng.wav", sr=48000)[48000 * 3:], 48000, subtype="PCM_16")
+    sf.write(mic, load_audio(data_dir / "audio" / "eng.wav", sr=48000)[48000 * 3 :], 48000, subtype="PCM_16")
     clip = tmp_path / "hello.wav"
     sf.write(clip, load_audio(data_dir / "audio" / "eng.wav")[48000:64000], 16000, subtype="PCM_16")
     web = WebServer(server.servicer, TOKENS, host="127.0.0.1", port=0).start()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-             f"--use-file-for-fake-audio-capture={mic}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={mic}",
+    ]
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=flags, headless=True)
@@ -550,8 +622,9 @@ def test_browser_plays_an_mp4_and_a_live_webrtc_session(server, tiny_avatar, dat
             # the live session, microphone = the fake device playing eng.wav
             page.click("#live-start")
             page.wait_for_function("window.avatarLive.frames >= 25", timeout=120000)
-            page.wait_for_function("window.avatarLive.server && window.avatarLive.server.frames_sent >= 25",
-                                   timeout=10000)
+            page.wait_for_function(
+                "window.avatarLive.server && window.avatarLive.server.frames_sent >= 25", timeout=10000
+            )
             live = page.evaluate("window.avatarLive")
             page.screenshot(path=str(SCREENSHOT), full_page=True)  # the live session running
             page.click("#live-stop")
@@ -560,11 +633,14 @@ def test_browser_plays_an_mp4_and_a_live_webrtc_session(server, tiny_avatar, dat
             page.fill("#onboard-name", "browser-job")
             page.select_option("#onboard-preset", "cpu-smoke")
             page.click("#onboard-form button[type=submit]")
-            page.wait_for_function("/browser-job: (QUEUED|RUNNING)/.test(document.getElementById('onboard-status')"
-                                   ".textContent)", timeout=30000)
+            page.wait_for_function(
+                "/browser-job: (QUEUED|RUNNING)/.test(document.getElementById('onboard-status').textContent)",
+                timeout=30000,
+            )
             page.click("#onboard-cancel")
-            page.wait_for_function("/CANCELLED/.test(document.getElementById('onboard-status').textContent)",
-                                   timeout=60000)
+            page.wait_for_function(
+                "/CANCELLED/.test(document.getElementById('onboard-status').textContent)", timeout=60000
+            )
             page.screenshot(path=str(SCREENSHOT.with_name("avatar_web_console_onboard.png")), full_page=True)
             browser.close()
     finally:

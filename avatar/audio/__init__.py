@@ -1,4 +1,5 @@
 """Audio features at 50 Hz (2 per 25 fps video frame): log-mel and HuBERT, batch and streaming."""
+
 from avatar.audio.features import (
     FEATURE_KINDS,
     FEATURE_RATE,

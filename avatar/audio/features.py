@@ -24,6 +24,7 @@ approximately (the measured difference is reported in ``bench/RESULTS.md`` and t
 streaming extractor uses the very same block/window arithmetic, so streaming output equals
 :func:`extract_features` with the same ``chunk_s``/``context_s`` to float precision.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,7 +78,9 @@ def check_wav(wav: np.ndarray) -> np.ndarray:
             "or resample_audio to convert"
         )
     if not np.issubdtype(wav.dtype, np.floating):
-        raise InvalidInput(f"audio must be float samples in [-1, 1], got dtype {wav.dtype}; use avatar.media.resample_audio")
+        raise InvalidInput(
+            f"audio must be float samples in [-1, 1], got dtype {wav.dtype}; use avatar.media.resample_audio"
+        )
     if wav.size == 0:
         raise NoAudio("the audio has zero samples; pass speech audio")
     wav = np.ascontiguousarray(wav, dtype=np.float32)
@@ -92,7 +95,7 @@ def _segment(wav: np.ndarray, s0: int, s1: int, offset: int = 0) -> np.ndarray:
     out = np.zeros(s1 - s0, np.float32)
     a, b = max(s0, offset), min(s1, offset + len(wav))
     if b > a:
-        out[a - s0:b - s0] = wav[a - offset:b - offset]
+        out[a - s0 : b - s0] = wav[a - offset : b - offset]
     return out
 
 
@@ -108,11 +111,12 @@ class _MelBackend:
         import librosa
 
         self._librosa = librosa
-        self._basis = librosa.filters.mel(sr=AUDIO_RATE, n_fft=MEL_N_FFT, n_mels=MEL_N_MELS,
-                                          fmin=MEL_FMIN, fmax=MEL_FMAX).astype(np.float32)
+        self._basis = librosa.filters.mel(
+            sr=AUDIO_RATE, n_fft=MEL_N_FFT, n_mels=MEL_N_MELS, fmin=MEL_FMIN, fmax=MEL_FMAX
+        ).astype(np.float32)
         self._window = np.zeros(MEL_N_FFT, np.float32)
         o = (MEL_N_FFT - MEL_WIN) // 2
-        self._window[o:o + MEL_WIN] = np.hanning(MEL_WIN + 1)[:-1]  # periodic Hann, centred in n_fft
+        self._window[o : o + MEL_WIN] = np.hanning(MEL_WIN + 1)[:-1]  # periodic Hann, centred in n_fft
 
     def span(self, a: int, b: int) -> tuple[int, int]:
         return HOP * a - self.left, HOP * (b - 1) + self.right
@@ -125,9 +129,17 @@ class _MelBackend:
         return np.log10(np.maximum(mel, MEL_LOG_FLOOR)).astype(np.float32)
 
     def describe(self) -> dict:
-        return {"n_fft": MEL_N_FFT, "win_length": MEL_WIN, "hop_length": HOP, "n_mels": MEL_N_MELS,
-                "fmin": MEL_FMIN, "fmax": MEL_FMAX, "window": "hann", "log": "log10(max(mel_magnitude, 1e-5))",
-                "librosa": self._librosa.__version__}  # type: ignore[attr-defined]
+        return {
+            "n_fft": MEL_N_FFT,
+            "win_length": MEL_WIN,
+            "hop_length": HOP,
+            "n_mels": MEL_N_MELS,
+            "fmin": MEL_FMIN,
+            "fmax": MEL_FMAX,
+            "window": "hann",
+            "log": "log10(max(mel_magnitude, 1e-5))",
+            "librosa": self._librosa.__version__,
+        }  # type: ignore[attr-defined]
 
 
 _MODEL_CACHE: dict[tuple[str, str], object] = {}
@@ -185,9 +197,11 @@ class _HubertBackend:
 
 
 def _check_hubert_dir(hubert_path: str | Path | None) -> Path:
-    expected = ("a local directory with a HuBERT checkpoint saved by transformers' save_pretrained "
-                "(config.json with model_type 'hubert' + model.safetensors), e.g. "
-                "facebook/hubert-large-ls960-ft downloaded elsewhere and copied here; or use kind='mel'")
+    expected = (
+        "a local directory with a HuBERT checkpoint saved by transformers' save_pretrained "
+        "(config.json with model_type 'hubert' + model.safetensors), e.g. "
+        "facebook/hubert-large-ls960-ft downloaded elsewhere and copied here; or use kind='mel'"
+    )
     if hubert_path is None:
         raise InvalidInput(f"kind='hubert' needs hubert_path: {expected}")
     path = Path(hubert_path)
@@ -203,7 +217,9 @@ def _check_hubert_dir(hubert_path: str | Path | None) -> Path:
     if model_type != "hubert":
         raise InvalidInput(f"{path} holds a {model_type!r} model, not HuBERT; expected {expected}")
     if not any(p.suffix == ".safetensors" for p in path.iterdir()):
-        raise InvalidInput(f"{path} has no .safetensors weights (pickled .bin weights are not loaded); expected {expected}")
+        raise InvalidInput(
+            f"{path} has no .safetensors weights (pickled .bin weights are not loaded); expected {expected}"
+        )
     return path.resolve()
 
 
@@ -219,8 +235,13 @@ def _load_hubert(path: Path, device: str):
             except (OSError, ValueError, KeyError) as e:
                 raise InvalidInput(f"could not load HuBERT from {path} ({e}); save it with save_pretrained") from e
             model.eval().to(device)
-            log.info("loaded HuBERT from %s on %s (%d layers, %d-d)", path, device,
-                     model.config.num_hidden_layers, model.config.hidden_size)
+            log.info(
+                "loaded HuBERT from %s on %s (%d layers, %d-d)",
+                path,
+                device,
+                model.config.num_hidden_layers,
+                model.config.hidden_size,
+            )
             _MODEL_CACHE[key] = model
     return model
 
@@ -239,7 +260,9 @@ def _context_frames(backend, context_s: float | None) -> int:
     return max(0, int(round((5.0 if context_s is None else context_s) * FEATURE_RATE)))
 
 
-def _run_block(backend, wav: np.ndarray, offset: int, a: int, b: int, n_total: int, ctx: int, n_samples: int) -> np.ndarray:
+def _run_block(
+    backend, wav: np.ndarray, offset: int, a: int, b: int, n_total: int, ctx: int, n_samples: int
+) -> np.ndarray:
     """Frames ``[a, b)`` computed over window ``[a - ctx, b + ctx)`` clipped to ``[0, n_total)``."""
     wa, wb = max(0, a - ctx), min(n_total, b + ctx)
     s0, s1 = backend.span(wa, wb)
@@ -248,7 +271,7 @@ def _run_block(backend, wav: np.ndarray, offset: int, a: int, b: int, n_total: i
     out = backend.compute(seg, real)
     if out.shape[0] != wb - wa:
         raise RuntimeError(f"{backend.kind} produced {out.shape[0]} frames for a window of {wb - wa}")
-    return out[a - wa:b - wa]
+    return out[a - wa : b - wa]
 
 
 def fit_to_video(features: np.ndarray, n_frames: int) -> np.ndarray:
@@ -331,8 +354,14 @@ class FeatureExtractor:
         InvalidInput: unknown kind or an invalid HuBERT directory.
     """
 
-    def __init__(self, kind: str = "mel", hubert_path: str | Path | None = None, device: str | None = None,
-                 chunk_s: float = 30.0, context_s: float | None = None):
+    def __init__(
+        self,
+        kind: str = "mel",
+        hubert_path: str | Path | None = None,
+        device: str | None = None,
+        chunk_s: float = 30.0,
+        context_s: float | None = None,
+    ):
         self._backend = _make_backend(kind, hubert_path, device)
         self.kind = kind
         self.dim = int(self._backend.dim)
@@ -347,10 +376,16 @@ class FeatureExtractor:
     def describe(self) -> dict:
         """JSON-able description stored in dataset/bundle manifests; models must refuse features
         whose description (kind, dim) differs from the one they were trained on."""
-        return {"kind": self.kind, "dim": self.dim, "rate_hz": FEATURE_RATE, "sample_rate_hz": AUDIO_RATE,
-                "frame_centre": "(t + 0.5) / 50 s", "chunk_s": self.chunk_s,
-                "context_s": None if self.kind == "mel" else _context_frames(self._backend, self.context_s) / FEATURE_RATE,
-                **self._backend.describe()}
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "rate_hz": FEATURE_RATE,
+            "sample_rate_hz": AUDIO_RATE,
+            "frame_centre": "(t + 0.5) / 50 s",
+            "chunk_s": self.chunk_s,
+            "context_s": None if self.kind == "mel" else _context_frames(self._backend, self.context_s) / FEATURE_RATE,
+            **self._backend.describe(),
+        }
 
 
 class StreamingFeatureExtractor:
@@ -374,8 +409,14 @@ class StreamingFeatureExtractor:
             before that frame is final (mel: 512 = 32 ms; HuBERT: ``320 (block + context) - 120``).
     """
 
-    def __init__(self, kind: str = "mel", hubert_path: str | Path | None = None, device: str | None = None,
-                 block_s: float = 0.2, context_s: float = 0.4):
+    def __init__(
+        self,
+        kind: str = "mel",
+        hubert_path: str | Path | None = None,
+        device: str | None = None,
+        block_s: float = 0.2,
+        context_s: float = 0.4,
+    ):
         self._backend = _make_backend(kind, hubert_path, device)
         self.kind = kind
         self.dim = int(self._backend.dim)
@@ -507,8 +548,10 @@ class FeatureStats:
 
         x = np.asarray(x)
         if x.shape[-1] != self.mean.shape[0]:
-            raise FeatureMismatch(f"features have dim {x.shape[-1]}, the stats were fitted on dim {self.mean.shape[0]}; "
-                                  "extract the same feature kind the model was trained with")
+            raise FeatureMismatch(
+                f"features have dim {x.shape[-1]}, the stats were fitted on dim {self.mean.shape[0]}; "
+                "extract the same feature kind the model was trained with"
+            )
         return ((x - self.mean) / self.std).astype(np.float32)
 
     def to_dict(self) -> dict:

@@ -10,6 +10,7 @@ In place, the encoded files are written next to the raw ones, the manifest is re
 (the dataset is valid in the new format from that moment) and only then the raw arrays are deleted:
 an interruption leaves either the old or the new dataset, never neither.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,13 +23,13 @@ import numpy as np
 from tqdm import tqdm
 
 from avatar.atomic import atomic_file
-from avatar.data.dataset import (ARRAYS, FRAME_CODEC, SCHEMA, SCHEMA_V1, Dataset, EncodedImageWriter,
-                                 image_files)
+from avatar.data.dataset import ARRAYS, FRAME_CODEC, SCHEMA, SCHEMA_V1, Dataset, EncodedImageWriter, image_files
 from avatar.errors import BundleCorrupt, InvalidInput
 
 
-def convert_v1(src: str | Path, out: str | Path | None = None, frame_codec: dict | None = None,
-               progress: bool = True) -> Path:
+def convert_v1(
+    src: str | Path, out: str | Path | None = None, frame_codec: dict | None = None, progress: bool = True
+) -> Path:
     """Convert dataset ``src`` (schema 1) in place (``out=None``) or into a new directory ``out``.
 
     Returns:
@@ -107,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m avatar.data.convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("dataset", help="dataset directory of schema avatar.dataset/1")
     ap.add_argument("--out", default=None, help="write a converted copy here instead of converting in place")
-    ap.add_argument("--png", action="store_true", help="store frames as PNG (lossless, ~3-4x larger) instead of JPEG q95")
+    ap.add_argument(
+        "--png", action="store_true", help="store frames as PNG (lossless, ~3-4x larger) instead of JPEG q95"
+    )
     args = ap.parse_args(argv)
     try:
         out = convert_v1(args.dataset, args.out, {"codec": "png"} if args.png else None)

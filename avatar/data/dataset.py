@@ -41,6 +41,7 @@ Conventions:
     * intrinsics ``fx, fy, cx, cy`` are in pixels of the stored ``S x S`` frames.
     * split: validation is a contiguous tail ``[val_start, N)``; training is ``[0, val_start)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,21 @@ from pathlib import Path
 import numpy as np
 
 from avatar.errors import BundleCorrupt
-from avatar.face.contracts import (BROWS, EYES, JAW, LEFT_EYE, MASK_BACKGROUND, MASK_HEAD, MASK_TORSO,  # noqa: F401
-                                   MOUTH, NOSE, RIGHT_EYE, Intrinsics)  # the face contracts, re-exported
+
+# the face contracts, re-exported (`X as X` marks an explicit re-export)
+from avatar.face.contracts import (
+    BROWS as BROWS,
+    EYES as EYES,
+    JAW as JAW,
+    LEFT_EYE as LEFT_EYE,
+    MASK_BACKGROUND as MASK_BACKGROUND,
+    MASK_HEAD as MASK_HEAD,
+    MASK_TORSO as MASK_TORSO,
+    MOUTH as MOUTH,
+    NOSE as NOSE,
+    RIGHT_EYE as RIGHT_EYE,
+    Intrinsics,
+)
 from avatar.timebase import AUDIO_RATE as AUDIO_RATE  # the time base, re-exported (avatar/timebase.py)
 from avatar.timebase import FEATURE_RATE as FEATURE_RATE
 from avatar.timebase import FEATURES_PER_FRAME
@@ -86,6 +100,7 @@ ARRAYS: dict[str, tuple[str, tuple]] = {
     "face_valid": ("bool", ("N",)),
 }
 
+
 class DatasetOutdated(BundleCorrupt):
     """A dataset written by an older version of the format (convertible, see the message)."""
 
@@ -112,8 +127,12 @@ def encode_image(img: np.ndarray, codec: dict) -> bytes:
     if kind == "jpeg":
         if img.ndim != 3:
             raise ValueError("JPEG is for RGB frames; store label masks as PNG (lossless)")
-        params = [cv2.IMWRITE_JPEG_QUALITY, int(codec.get("quality", 95)),
-                  cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+        params = [
+            cv2.IMWRITE_JPEG_QUALITY,
+            int(codec.get("quality", 95)),
+            cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+            cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+        ]
         ok, buf = cv2.imencode(".jpg", img, params)
     elif kind == "png":
         ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 3])
@@ -135,7 +154,9 @@ def decode_image(buf: np.ndarray | bytes, channels: int) -> np.ndarray:
     arr = np.frombuffer(buf, np.uint8) if isinstance(buf, (bytes, bytearray)) else np.asarray(buf, np.uint8)
     img = cv2.imdecode(arr, cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise BundleCorrupt(f"an encoded image ({arr.size} bytes) does not decode; the dataset is damaged, re-run `avatar preprocess`")
+        raise BundleCorrupt(
+            f"an encoded image ({arr.size} bytes) does not decode; the dataset is damaged, re-run `avatar preprocess`"
+        )
     if channels == 3:
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return img if img.ndim == 2 else img[..., 0]
@@ -176,7 +197,9 @@ class EncodedImages:
     def _decode(self, i: int) -> np.ndarray:
         img = decode_image(self.encoded(i), self.channels)
         if img.shape != self.shape[1:]:
-            raise BundleCorrupt(f"image {i} decodes to {img.shape}, expected {self.shape[1:]}; re-run `avatar preprocess`")
+            raise BundleCorrupt(
+                f"image {i} decodes to {img.shape}, expected {self.shape[1:]}; re-run `avatar preprocess`"
+            )
         return img
 
     def __getitem__(self, key) -> np.ndarray:
@@ -190,8 +213,9 @@ class EncodedImages:
         idx = np.arange(len(self))[key]
         return self.decode_all(indices=np.atleast_1d(idx))
 
-    def decode_all(self, indices: np.ndarray | None = None, out: np.ndarray | None = None,
-                   threads: int | None = None) -> np.ndarray:
+    def decode_all(
+        self, indices: np.ndarray | None = None, out: np.ndarray | None = None, threads: int | None = None
+    ) -> np.ndarray:
         """Decode ``indices`` (default: all) into ``out`` (uint8 [len(indices), *shape[1:]], allocated if
         None), in parallel on ``threads`` threads (default: the CPUs this process may use; OpenCV's
         decoders release the GIL). Returns ``out``."""
@@ -233,8 +257,9 @@ class EncodedImageWriter:
         stem: file name stem (default ``name``), e.g. for a temporary sequence that is :meth:`discard`-ed.
     """
 
-    def __init__(self, root: str | Path, name: str, shape: tuple[int, ...], codec: dict | None = None,
-                 stem: str | None = None):
+    def __init__(
+        self, root: str | Path, name: str, shape: tuple[int, ...], codec: dict | None = None, stem: str | None = None
+    ):
         if name not in IMAGES or len(shape) != len(IMAGES[name]):
             raise ValueError(f"{name}: not an image sequence of the dataset or wrong shape {shape}")
         self.root, self.name, self.shape = Path(root), stem or name, tuple(int(v) for v in shape)
@@ -302,8 +327,15 @@ class EncodedImageWriter:
 def _open_images(root: Path, name: str, shape: tuple[int, ...]) -> EncodedImages:
     data = np.load(root / f"{name}_encoded.npy", mmap_mode="r")
     offsets = np.load(root / f"{name}_offsets.npy")
-    if offsets.ndim != 1 or len(offsets) != shape[0] + 1 or offsets[-1] != data.shape[0] or np.any(np.diff(offsets) <= 0):
-        raise BundleCorrupt(f"{root}: {name}_offsets.npy does not describe {shape[0]} images in {name}_encoded.npy; re-run `avatar preprocess`")
+    if (
+        offsets.ndim != 1
+        or len(offsets) != shape[0] + 1
+        or offsets[-1] != data.shape[0]
+        or np.any(np.diff(offsets) <= 0)
+    ):
+        raise BundleCorrupt(
+            f"{root}: {name}_offsets.npy does not describe {shape[0]} images in {name}_encoded.npy; re-run `avatar preprocess`"
+        )
     return EncodedImages(data, offsets, shape)
 
 
@@ -328,7 +360,9 @@ class Dataset:
         self.root = Path(root)
         mpath = self.root / "manifest.json"
         if not mpath.is_file():
-            raise BundleCorrupt(f"{self.root} is not a dataset (no manifest.json); create one with `avatar preprocess VIDEO --out DIR`")
+            raise BundleCorrupt(
+                f"{self.root} is not a dataset (no manifest.json); create one with `avatar preprocess VIDEO --out DIR`"
+            )
         try:
             self.manifest: dict = json.loads(mpath.read_text())
         except json.JSONDecodeError as e:
@@ -337,17 +371,24 @@ class Dataset:
             raise DatasetOutdated(
                 f"{self.root} is a dataset of the old format {SCHEMA_V1} (raw frames.npy, ~20x larger); convert it "
                 f"in place with `python -m avatar.data.convert {self.root}` (seconds per minute of video), "
-                "or re-run `avatar preprocess`")
+                "or re-run `avatar preprocess`"
+            )
         if self.manifest.get("schema") != SCHEMA:
-            raise BundleCorrupt(f"{self.root}: unknown dataset schema {self.manifest.get('schema')!r} "
-                                f"(expected {SCHEMA}); re-run `avatar preprocess`")
+            raise BundleCorrupt(
+                f"{self.root}: unknown dataset schema {self.manifest.get('schema')!r} "
+                f"(expected {SCHEMA}); re-run `avatar preprocess`"
+            )
         files = [f"{name}.npy" for name in ARRAYS] + [f for name in IMAGES for f in image_files(name)]
         for fname in files:
             if not (self.root / fname).is_file():
-                raise BundleCorrupt(f"{self.root}: missing {fname}; the dataset is incomplete, re-run `avatar preprocess`")
+                raise BundleCorrupt(
+                    f"{self.root}: missing {fname}; the dataset is incomplete, re-run `avatar preprocess`"
+                )
         n = self.n_frames
         if self.frames.shape[0] != n or self.lm3d.shape[0] != n or self.features.shape[0] != FEATURES_PER_FRAME * n:
-            raise BundleCorrupt(f"{self.root}: array lengths disagree with manifest n_frames={n}; re-run `avatar preprocess`")
+            raise BundleCorrupt(
+                f"{self.root}: array lengths disagree with manifest n_frames={n}; re-run `avatar preprocess`"
+            )
 
     def _load(self, name: str) -> np.ndarray:
         return np.load(self.root / f"{name}.npy", mmap_mode="r")
@@ -421,8 +462,9 @@ def open_array_for_write(root: str | Path, name: str, shape: tuple[int, ...]) ->
     return np.lib.format.open_memmap(Path(root) / f"{name}.npy", mode="w+", dtype=dtype, shape=tuple(shape))
 
 
-def write_dataset(root: str | Path, frames, masks, arrays: dict[str, np.ndarray], manifest: dict,
-                  frame_codec: dict | None = None) -> Path:
+def write_dataset(
+    root: str | Path, frames, masks, arrays: dict[str, np.ndarray], manifest: dict, frame_codec: dict | None = None
+) -> Path:
     """Write a complete dataset directory from in-memory arrays (tests, conversions, small clips;
     ``avatar preprocess`` streams instead).
 

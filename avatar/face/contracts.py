@@ -4,6 +4,7 @@ the per-pixel mask labels and the pinhole intrinsics. Written by the face tracke
 and read by every training stage. Dependency-free apart from numpy, so the dataset format can sit
 above the face trackers without importing them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,11 +17,11 @@ MASK_BACKGROUND, MASK_TORSO, MASK_HEAD = 0, 1, 2
 JAW = list(range(0, 17))
 BROWS = list(range(17, 27))
 NOSE = list(range(27, 36))
-LEFT_EYE = list(range(36, 42))   # subject's right eye in image-left position, iBUG convention
+LEFT_EYE = list(range(36, 42))  # subject's right eye in image-left position, iBUG convention
 RIGHT_EYE = list(range(42, 48))
 EYES = LEFT_EYE + RIGHT_EYE
-MOUTH = list(range(48, 68))      # the 20 mouth landmarks (outer 48-59, inner 60-67)
-INNER_UPPER, INNER_LOWER = [61, 62, 63], [67, 66, 65]   # facing inner-lip points (mouth opening)
+MOUTH = list(range(48, 68))  # the 20 mouth landmarks (outer 48-59, inner 60-67)
+INNER_UPPER, INNER_LOWER = [61, 62, 63], [67, 66, 65]  # facing inner-lip points (mouth opening)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ height, with the face centre placed ``face_y`` of the way down the window (a bit
 leaving room for hair above and shoulders below), grown to contain every sampled face box with a
 margin, and clamped to the image (shrunk to the shorter image side if needed).
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,7 +61,9 @@ def select_track(detections: list[np.ndarray]) -> tuple[np.ndarray, bool]:
     return np.array(chosen, np.float32).reshape(-1, 4), several
 
 
-def choose_crop(boxes: np.ndarray, width: int, height: int, scale: float = 2.4, face_y: float = 0.45, margin: float = 0.1) -> CropBox:
+def choose_crop(
+    boxes: np.ndarray, width: int, height: int, scale: float = 2.4, face_y: float = 0.45, margin: float = 0.1
+) -> CropBox:
     """The clip's square crop window.
 
     Args:

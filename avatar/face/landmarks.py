@@ -26,6 +26,7 @@ image's left (the subject's right eye). The mapping is checked by ``tests/test_f
 the mouth, jaw below, left/right order, corners outside lids) on real frames and visually on each
 dataset's ``preview/contact_sheet.png``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,34 +43,173 @@ log = logging.getLogger(__name__)
 #: FaceMesh vertex index for each iBUG-300W landmark (0-based, 68 entries); see module docstring.
 MP_TO_IBUG68: tuple[int, ...] = (
     # jaw 0-16 (image-left ear level -> chin 152 -> image-right ear level)
-    234, 93, 132, 58, 172, 136, 150, 176, 152, 400, 379, 365, 397, 288, 361, 323, 454,
+    234,
+    93,
+    132,
+    58,
+    172,
+    136,
+    150,
+    176,
+    152,
+    400,
+    379,
+    365,
+    397,
+    288,
+    361,
+    323,
+    454,
     # brows 17-21 (image-left, outer -> inner), 22-26 (image-right, inner -> outer)
-    70, 63, 105, 66, 107, 336, 296, 334, 293, 300,
+    70,
+    63,
+    105,
+    66,
+    107,
+    336,
+    296,
+    334,
+    293,
+    300,
     # nose bridge 27-30 (nasion -> tip), nose base 31-35 (image-left -> image-right)
-    168, 197, 5, 4, 98, 97, 2, 326, 327,
+    168,
+    197,
+    5,
+    4,
+    98,
+    97,
+    2,
+    326,
+    327,
     # image-left eye 36-41: outer corner, upper lid x2, inner corner, lower lid x2
-    33, 160, 158, 133, 153, 144,
+    33,
+    160,
+    158,
+    133,
+    153,
+    144,
     # image-right eye 42-47: inner corner, upper lid x2, outer corner, lower lid x2
-    362, 385, 387, 263, 373, 380,
+    362,
+    385,
+    387,
+    263,
+    373,
+    380,
     # outer lips 48-59: left corner, upper lip to right corner, lower lip back
-    61, 40, 37, 0, 267, 270, 291, 321, 314, 17, 84, 91,
+    61,
+    40,
+    37,
+    0,
+    267,
+    270,
+    291,
+    321,
+    314,
+    17,
+    84,
+    91,
     # inner lips 60-67
-    78, 81, 13, 311, 308, 402, 14, 178,
+    78,
+    81,
+    13,
+    311,
+    308,
+    402,
+    14,
+    178,
 )
 assert len(MP_TO_IBUG68) == 68
 
 #: FaceMesh face-oval contour (ordered, closed), from mediapipe's FACEMESH_FACE_OVAL connections.
 FACE_OVAL: tuple[int, ...] = (
-    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-    152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
+    10,
+    338,
+    297,
+    332,
+    284,
+    251,
+    389,
+    356,
+    454,
+    323,
+    361,
+    288,
+    397,
+    365,
+    379,
+    378,
+    400,
+    377,
+    152,
+    148,
+    176,
+    149,
+    150,
+    136,
+    172,
+    58,
+    132,
+    93,
+    234,
+    127,
+    162,
+    21,
+    54,
+    103,
+    67,
+    109,
 )
 
 #: FaceMesh vertices that move little with expression (forehead, temples, nose bridge, eye corners,
 #: cheekbones); used for rigid alignment (pose) so that talking and blinking do not move the head.
 RIGID_VERTICES: tuple[int, ...] = (
-    10, 338, 297, 332, 109, 67, 103, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1,
-    33, 133, 362, 263, 130, 359, 243, 463, 226, 446, 21, 251, 54, 284, 162, 389,
-    127, 356, 234, 454, 116, 345, 117, 346, 123, 352, 50, 280, 98, 327,
+    10,
+    338,
+    297,
+    332,
+    109,
+    67,
+    103,
+    151,
+    9,
+    8,
+    168,
+    6,
+    197,
+    195,
+    5,
+    4,
+    1,
+    33,
+    133,
+    362,
+    263,
+    130,
+    359,
+    243,
+    463,
+    226,
+    446,
+    21,
+    251,
+    54,
+    284,
+    162,
+    389,
+    127,
+    356,
+    234,
+    454,
+    116,
+    345,
+    117,
+    346,
+    123,
+    352,
+    50,
+    280,
+    98,
+    327,
 )
 
 
@@ -154,13 +294,15 @@ class FaceMeshTracker:
 
     def __init__(self, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5):
         solutions = import_mediapipe()
-        self._mesh = start_quietly(lambda: solutions.face_mesh.FaceMesh(
-            static_image_mode=False,
-            max_num_faces=1,
-            refine_landmarks=True,
-            min_detection_confidence=min_detection_confidence,
-            min_tracking_confidence=min_tracking_confidence,
-        ))
+        self._mesh = start_quietly(
+            lambda: solutions.face_mesh.FaceMesh(
+                static_image_mode=False,
+                max_num_faces=1,
+                refine_landmarks=True,
+                min_detection_confidence=min_detection_confidence,
+                min_tracking_confidence=min_tracking_confidence,
+            )
+        )
 
     def __call__(self, rgb: np.ndarray) -> MeshResult | None:
         h, w = rgb.shape[:2]
@@ -193,8 +335,9 @@ class FaceDetector:
 
     def __init__(self, min_confidence: float = 0.5):
         solutions = import_mediapipe()
-        self._det = start_quietly(lambda: solutions.face_detection.FaceDetection(
-            model_selection=1, min_detection_confidence=min_confidence))
+        self._det = start_quietly(
+            lambda: solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
+        )
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]

@@ -12,6 +12,7 @@
   pixels (person mask dilated to drop halos) over a bounded set of sampled frames, processed in
   row bands (memory O(samples x band)), never-seen pixels filled by ``cv2.inpaint`` (Telea 2004).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -101,7 +102,9 @@ def oval_points(points478: np.ndarray) -> np.ndarray:
     return np.asarray(points478)[list(FACE_OVAL), :2].astype(np.float32)
 
 
-def background_plate(frames: np.ndarray, masks: np.ndarray, indices: np.ndarray, band: int = 64, halo_px: int | None = None) -> np.ndarray:
+def background_plate(
+    frames: np.ndarray, masks: np.ndarray, indices: np.ndarray, band: int = 64, halo_px: int | None = None
+) -> np.ndarray:
     """Background plate from sampled frames (bounded memory).
 
     Args:
@@ -119,7 +122,9 @@ def background_plate(frames: np.ndarray, masks: np.ndarray, indices: np.ndarray,
     s = np.asarray(masks[indices[0]]).shape[0]
     halo = halo_px if halo_px is not None else max(2, s // 100)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1, 2 * halo + 1))
-    bg = np.stack([cv2.erode((np.asarray(masks[i]) == MASK_BACKGROUND).astype(np.uint8), kernel) for i in indices]).astype(bool)
+    bg = np.stack(
+        [cv2.erode((np.asarray(masks[i]) == MASK_BACKGROUND).astype(np.uint8), kernel) for i in indices]
+    ).astype(bool)
     sampled = np.stack([np.asarray(frames[i]) for i in indices])
     plate = np.zeros((s, s, 3), np.uint8)
     seen = bg.any(0)

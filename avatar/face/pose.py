@@ -21,6 +21,7 @@ files; GeneFace's ``data_gen/process_data.sh`` fits BFM 3DMM coefficients at thi
    frame on the rigid vertices (rotation, translation and scale removed; expression kept), then
    divided by ``head_scale`` so that the outer-eye-corner distance (iBUG 36-45) of the mean is 1.
 """
+
 from __future__ import annotations
 
 import logging
@@ -162,7 +163,9 @@ def fit_poses(points: np.ndarray, shape: np.ndarray, rigid: np.ndarray, intrinsi
     return out
 
 
-def smooth_poses(poses: np.ndarray, fps: float = 25.0, window_s: float = 0.5, depth_window_s: float = 1.0) -> np.ndarray:
+def smooth_poses(
+    poses: np.ndarray, fps: float = 25.0, window_s: float = 0.5, depth_window_s: float = 1.0
+) -> np.ndarray:
     """Zero-phase Savitzky-Golay smoothing (order 2) of a pose track.
 
     Rotation is smoothed as rotation vectors relative to the track's mean rotation (no wrap-around
@@ -195,7 +198,9 @@ def smooth_poses(poses: np.ndarray, fps: float = 25.0, window_s: float = 0.5, de
     return out
 
 
-def canonical_landmarks(points: np.ndarray, shape: np.ndarray, rigid: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def canonical_landmarks(
+    points: np.ndarray, shape: np.ndarray, rigid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Pose-free, scale-normalised 68-point landmarks per frame.
 
     Args:
@@ -252,7 +257,7 @@ def rotation_noise(raw: np.ndarray, smoothed: np.ndarray, fps: float = 25.0, win
     w = min(n, max(3, int(round(window_s * fps))))
     heavy = smooth_poses(raw, fps, window_s=1.0, depth_window_s=1.0)
     motion = np.concatenate([[0.0], np.cumsum(_step_angles(heavy))])
-    total = motion[w - 1:] - motion[: n - w + 1]
+    total = motion[w - 1 :] - motion[: n - w + 1]
     start = int(np.argmin(total))
     stop = start + w
     a_raw, a_s = _step_angles(raw[start:stop]), _step_angles(smoothed[start:stop])

@@ -4,6 +4,7 @@ Any container/codec FFmpeg reads (wav, mp3, m4a/aac, flac, ogg, the audio track 
 is decoded with PyAV, down-mixed to mono (mean of channels) and resampled with soxr ("HQ" preset)
 in a streaming fashion, so memory stays bounded by the output size.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -108,16 +109,23 @@ def _decode(path: str | Path, sr: int | None, max_seconds: float | None, mono: b
                     rate_in = int(frame.sample_rate)
                     sr = rate_in if sr is None else sr
                     channels = 1 if mono or len(frame.layout.channels) > 2 else len(frame.layout.channels)
-                    rs = (soxr.ResampleStream(rate_in, sr, channels, dtype="float32", quality="HQ")
-                          if rate_in != sr else None)
+                    rs = (
+                        soxr.ResampleStream(rate_in, sr, channels, dtype="float32", quality="HQ")
+                        if rate_in != sr
+                        else None
+                    )
                 elif int(frame.sample_rate) != rate_in:
-                    raise InvalidMedia(f"{path}: audio sample rate changes mid-stream ({rate_in} -> {frame.sample_rate} Hz); "
-                                       "re-export it at one rate")
+                    raise InvalidMedia(
+                        f"{path}: audio sample rate changes mid-stream ({rate_in} -> {frame.sample_rate} Hz); "
+                        "re-export it at one rate"
+                    )
                 n_in += frame.samples
                 if max_seconds is not None and n_in > max_seconds * rate_in:  # before converting it
                     raise too_long()
                 x = _to_float(frame, mono=channels == 1).reshape(channels, -1)
-                out.append((rs.resample_chunk(np.ascontiguousarray(x.T)).T if rs is not None else x).reshape(channels, -1))
+                out.append(
+                    (rs.resample_chunk(np.ascontiguousarray(x.T)).T if rs is not None else x).reshape(channels, -1)
+                )
                 n_out += out[-1].shape[1]
                 if max_seconds is not None and n_out > max_seconds * sr:
                     raise too_long()

@@ -5,6 +5,7 @@ The product's time base is 25 fps video (``avatar/timebase.py``). Sources come a
 so that output frame ``i`` shows the source frame on screen at ``t = i / fps`` seconds, one frame at
 a time (a 5-minute clip is never held in RAM).
 """
+
 from __future__ import annotations
 
 import logging
@@ -109,8 +110,13 @@ def probe(path: str | Path) -> MediaInfo:
         if v is None and a is None:
             raise InvalidMedia(f"{path}: contains neither a video nor an audio stream; pass a video or audio file")
         duration = float(c.duration / av.time_base) if c.duration else 0.0
-        info = MediaInfo(path=str(path), container=c.format.name, duration_s=duration,
-                         has_video=v is not None, has_audio=a is not None)
+        info = MediaInfo(
+            path=str(path),
+            container=c.format.name,
+            duration_s=duration,
+            has_video=v is not None,
+            has_audio=a is not None,
+        )
         if v is not None:
             rate = v.average_rate or v.guessed_rate or v.base_rate
             info.fps = float(rate) if rate else None
@@ -141,7 +147,7 @@ def _indexed(c) -> bool:
 
 def _check_decodes(c, path: Path, info: MediaInfo) -> None:
     """Decode the head and the tail of each stream; raise InvalidMedia on errors or a missing tail."""
-    for stream in (c.streams.video[:1] + c.streams.audio[:1]):
+    for stream in c.streams.video[:1] + c.streams.audio[:1]:
         kind = stream.type
         end = _stream_duration_s(stream) or info.duration_s
         try:
@@ -152,7 +158,9 @@ def _check_decodes(c, path: Path, info: MediaInfo) -> None:
                     info.width, info.height = info.height, info.width  # report the displayed size
                 break
             if not got_head:
-                raise InvalidMedia(f"{path}: the {kind} stream has no decodable frames; the file is corrupt, re-export it")
+                raise InvalidMedia(
+                    f"{path}: the {kind} stream has no decodable frames; the file is corrupt, re-export it"
+                )
             if end > 2.0 and stream.time_base and _indexed(c):
                 target = int((end - 1.0) / stream.time_base) + (stream.start_time or 0)
                 c.seek(target, stream=stream, backward=True, any_frame=False)
@@ -188,13 +196,13 @@ def _crop_resize(img: np.ndarray, crop: tuple[int, int, int] | None, size: int |
         x0, y0, side = (int(v) for v in crop)
         h, w = img.shape[:2]
         if x0 >= 0 and y0 >= 0 and x0 + side <= w and y0 + side <= h:
-            img = img[y0:y0 + side, x0:x0 + side]
+            img = img[y0 : y0 + side, x0 : x0 + side]
         else:  # part of the square lies outside the frame: fill it with black
             out = np.zeros((side, side, 3), np.uint8)
             sx0, sy0 = max(x0, 0), max(y0, 0)
             sx1, sy1 = min(x0 + side, w), min(y0 + side, h)
             if sx1 > sx0 and sy1 > sy0:
-                out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = img[sy0:sy1, sx0:sx1]
+                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = img[sy0:sy1, sx0:sx1]
             img = out
     if size is not None:
         wh = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
@@ -279,7 +287,9 @@ def iter_video_frames(
                     break
                 prev_frame, prev_img = frame, None
         except av.FFmpegError as e:
-            raise InvalidMedia(f"{path}: video fails to decode at output frame {i} ({e}); the file is corrupt, re-export it") from e
+            raise InvalidMedia(
+                f"{path}: video fails to decode at output frame {i} ({e}); the file is corrupt, re-export it"
+            ) from e
         if prev_frame is None:
             raise InvalidMedia(f"{path}: the video stream has no decodable frames; the file is corrupt, re-export it")
         last_t = float(prev_frame.pts * stream.time_base) - (t0 or 0.0)
@@ -323,8 +333,15 @@ class VideoWriter:
         InvalidInput: odd/non-positive size, a frame of the wrong shape/dtype, bad audio array.
     """
 
-    def __init__(self, path: str | Path, fps: float = 25, size: tuple[int, int] = (512, 512),
-                 audio: np.ndarray | None = None, audio_rate: int = 16000, crf: int = 20):
+    def __init__(
+        self,
+        path: str | Path,
+        fps: float = 25,
+        size: tuple[int, int] = (512, 512),
+        audio: np.ndarray | None = None,
+        audio_rate: int = 16000,
+        crf: int = 20,
+    ):
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0 or w % 2 or h % 2:
             raise InvalidInput(f"video size must be positive and even (yuv420p), got {w}x{h}")
@@ -334,7 +351,9 @@ class VideoWriter:
             audio = np.asarray(audio)
             audio = audio[None] if audio.ndim == 1 else audio
             if audio.ndim != 2 or audio.shape[0] not in (1, 2) or not np.issubdtype(audio.dtype, np.floating):
-                raise InvalidInput(f"audio must be a float array [T] or [channels (1 or 2), T], got {audio.dtype} {audio.shape}")
+                raise InvalidInput(
+                    f"audio must be a float array [T] or [channels (1 or 2), T], got {audio.dtype} {audio.shape}"
+                )
             audio = np.clip(audio.astype(np.float32), -1.0, 1.0)
         self.path = Path(path)
         self.fps = fps
@@ -391,7 +410,7 @@ class VideoWriter:
         block = 4096
         while self._audio_pos < end:
             stop = min(end, self._audio_pos + block)
-            chunk = np.ascontiguousarray(self.audio[:, self._audio_pos:stop])
+            chunk = np.ascontiguousarray(self.audio[:, self._audio_pos : stop])
             af = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self._astream.layout.name)
             af.sample_rate = self.audio_rate
             af.pts = self._audio_pos

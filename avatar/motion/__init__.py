@@ -8,8 +8,17 @@ Public inference API (used by the render pipeline)::
     post = load_postnet(dir); expr = post.apply(expr)
     lm3d = lle_project(lm3d, reference, k=10, blend=0.25)
 """
+
 from avatar.motion.generator import Audio2Motion, GeneratorConfig, load_generator
 from avatar.motion.lle import lle_project
 from avatar.motion.postnet import Postnet, load_postnet, train_postnet
 
-__all__ = ["Audio2Motion", "GeneratorConfig", "Postnet", "lle_project", "load_generator", "load_postnet", "train_postnet"]
+__all__ = [
+    "Audio2Motion",
+    "GeneratorConfig",
+    "Postnet",
+    "lle_project",
+    "load_generator",
+    "load_postnet",
+    "train_postnet",
+]

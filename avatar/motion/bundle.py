@@ -3,6 +3,7 @@
 Weights are safetensors (never pickle). Every reader names the missing/corrupt file in a
 :class:`avatar.errors.BundleCorrupt` whose message says how to recreate the bundle.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,25 +89,39 @@ class MotionStats:
         if kind is not None and kind != self.feature_kind:
             raise FeatureMismatch(
                 f"audio features are {kind!r} but this generator was trained on {self.feature_kind!r}; "
-                f"extract {self.feature_kind!r} features (e.g. re-run preprocess with audio_features={self.feature_kind!r})")
+                f"extract {self.feature_kind!r} features (e.g. re-run preprocess with audio_features={self.feature_kind!r})"
+            )
         if features.ndim != 2:
             raise InvalidInput(f"features must be [frames, dim] at 50 Hz, got shape {tuple(features.shape)}")
         if features.shape[1] != self.feature_dim:
             raise FeatureMismatch(
                 f"features have dim {features.shape[1]} but this generator expects {self.feature_dim} "
-                f"({self.feature_kind!r} features); extract {self.feature_kind!r} features")
+                f"({self.feature_kind!r} features); extract {self.feature_kind!r} features"
+            )
         if not np.isfinite(features).all():
             raise InvalidInput("audio features contain NaN/inf; check the input audio (decode errors?)")
 
     def to_dict(self) -> dict:
-        return {"feature_kind": self.feature_kind, "feature_dim": self.feature_dim,
-                "feature_mean": self.feature_mean, "feature_std": self.feature_std,
-                "expr_mean": self.expr_mean, "expr_std": self.expr_std, "extra": self.extra}
+        return {
+            "feature_kind": self.feature_kind,
+            "feature_dim": self.feature_dim,
+            "feature_mean": self.feature_mean,
+            "feature_std": self.feature_std,
+            "expr_mean": self.expr_mean,
+            "expr_std": self.expr_std,
+            "extra": self.extra,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "MotionStats":
         try:
-            return cls(d["feature_kind"], list(d["feature_mean"]), list(d["feature_std"]),
-                       list(d["expr_mean"]), list(d["expr_std"]), dict(d.get("extra", {})))
+            return cls(
+                d["feature_kind"],
+                list(d["feature_mean"]),
+                list(d["feature_std"]),
+                list(d["expr_mean"]),
+                list(d["expr_std"]),
+                dict(d.get("extra", {})),
+            )
         except KeyError as e:
             raise BundleCorrupt(f"stats.json lacks {e}; retrain the generator") from e

@@ -3,6 +3,7 @@
 Nothing loads a whole corpus into RAM: each sample slices ``features.npy`` / ``lm3d.npy`` of one
 clip (``np.memmap``), so an LRS3-sized directory of datasets costs only file handles.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,7 +37,7 @@ class Clip:
 
     def feats(self, a: int, b: int) -> np.ndarray:
         """float32 [2 (b - a), D] for frames [a, b)."""
-        return np.array(self.features[2 * a: 2 * b], dtype=np.float32)  # a writable copy
+        return np.array(self.features[2 * a : 2 * b], dtype=np.float32)  # a writable copy
 
 
 class Corpus:
@@ -58,11 +59,15 @@ class Corpus:
             rng = {"train": ds.train_range, "val": ds.val_range, "all": range(0, ds.n_frames)}[part]
             kinds.add((ds.feature_kind, int(ds.features.shape[1])))
             if len(rng) < min_frames:
-                log.warning("%s: only %d %s frames (< %d); left out of the %s set", ds.root, len(rng), part, min_frames, part)
+                log.warning(
+                    "%s: only %d %s frames (< %d); left out of the %s set", ds.root, len(rng), part, min_frames, part
+                )
                 continue
             self.clips.append(Clip(ds, rng))
         if len(kinds) > 1:
-            raise FeatureMismatch(f"datasets have different audio features {sorted(kinds)}; preprocess them all with the same --features")
+            raise FeatureMismatch(
+                f"datasets have different audio features {sorted(kinds)}; preprocess them all with the same --features"
+            )
         if not self.clips:
             raise InvalidInput(f"no clip has >= {min_frames} {part} frames; give longer clips")
         self.feature_kind, self.feature_dim = kinds.pop()
@@ -86,8 +91,14 @@ class Corpus:
         c = self.clips[i]
         return i, c.start + min(int(k - (cum[i - 1] if i else 0.0)), len(c) - window)
 
-    def windows(self, rng: np.random.Generator, batch: int, window: int, silence: np.ndarray | None = None,
-                silence_prob: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    def windows(
+        self,
+        rng: np.random.Generator,
+        batch: int,
+        window: int,
+        silence: np.ndarray | None = None,
+        silence_prob: float = 0.0,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Random windows: features float32 [B, 2W, D], expression float32 [B, W, 68, 3].
 
         Silence augmentation: with probability ``silence_prob`` a random span (1/4 to all of the
@@ -101,8 +112,8 @@ class Corpus:
             if silence is not None and rng.random() < silence_prob:
                 n = int(rng.integers(max(1, window // 4), window + 1))
                 s = int(rng.integers(0, window - n + 1))
-                fi[2 * s: 2 * (s + n)] = silence
-                ei[s: s + n] = self.rest_expr(i)
+                fi[2 * s : 2 * (s + n)] = silence
+                ei[s : s + n] = self.rest_expr(i)
             f.append(fi)
             e.append(ei)
         return np.stack(f), np.stack(e)
@@ -113,13 +124,15 @@ class Corpus:
         cache = self.__dict__.setdefault("_rest", {})
         if i not in cache:
             c = self.clips[i]
-            lm = np.asarray(c.lm3d[c.start: c.stop], dtype=np.float32)
+            lm = np.asarray(c.lm3d[c.start : c.stop], dtype=np.float32)
             opening = np.linalg.norm(lm[:, [61, 62, 63]] - lm[:, [67, 66, 65]], axis=-1).mean(-1)
             sel = opening <= np.percentile(opening, 10)
             cache[i] = lm[sel].mean(0) - c.mean
         return cache[i]
 
-    def sync_pairs(self, rng: np.random.Generator, batch: int, min_shift: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sync_pairs(
+        self, rng: np.random.Generator, batch: int, min_shift: int = 5
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Half in-sync, half off-sync (mouth shifted >= ``min_shift`` frames, or another clip).
 
         Returns audio float32 [B, 10, D], mouth expression float32 [B, 5, 68, 3], label float32 [B].
@@ -158,12 +171,12 @@ class Corpus:
                 f = c.feats(a, b).astype(np.float64)
                 e = c.expr(a, b).reshape(b - a, 204).astype(np.float64)
                 fs += f.sum(0)
-                fq += (f ** 2).sum(0)
+                fq += (f**2).sum(0)
                 fn += len(f)
                 es += e.sum(0)
-                eq += (e ** 2).sum(0)
+                eq += (e**2).sum(0)
                 en += len(e)
         fm, em = fs / fn, es / en
-        fstd = np.sqrt(np.maximum(fq / fn - fm ** 2, 0)) + 1e-5
-        estd = np.sqrt(np.maximum(eq / en - em ** 2, 0)) + 1e-5
+        fstd = np.sqrt(np.maximum(fq / fn - fm**2, 0)) + 1e-5
+        estd = np.sqrt(np.maximum(eq / en - em**2, 0)) + 1e-5
         return fm.astype(np.float32), fstd.astype(np.float32), em.astype(np.float32), estd.astype(np.float32)

@@ -11,6 +11,7 @@ Shapes (B batch, T video frames, T multiple of ``stride``):
     expr      float32 [B, T, 204]  normalised expression (flattened 68 x 3)
     z, noise  float32 [B, latent, T / stride]
 """
+
 from __future__ import annotations
 
 import logging
@@ -89,7 +90,9 @@ class VAEFlowGenerator(nn.Module):
         self.dec_pre = nn.ConvTranspose1d(cfg.latent, cfg.hidden, kernel_size=s, stride=s)
         self.dec_wn = WN(cfg.hidden, cfg.kernel, cfg.dec_layers, cfg.cond_dim, cfg.dropout)
         self.dec_proj = nn.Conv1d(cfg.hidden, EXPR_DIM, 1)
-        self.prior = FlowPrior(cfg.latent, cfg.flow_hidden, cfg.flow_kernel, cfg.flow_layers, cfg.flow_blocks, cfg.cond_dim)
+        self.prior = FlowPrior(
+            cfg.latent, cfg.flow_hidden, cfg.flow_kernel, cfg.flow_layers, cfg.flow_blocks, cfg.cond_dim
+        )
 
     def condition(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features [B, 2T, D] -> (c [B, cond, T], c_latent [B, cond, T/stride])."""
@@ -132,7 +135,9 @@ class Audio2Motion:
             SyncNet trained with it (or None).
     """
 
-    def __init__(self, net: VAEFlowGenerator, stats: MotionStats, syncnet=None, device: str | torch.device | None = None):
+    def __init__(
+        self, net: VAEFlowGenerator, stats: MotionStats, syncnet=None, device: str | torch.device | None = None
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net = net.to(self.device).eval()
         self.config = net.cfg
@@ -176,13 +181,20 @@ class Audio2Motion:
         b0, b1 = lat0 // NOISE_BLOCK, -(-lat1 // NOISE_BLOCK)
         parts = []
         for blk in range(b0, b1):
-            g = torch.Generator().manual_seed((int(seed) * 1_000_003 + blk) % (2 ** 63))
+            g = torch.Generator().manual_seed((int(seed) * 1_000_003 + blk) % (2**63))
             parts.append(torch.randn((self.config.latent, NOISE_BLOCK), generator=g))
-        u = torch.cat(parts, dim=1)[:, lat0 - b0 * NOISE_BLOCK: lat1 - b0 * NOISE_BLOCK]
+        u = torch.cat(parts, dim=1)[:, lat0 - b0 * NOISE_BLOCK : lat1 - b0 * NOISE_BLOCK]
         return (u * float(temperature))[None]
 
-    def predict(self, features: np.ndarray, temperature: float = 1.0, seed: int = 0,
-                feature_kind: str | None = None, start_frame: int = 0, chunk_frames: int = 1000) -> np.ndarray:
+    def predict(
+        self,
+        features: np.ndarray,
+        temperature: float = 1.0,
+        seed: int = 0,
+        feature_kind: str | None = None,
+        start_frame: int = 0,
+        chunk_frames: int = 1000,
+    ) -> np.ndarray:
         """Audio features -> expression landmarks, any length, bounded memory.
 
         Args:
@@ -209,30 +221,37 @@ class Audio2Motion:
             raise InvalidInput(f"temperature must be a finite number >= 0, got {temperature}")
         n = features.shape[0] // 2
         if n < 1:
-            raise ClipTooShort(f"audio gives {features.shape[0]} feature frames; at least 2 (40 ms of audio) are needed")
+            raise ClipTooShort(
+                f"audio gives {features.shape[0]} feature frames; at least 2 (40 ms of audio) are needed"
+            )
         if not self.stochastic:
             return self._predict_regression(features[: 2 * n], int(start_frame), int(chunk_frames))
         s = self.config.stride
         start_frame = int(start_frame)
-        lead = start_frame % s                      # frames before start_frame in its latent cell
-        lat_first = (start_frame - lead) // s        # absolute latent index of the first cell
+        lead = start_frame % s  # frames before start_frame in its latent cell
+        lat_first = (start_frame - lead) // s  # absolute latent index of the first cell
         total = lead + n
         lat = -(-total // s)
         # pad to whole latent cells by repeating the edge feature frames
-        feats = np.concatenate([np.repeat(features[:1], 2 * lead, axis=0), features[: 2 * n],
-                                np.repeat(features[2 * n - 1: 2 * n], 2 * (lat * s - total), axis=0)], axis=0)
+        feats = np.concatenate(
+            [
+                np.repeat(features[:1], 2 * lead, axis=0),
+                features[: 2 * n],
+                np.repeat(features[2 * n - 1 : 2 * n], 2 * (lat * s - total), axis=0),
+            ],
+            axis=0,
+        )
         chunk_lat = max(1, int(chunk_frames) // s)
         ctx_lat = self.config.context_frames() // s
         out = np.empty((lat * s, EXPR_DIM), dtype=np.float32)
         for a in range(0, lat, chunk_lat):
             b = min(lat, a + chunk_lat)
             a0, b0 = max(0, a - ctx_lat), min(lat, b + ctx_lat)
-            ft = torch.from_numpy(np.ascontiguousarray(feats[2 * s * a0: 2 * s * b0])).to(self.device)
+            ft = torch.from_numpy(np.ascontiguousarray(feats[2 * s * a0 : 2 * s * b0])).to(self.device)
             noise = self.prior_noise(seed, lat_first + a0, lat_first + b0, temperature).to(self.device)
             y = self.net.infer(self.normalize_features(ft)[None], noise)[0]
-            out[s * a: s * b] = self.denormalize_expr(y)[s * (a - a0): s * (b - a0)].cpu().numpy()
-        return out[lead: lead + n].reshape(n, 68, 3)
-
+            out[s * a : s * b] = self.denormalize_expr(y)[s * (a - a0) : s * (b - a0)].cpu().numpy()
+        return out[lead : lead + n].reshape(n, 68, 3)
 
     def _predict_regression(self, features: np.ndarray, start_frame: int, chunk_frames: int) -> np.ndarray:
         """Deterministic models (:class:`avatar.motion.regression.TCNGenerator`): the causal input
@@ -249,8 +268,8 @@ class Audio2Motion:
         for a in range(0, n, step):
             b = min(n, a + step)
             a0, b0 = max(0, a - ctx), min(n, b + ctx)
-            y = self.net.infer(x[2 * a0: 2 * b0][None])[0]
-            out[a:b] = y[a - a0: b - a0].cpu().numpy()
+            y = self.net.infer(x[2 * a0 : 2 * b0][None])[0]
+            out[a:b] = y[a - a0 : b - a0].cpu().numpy()
         return out.reshape(n, 68, 3)
 
     @property

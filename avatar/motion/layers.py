@@ -8,6 +8,7 @@ Sources: WaveNet gated residual stack as used by VITS (Kim et al. 2021, Sec. 2.5
 GeneFace (Ye et al. ICLR 2023, Sec. 3.1, audio2motion VAE); affine coupling flow: RealNVP (Dinh et
 al. 2017, Sec. 3.3), conditioned on audio as in GeneFace's flow prior.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,9 @@ class WN(nn.Module):
         if kernel % 2 != 1:
             raise ValueError("WN kernel must be odd")
         self.hidden, self.n_layers = hidden, n_layers
-        self.in_layers = nn.ModuleList(nn.Conv1d(hidden, 2 * hidden, kernel, padding=kernel // 2) for _ in range(n_layers))
+        self.in_layers = nn.ModuleList(
+            nn.Conv1d(hidden, 2 * hidden, kernel, padding=kernel // 2) for _ in range(n_layers)
+        )
         self.res_skip = nn.ModuleList(
             nn.Conv1d(hidden, 2 * hidden if i < n_layers - 1 else hidden, 1) for i in range(n_layers)
         )
@@ -56,7 +59,7 @@ class WN(nn.Module):
         for i in range(self.n_layers):
             a = self.in_layers[i](x)
             if gc is not None:
-                a = a + gc[:, 2 * h * i: 2 * h * (i + 1)]
+                a = a + gc[:, 2 * h * i : 2 * h * (i + 1)]
             acts = self.drop(torch.tanh(a[:, :h]) * torch.sigmoid(a[:, h:]))
             rs = self.res_skip[i](acts)
             if i < self.n_layers - 1:
@@ -85,7 +88,7 @@ class AffineCoupling(nn.Module):
         nn.init.zeros_(self.post.bias)
 
     def forward(self, x: torch.Tensor, g: torch.Tensor, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        x0, x1 = x[:, : self.half], x[:, self.half:]
+        x0, x1 = x[:, : self.half], x[:, self.half :]
         stats = self.post(self.enc(self.pre(x0), g))
         m, logs = stats.chunk(2, dim=1)
         logs = 2.0 * torch.tanh(logs / 2.0)
@@ -108,7 +111,9 @@ class FlowPrior(nn.Module):
 
     def __init__(self, latent: int, hidden: int, kernel: int, n_layers: int, n_blocks: int, cond_channels: int):
         super().__init__()
-        self.couplings = nn.ModuleList(AffineCoupling(latent, hidden, kernel, n_layers, cond_channels) for _ in range(n_blocks))
+        self.couplings = nn.ModuleList(
+            AffineCoupling(latent, hidden, kernel, n_layers, cond_channels) for _ in range(n_blocks)
+        )
 
     def forward(self, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z -> (u, logdet [B])."""
@@ -129,12 +134,14 @@ class FlowPrior(nn.Module):
     def log_prob(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Elementwise-summed log density log p(z|g) per batch item, nats, ``[B]``."""
         u, logdet = self.forward(z, g)
-        return (-0.5 * (u ** 2 + torch.log(torch.tensor(2 * torch.pi, dtype=u.dtype)))).sum(dim=(1, 2)) + logdet
+        return (-0.5 * (u**2 + torch.log(torch.tensor(2 * torch.pi, dtype=u.dtype)))).sum(dim=(1, 2)) + logdet
 
 
 def gaussian_log_prob(z: torch.Tensor, m: torch.Tensor, logs: torch.Tensor) -> torch.Tensor:
     """log N(z; m, exp(logs)^2) summed over channels and time, ``[B]`` (nats)."""
-    return (-0.5 * ((z - m) * torch.exp(-logs)) ** 2 - logs - 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=z.dtype))).sum(dim=(1, 2))
+    return (
+        -0.5 * ((z - m) * torch.exp(-logs)) ** 2 - logs - 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=z.dtype))
+    ).sum(dim=(1, 2))
 
 
 def leaky(x: torch.Tensor) -> torch.Tensor:

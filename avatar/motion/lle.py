@@ -6,6 +6,7 @@ landmarks, solve the reconstruction weights ``w = argmin |x - sum_j w_j r_j|^2``
 ``sum_j w_j = 1`` (regularised local Gram system), and blend ``(1 - blend) * x + blend * w @ R``.
 It pulls out-of-distribution mouth shapes towards shapes the person really makes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,9 @@ import torch
 from avatar.errors import InvalidInput
 
 
-def lle_project(lm3d: np.ndarray, reference: np.ndarray, k: int = 10, blend: float = 0.25,
-                reg: float = 1e-3, batch: int = 2048) -> np.ndarray:
+def lle_project(
+    lm3d: np.ndarray, reference: np.ndarray, k: int = 10, blend: float = 0.25, reg: float = 1e-3, batch: int = 2048
+) -> np.ndarray:
     """Project landmark frames onto the span of their K nearest reference frames and blend.
 
     Args:
@@ -32,7 +34,9 @@ def lle_project(lm3d: np.ndarray, reference: np.ndarray, k: int = 10, blend: flo
     lm3d = np.asarray(lm3d, dtype=np.float32)
     reference = np.asarray(reference, dtype=np.float32)
     if lm3d.ndim != 3 or lm3d.shape[1:] != (68, 3) or reference.ndim != 3 or reference.shape[1:] != (68, 3):
-        raise InvalidInput(f"lle_project needs [N, 68, 3] landmarks and reference, got {lm3d.shape} and {reference.shape}")
+        raise InvalidInput(
+            f"lle_project needs [N, 68, 3] landmarks and reference, got {lm3d.shape} and {reference.shape}"
+        )
     if reference.shape[0] < 1:
         raise InvalidInput("lle_project: the reference set is empty; pass the person's training landmarks")
     if not 0.0 <= blend <= 1.0 or k < 1:
@@ -43,15 +47,15 @@ def lle_project(lm3d: np.ndarray, reference: np.ndarray, k: int = 10, blend: flo
     R = torch.from_numpy(reference.reshape(reference.shape[0], -1)).double()
     out = np.empty_like(lm3d)
     for a in range(0, lm3d.shape[0], batch):
-        X = torch.from_numpy(lm3d[a: a + batch].reshape(-1, 204)).double()
-        idx = torch.cdist(X, R).topk(k, largest=False).indices      # [n, k]
-        nb = R[idx]                                                  # [n, k, 204]
-        diff = nb - X[:, None]                                       # [n, k, 204]
-        G = diff @ diff.transpose(1, 2)                              # [n, k, k]
+        X = torch.from_numpy(lm3d[a : a + batch].reshape(-1, 204)).double()
+        idx = torch.cdist(X, R).topk(k, largest=False).indices  # [n, k]
+        nb = R[idx]  # [n, k, 204]
+        diff = nb - X[:, None]  # [n, k, 204]
+        G = diff @ diff.transpose(1, 2)  # [n, k, k]
         tr = G.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12)
         G = G + (reg * tr)[:, None, None] * torch.eye(k, dtype=G.dtype)
         w = torch.linalg.solve(G, torch.ones(X.shape[0], k, 1, dtype=G.dtype))[..., 0]
         w = w / w.sum(-1, keepdim=True)
         proj = (w[:, :, None] * nb).sum(1)
-        out[a: a + batch] = ((1 - blend) * X + blend * proj).float().numpy().reshape(-1, 68, 3)
+        out[a : a + batch] = ((1 - blend) * X + blend * proj).float().numpy().reshape(-1, 68, 3)
     return out

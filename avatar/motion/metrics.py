@@ -12,6 +12,7 @@ generator+postnet and generator+LLE:
 Any audio (e.g. other languages): SyncNet confidence and the Pearson r between mouth opening and
 the audio RMS energy per frame; silence: mean mouth opening and frame-to-frame motion.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -78,8 +79,15 @@ def _postnet(postnet, gen: Audio2Motion):
     return postnet if isinstance(postnet, Postnet) else load_postnet(postnet, device=gen.device)
 
 
-def evaluate_motion(generator: Audio2Motion | str | Path, dataset: str | Path, postnet=None, lle_blend: float = 0.25,
-                    temperature: float = 1.0, seed: int = 0, part: str = "val") -> dict:
+def evaluate_motion(
+    generator: Audio2Motion | str | Path,
+    dataset: str | Path,
+    postnet=None,
+    lle_blend: float = 0.25,
+    temperature: float = 1.0,
+    seed: int = 0,
+    part: str = "val",
+) -> dict:
     """Self-driven metrics of the person's clip (see module docstring).
 
     Args:
@@ -98,7 +106,7 @@ def evaluate_motion(generator: Audio2Motion | str | Path, dataset: str | Path, p
     gt_expr = np.asarray(ds.lm3d, np.float32) - mean
     pred_all = gen.predict(feats_all, temperature=temperature, seed=seed)  # whole clip: real context
     sl = slice(rng.start, rng.stop)
-    feats = feats_all[2 * rng.start: 2 * rng.stop]
+    feats = feats_all[2 * rng.start : 2 * rng.stop]
     pose = np.asarray(ds.pose[sl], np.float64)
     K = ds.intrinsics.matrix()
     gt = gt_expr[sl]
@@ -107,7 +115,7 @@ def evaluate_motion(generator: Audio2Motion | str | Path, dataset: str | Path, p
     if postnet is not None:
         variants["generator+postnet"] = _postnet(postnet, gen).apply(pred_all)[sl]
     if lle_blend > 0:
-        ref = gt_expr[ds.train_range.start: ds.train_range.stop]
+        ref = gt_expr[ds.train_range.start : ds.train_range.stop]
         variants["generator+lle"] = lle_project(pred_all[sl], ref, k=10, blend=lle_blend)
     s_gt = _sync(gen, feats, gt)
     result = {"frames": len(rng), "tracked": {"sync_conf": s_gt["confidence"], "sync_offset": s_gt["offset"]}}
@@ -115,14 +123,26 @@ def evaluate_motion(generator: Audio2Motion | str | Path, dataset: str | Path, p
     for name, p in variants.items():
         px = project(mean + p, pose, ds.head_scale, K)
         s = _sync(gen, feats, p)
-        result[name] = {"mouth_lmd": lmd(p, gt, MOUTH), "lmd": lmd(p, gt), "mouth_lmd_px": lmd(px, gt_px, MOUTH),
-                        "lmd_px": lmd(px, gt_px), "mouth_open_r": pearson(mouth_opening(p + mean), open_gt),
-                        "sync_conf": s["confidence"], "sync_offset": s["offset"]}
+        result[name] = {
+            "mouth_lmd": lmd(p, gt, MOUTH),
+            "lmd": lmd(p, gt),
+            "mouth_lmd_px": lmd(px, gt_px, MOUTH),
+            "lmd_px": lmd(px, gt_px),
+            "mouth_open_r": pearson(mouth_opening(p + mean), open_gt),
+            "sync_conf": s["confidence"],
+            "sync_offset": s["offset"],
+        }
     return result
 
 
-def evaluate_audio(generator: Audio2Motion | str | Path, wav: np.ndarray, postnet=None, temperature: float = 1.0,
-                   seed: int = 0, lm3d_mean: np.ndarray | None = None) -> dict:
+def evaluate_audio(
+    generator: Audio2Motion | str | Path,
+    wav: np.ndarray,
+    postnet=None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    lm3d_mean: np.ndarray | None = None,
+) -> dict:
     """Metrics of motion driven by arbitrary 16 kHz audio (no ground truth).
 
     Args:
@@ -148,9 +168,15 @@ def evaluate_audio(generator: Audio2Motion | str | Path, wav: np.ndarray, postne
     energy = audio_energy(wav, n)
     s = _sync(gen, feats, expr)
     speed = np.linalg.norm(np.diff(expr[:, MOUTH], axis=0), axis=-1).mean() if n > 1 else 0.0
-    return {"seconds": n / 25.0, "sync_conf": s["confidence"], "sync_offset": s["offset"],
-            "open_energy_r": pearson(opening, energy), "open_mean": float(opening.mean()),
-            "open_std": float(opening.std()), "motion": float(speed)}
+    return {
+        "seconds": n / 25.0,
+        "sync_conf": s["confidence"],
+        "sync_offset": s["offset"],
+        "open_energy_r": pearson(opening, energy),
+        "open_mean": float(opening.mean()),
+        "open_std": float(opening.std()),
+        "motion": float(speed),
+    }
 
 
 def evaluate_clip(generator: Audio2Motion | str | Path, dataset: str | Path, postnet=None, part: str = "all") -> dict:
@@ -182,12 +208,20 @@ def evaluate_clip(generator: Audio2Motion | str | Path, dataset: str | Path, pos
     real, pr = mouth_opening(gt + mean), mouth_opening(p + mean)
     energy = audio_energy(np.asarray(ds.audio, np.float32), ds.n_frames)[sl]
     m_lmd, base = lmd(p, gt, MOUTH), lmd(np.zeros_like(gt), gt, MOUTH)
-    return {"frames": len(rng), "open_r": pearson(pr, real), "energy_r": pearson(energy, real),
-            "mouth_lmd": m_lmd, "mean_shape_mouth_lmd": base, "lmd_ratio": m_lmd / max(base, 1e-12),
-            "open_std_ratio": float(pr.std() / max(real.std(), 1e-12))}
+    return {
+        "frames": len(rng),
+        "open_r": pearson(pr, real),
+        "energy_r": pearson(energy, real),
+        "mouth_lmd": m_lmd,
+        "mean_shape_mouth_lmd": base,
+        "lmd_ratio": m_lmd / max(base, 1e-12),
+        "open_std_ratio": float(pr.std() / max(real.std(), 1e-12)),
+    }
 
 
-def silence_check(generator: Audio2Motion | str | Path, dataset: str | Path, postnet=None, seconds: float = 3.0) -> dict:
+def silence_check(
+    generator: Audio2Motion | str | Path, dataset: str | Path, postnet=None, seconds: float = 3.0
+) -> dict:
     """Mouth opening on digital silence vs the person's own silent frames.
 
     The person's silent frames are those whose audio RMS energy is in the lowest 10 % of the clip
@@ -204,13 +238,17 @@ def silence_check(generator: Audio2Motion | str | Path, dataset: str | Path, pos
     expr = gen.predict(feats, temperature=0.0, seed=0)
     if postnet is not None:
         expr = _postnet(postnet, gen).apply(expr)
-    sil = mouth_opening(expr + mean)[n // 3:]  # past the edge of the window
+    sil = mouth_opening(expr + mean)[n // 3 :]  # past the edge of the window
     energy = audio_energy(np.asarray(ds.audio, np.float32), ds.n_frames)
     quiet = energy <= np.percentile(energy, 10)
     real = mouth_opening(np.asarray(ds.lm3d, np.float32))[quiet]
     std = float(real.std()) + 1e-9
-    return {"silence_open_mean": float(sil.mean()), "person_silent_open_mean": float(real.mean()),
-            "person_silent_open_std": std, "silence_z": float(abs(sil.mean() - real.mean()) / std)}
+    return {
+        "silence_open_mean": float(sil.mean()),
+        "person_silent_open_mean": float(real.mean()),
+        "person_silent_open_std": std,
+        "silence_z": float(abs(sil.mean() - real.mean()) / std),
+    }
 
 
 def format_table(rows: dict[str, dict], keys: list[str]) -> str:

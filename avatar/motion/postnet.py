@@ -20,6 +20,7 @@ expression over the quietest 10 % of the training audio), ``y' = c + g (y - c)``
 / refined std of the inner-lip opening, clipped to [1, ``amplitude_gain_max``]. A pointwise affine map:
 Pearson r, silence and stream == batch identity are unchanged; only the size moves.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,12 +61,12 @@ class PostnetConfig:
     kernel: int = 3
     disc_hidden: tuple[int, ...] = (128, 256, 256, 128)
     disc_dropout: float = 0.25
-    future: int | None = None   # frames of generator output after a frame that its refinement reads (the
-                                # postnet's share of the streaming lookahead): -1 symmetric (radius each
-                                # side, GeneFace); n >= 0 the right side cut to n, the left widened to keep
-                                # the receptive field. None: follow the generator (training resolves it:
-                                # symmetric for a symmetric generator, 0 for one built with a limited future,
-                                # so an avatar onboarded on a low-latency generator stays low-latency)
+    future: int | None = None  # frames of generator output after a frame that its refinement reads (the
+    # postnet's share of the streaming lookahead): -1 symmetric (radius each
+    # side, GeneFace); n >= 0 the right side cut to n, the left widened to keep
+    # the receptive field. None: follow the generator (training resolves it:
+    # symmetric for a symmetric generator, 0 for one built with a limited future,
+    # so an avatar onboarded on a low-latency generator stays low-latency)
 
     def paddings(self) -> list[tuple[int, int]]:
         """(left, right) zero padding of each convolution (see ``future``; None counts as symmetric)."""
@@ -96,21 +97,32 @@ class TrainPostnetConfig:
     lambda_adv: float = 0.1
     lambda_sync: float = 0.05
     eval_every: int = 100
-    patience: int = 3           # evaluations of a divergence sign before stopping
-    sync_keep: float = 0.8      # a checkpoint must keep this fraction of the generator's sync confidence
-    temperature: float = 1.0    # generator sampling temperature of the training inputs
+    patience: int = 3  # evaluations of a divergence sign before stopping
+    sync_keep: float = 0.8  # a checkpoint must keep this fraction of the generator's sync confidence
+    temperature: float = 1.0  # generator sampling temperature of the training inputs
     seeds: tuple[int, ...] = (0, 1)
     seed: int = 0
     device: str = "auto"
-    cpu_threads: int = 1        # see TrainGeneratorConfig.cpu_threads
+    cpu_threads: int = 1  # see TrainGeneratorConfig.cpu_threads
     amplitude_gain_max: float = 2.0  # upper clip of the fitted speech-amplitude gain (1 = no calibration)
 
 
 PRESETS: dict[str, TrainPostnetConfig] = {
-    "smoke": TrainPostnetConfig(preset="smoke", postnet=PostnetConfig(channels=(32, 64, 32), disc_hidden=(32, 32)),
-                                steps=30, batch=4, window=32, eval_every=10, lr=1e-3, lr_disc=1e-3, seeds=(0,)),
+    "smoke": TrainPostnetConfig(
+        preset="smoke",
+        postnet=PostnetConfig(channels=(32, 64, 32), disc_hidden=(32, 32)),
+        steps=30,
+        batch=4,
+        window=32,
+        eval_every=10,
+        lr=1e-3,
+        lr_disc=1e-3,
+        seeds=(0,),
+    ),
     "cpu": TrainPostnetConfig(preset="cpu", steps=1500, eval_every=100, lr=3e-4, lr_disc=1e-4),
-    "gpu": TrainPostnetConfig(preset="gpu", steps=20000, batch=32, window=128, eval_every=500, lr=1e-4, seeds=(0, 1, 2, 3)),
+    "gpu": TrainPostnetConfig(
+        preset="gpu", steps=20000, batch=32, window=128, eval_every=500, lr=1e-4, seeds=(0, 1, 2, 3)
+    ),
 }
 
 
@@ -127,11 +139,13 @@ class CNNPostNet(nn.Module):
         # a cut future: explicit (left, right) zero padding before each convolution
         self.symmetric = all(a == b for a, b in pads)
         self.pads = pads
-        self.convs = nn.ModuleList(nn.Conv1d(a, b, cfg.kernel, padding=cfg.kernel // 2 if self.symmetric else 0)
-                                   for a, b in zip(dims[:-1], dims[1:]))
+        self.convs = nn.ModuleList(
+            nn.Conv1d(a, b, cfg.kernel, padding=cfg.kernel // 2 if self.symmetric else 0)
+            for a, b in zip(dims[:-1], dims[1:])
+        )
         nn.init.zeros_(self.convs[-1].weight)
         nn.init.zeros_(self.convs[-1].bias)
-        self.left = sum(a for a, _ in pads)    # frames before / after a frame that its output reads
+        self.left = sum(a for a, _ in pads)  # frames before / after a frame that its output reads
         self.right = sum(b for _, b in pads)
         self.radius = max(self.left, self.right)
 
@@ -160,7 +174,7 @@ class FrameDiscriminator(nn.Module):
         return self.net(x)[..., 0]
 
 
-LOWER_FACE = np.array(JAW + MOUTH)   # landmarks the speech-amplitude gain scales (jaw line + mouth)
+LOWER_FACE = np.array(JAW + MOUTH)  # landmarks the speech-amplitude gain scales (jaw line + mouth)
 
 
 class Postnet:
@@ -170,8 +184,16 @@ class Postnet:
     docstring); ``gain=1`` is the plain CNN output.
     """
 
-    def __init__(self, net: CNNPostNet, expr_mean, expr_std, device=None, metrics: dict | None = None,
-                 gain: float = 1.0, rest: np.ndarray | None = None):
+    def __init__(
+        self,
+        net: CNNPostNet,
+        expr_mean,
+        expr_std,
+        device=None,
+        metrics: dict | None = None,
+        gain: float = 1.0,
+        rest: np.ndarray | None = None,
+    ):
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.em = torch.as_tensor(np.asarray(expr_mean, np.float32), device=self.device)
@@ -206,15 +228,21 @@ class Postnet:
             b = min(n, a + chunk)
             a0, b0 = max(0, a - self.net.left), min(n, b + self.net.right)
             y = self.net(x[a0:b0][None])[0] * self.es + self.em
-            out[a:b] = y[a - a0: b - a0].reshape(-1, 68, 3).cpu().numpy()
+            out[a:b] = y[a - a0 : b - a0].reshape(-1, 68, 3).cpu().numpy()
         if self.gain != 1.0:
             c = self.rest[LOWER_FACE]
             out[:, LOWER_FACE] = c + np.float32(self.gain) * (out[:, LOWER_FACE] - c)
         return out
 
 
-def fit_amplitude_gain(refined: np.ndarray, real: np.ndarray, energy: np.ndarray, lm3d_mean: np.ndarray,
-                       frames: range, gain_max: float = 2.0) -> tuple[float, np.ndarray, dict]:
+def fit_amplitude_gain(
+    refined: np.ndarray,
+    real: np.ndarray,
+    energy: np.ndarray,
+    lm3d_mean: np.ndarray,
+    frames: range,
+    gain_max: float = 2.0,
+) -> tuple[float, np.ndarray, dict]:
     """Fit the speech-amplitude gain of a person's refined expressions (module docstring).
 
     Args:
@@ -232,8 +260,10 @@ def fit_amplitude_gain(refined: np.ndarray, real: np.ndarray, energy: np.ndarray
     if gain_max < 1.0:
         raise InvalidInput(f"amplitude_gain_max must be >= 1, got {gain_max}")
     if refined.shape != real.shape or len(frames) < 16 or frames.stop > refined.shape[0]:
-        raise InvalidInput(f"amplitude calibration needs >= 16 frames of matching [N, 68, 3] arrays, "
-                           f"got {refined.shape} / {real.shape} over {frames}")
+        raise InvalidInput(
+            f"amplitude calibration needs >= 16 frames of matching [N, 68, 3] arrays, "
+            f"got {refined.shape} / {real.shape} over {frames}"
+        )
     sl = slice(frames.start, frames.stop)
     mean = np.asarray(lm3d_mean, np.float32)[None]
     std_pred = float(mouth_opening(refined[sl] + mean).std())
@@ -270,7 +300,7 @@ def load_postnet(root: str | Path, device=None) -> Postnet:
     except (KeyError, InvalidInput, TypeError) as e:
         raise BundleCorrupt(f"{root}: config.json/stats.json are not a postnet's ({e}); {_HINT}") from e
     net = load_module(CNNPostNet(pcfg), root / POSTNET_FILE, _HINT)
-    gain = float(stats.get("amplitude_gain", 1.0))        # bundles from before the calibration: 1
+    gain = float(stats.get("amplitude_gain", 1.0))  # bundles from before the calibration: 1
     rest = stats.get("amplitude_rest")
     if not (math.isfinite(gain) and gain > 0) or (rest is not None and np.asarray(rest).size != 204):
         raise BundleCorrupt(f"{root}: stats.json has a bad amplitude calibration; {_HINT}")
@@ -287,9 +317,18 @@ def _sequence_sync(gen: Audio2Motion, feats_norm: torch.Tensor, expr: np.ndarray
     return sync_confidence(gen.syncnet, feats_norm, torch.from_numpy(expr))["confidence"]
 
 
-def train_postnet(dataset: str | Path, generator: str | Path, out: str | Path, preset: str | TrainPostnetConfig = "cpu",
-                  corpus_cache: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-                  callback: Callable[[float, str], None] | None = None, cancel=None, seed: int | None = None) -> Path:
+def train_postnet(
+    dataset: str | Path,
+    generator: str | Path,
+    out: str | Path,
+    preset: str | TrainPostnetConfig = "cpu",
+    corpus_cache: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    callback: Callable[[float, str], None] | None = None,
+    cancel=None,
+    seed: int | None = None,
+) -> Path:
     """Train a person's postnet and write its bundle atomically.
 
     Args:
@@ -318,7 +357,9 @@ def train_postnet(dataset: str | Path, generator: str | Path, out: str | Path, p
         return _train(dataset, generator, out, cfg, device, corpus_cache, overwrite, progress, callback, cancel)
 
 
-def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cache, overwrite, progress, callback, cancel) -> Path:
+def _train(
+    dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cache, overwrite, progress, callback, cancel
+) -> Path:
     out = check_output_dir(out, overwrite)
     t0 = time.perf_counter()
     gen = load_generator(generator, device=device)
@@ -328,14 +369,16 @@ def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cach
     gen.stats.check_features(np.asarray(ds.features[:2]), ds.feature_kind)
     tr, va = ds.train_range, ds.val_range
     if len(tr) < cfg.window or len(va) < 16:
-        raise InvalidInput(f"{dataset}: needs >= {cfg.window} training and 16 validation frames "
-                           f"(has {len(tr)} / {len(va)}); give a longer clip")
+        raise InvalidInput(
+            f"{dataset}: needs >= {cfg.window} training and 16 validation frames "
+            f"(has {len(tr)} / {len(va)}); give a longer clip"
+        )
     feats = np.array(ds.features, dtype=np.float32)
     gt = np.asarray(ds.lm3d, dtype=np.float32) - np.asarray(ds.lm3d_mean, dtype=np.float32)
     preds = np.stack([gen.predict(feats, cfg.temperature, seed=s) for s in cfg.seeds])  # [S, N, 68, 3]
     corpus_preds = _corpus_predictions(gen, generator, corpus_cache, cfg)
     fn = gen.normalize_features(torch.from_numpy(feats).to(device))
-    val_feats = fn[2 * va.start: 2 * va.stop]
+    val_feats = fn[2 * va.start : 2 * va.stop]
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -351,12 +394,19 @@ def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cach
 
     def evaluate() -> dict:
         net.eval()
-        y = post.apply(preds[0, va.start: va.stop])
+        y = post.apply(preds[0, va.start : va.stop])
         net.train()
-        return {"val_mouth_lmd": mouth_lmd(y, gt[va.start: va.stop]), "val_sync_conf": _sequence_sync(gen, val_feats, y)}
+        return {
+            "val_mouth_lmd": mouth_lmd(y, gt[va.start : va.stop]),
+            "val_sync_conf": _sequence_sync(gen, val_feats, y),
+        }
 
     base = evaluate()
-    log.info("generator only on the validation tail: mouth LMD %.4f, sync conf %.3f", base["val_mouth_lmd"], base["val_sync_conf"])
+    log.info(
+        "generator only on the validation tail: mouth LMD %.4f, sync conf %.3f",
+        base["val_mouth_lmd"],
+        base["val_sync_conf"],
+    )
     best = dict(base, step=0)
     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     history, warn, diverged = [dict(base, step=0)], 0, None
@@ -369,9 +419,9 @@ def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cach
             raise Cancelled("postnet training cancelled; rerun the same command to resume")
         starts = rng.integers(tr.start, tr.stop - W + 1, cfg.batch)
         si = rng.integers(0, P.shape[0], cfg.batch)
-        x = torch.stack([P[s, a: a + W] for s, a in zip(si, starts)])
-        y = torch.stack([G[a: a + W] for a in starts])
-        f = torch.stack([fn[2 * a: 2 * a + 2 * W] for a in starts])
+        x = torch.stack([P[s, a : a + W] for s, a in zip(si, starts)])
+        y = torch.stack([G[a : a + W] for a in starts])
+        f = torch.stack([fn[2 * a : 2 * a + 2 * W] for a in starts])
         xs, fs = [x], [f]
         if C:
             for _ in range(cfg.batch):
@@ -380,14 +430,14 @@ def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cach
                 if cp.shape[0] < W:
                     continue
                 a = int(rng.integers(0, cp.shape[0] - W + 1))
-                xs.append(cp[a: a + W][None])
-                fs.append(cf[2 * a: 2 * a + 2 * W][None])
+                xs.append(cp[a : a + W][None])
+                fs.append(cf[2 * a : 2 * a + 2 * W][None])
         xall, fall = torch.cat(xs), torch.cat(fs)
         yall = net(xall)
         # discriminator (LSGAN): person's real frames -> 1, refined frames -> 0
         d_real = disc(y.reshape(-1, EXPR_DIM))
         d_fake = disc(yall.detach().reshape(-1, EXPR_DIM))
-        loss_d = ((d_real - 1) ** 2).mean() + (d_fake ** 2).mean()
+        loss_d = ((d_real - 1) ** 2).mean() + (d_fake**2).mean()
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
@@ -397,18 +447,29 @@ def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cach
         sync = sync_loss(gen.syncnet, fall, canon(yall))
         loss = cfg.lambda_mse * mse + cfg.lambda_adv * adv + cfg.lambda_sync * sync
         if not (torch.isfinite(loss) and torch.isfinite(loss_d)):
-            raise TrainingDiverged(f"postnet training produced NaN/inf at step {step} (loss {loss.item()}, D loss {loss_d.item()}); "
-                                   f"lower the learning rates of the preset")
+            raise TrainingDiverged(
+                f"postnet training produced NaN/inf at step {step} (loss {loss.item()}, D loss {loss_d.item()}); "
+                f"lower the learning rates of the preset"
+            )
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            ev = dict(evaluate(), step=step, loss_d=float(loss_d.detach()), mse=float(mse.detach()), adv=float(adv.detach()),
-                      sync=float(sync.detach()),
-                      d_real=float(d_real.mean()), d_fake=float(d_fake.mean()))
+            ev = dict(
+                evaluate(),
+                step=step,
+                loss_d=float(loss_d.detach()),
+                mse=float(mse.detach()),
+                adv=float(adv.detach()),
+                sync=float(sync.detach()),
+                d_real=float(d_real.mean()),
+                d_fake=float(d_fake.mean()),
+            )
             history.append(ev)
             bar.set_postfix(lmd=f"{ev['val_mouth_lmd']:.4f}", d=f"{ev['loss_d']:.3f}")
-            ok_sync = not math.isfinite(base["val_sync_conf"]) or ev["val_sync_conf"] >= cfg.sync_keep * base["val_sync_conf"]
+            ok_sync = (
+                not math.isfinite(base["val_sync_conf"]) or ev["val_sync_conf"] >= cfg.sync_keep * base["val_sync_conf"]
+            )
             if ok_sync and ev["val_mouth_lmd"] < best["val_mouth_lmd"]:
                 best = ev
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -419,36 +480,84 @@ def _train(dataset, generator, out, cfg: TrainPostnetConfig, device, corpus_cach
                 callback(step / cfg.steps, f"postnet step {step}, val mouth LMD {ev['val_mouth_lmd']:.4f}")
             if warn >= cfg.patience:
                 diverged = "discriminator collapse (D loss -> 0)" if collapse else "validation mouth LMD blew up"
-                log.warning("postnet training diverged at step %d: %s; keeping the best checkpoint (step %d)", step, diverged, best["step"])
+                log.warning(
+                    "postnet training diverged at step %d: %s; keeping the best checkpoint (step %d)",
+                    step,
+                    diverged,
+                    best["step"],
+                )
                 break
     if diverged and best["step"] == 0:
-        raise TrainingDiverged(f"postnet training diverged ({diverged}) before any checkpoint beat the generator alone "
-                               f"(val mouth LMD {base['val_mouth_lmd']:.4f}); lower lambda_adv / learning rates or use "
-                               f"LLE projection (lle_blend) instead of the postnet")
+        raise TrainingDiverged(
+            f"postnet training diverged ({diverged}) before any checkpoint beat the generator alone "
+            f"(val mouth LMD {base['val_mouth_lmd']:.4f}); lower lambda_adv / learning rates or use "
+            f"LLE projection (lle_blend) instead of the postnet"
+        )
     net.load_state_dict(best_state)
     from avatar.audio import audio_energy
 
-    refined = post.apply(gen.predict(feats, temperature=1.0, seed=0))   # the render path's defaults
-    gain, rest, amp = fit_amplitude_gain(refined, gt, audio_energy(np.asarray(ds.audio, np.float32), ds.n_frames),
-                                         ds.lm3d_mean, tr, cfg.amplitude_gain_max)
-    calibrated = Postnet(net, em.cpu(), es.cpu(), device, gain=gain, rest=rest).apply(refined[va.start: va.stop])
-    amp["val_mouth_lmd_calibrated"] = mouth_lmd(calibrated, gt[va.start: va.stop])
-    log.info("speech amplitude: refined/real opening std %.2f on the training frames -> gain %.2f "
-             "(val mouth LMD %.4f -> %.4f)", amp["train_open_std_ratio"], gain, best["val_mouth_lmd"],
-             amp["val_mouth_lmd_calibrated"])
-    metrics = {"generator_val_mouth_lmd": base["val_mouth_lmd"], "generator_val_sync_conf": base["val_sync_conf"],
-               "val_mouth_lmd": best["val_mouth_lmd"], "val_sync_conf": best["val_sync_conf"], "best_step": best["step"],
-               "diverged": diverged, "history": history, "corpus_clips": len(C), **amp,
-               "train_seconds": round(time.perf_counter() - t0, 1)}
+    refined = post.apply(gen.predict(feats, temperature=1.0, seed=0))  # the render path's defaults
+    gain, rest, amp = fit_amplitude_gain(
+        refined,
+        gt,
+        audio_energy(np.asarray(ds.audio, np.float32), ds.n_frames),
+        ds.lm3d_mean,
+        tr,
+        cfg.amplitude_gain_max,
+    )
+    calibrated = Postnet(net, em.cpu(), es.cpu(), device, gain=gain, rest=rest).apply(refined[va.start : va.stop])
+    amp["val_mouth_lmd_calibrated"] = mouth_lmd(calibrated, gt[va.start : va.stop])
+    log.info(
+        "speech amplitude: refined/real opening std %.2f on the training frames -> gain %.2f "
+        "(val mouth LMD %.4f -> %.4f)",
+        amp["train_open_std_ratio"],
+        gain,
+        best["val_mouth_lmd"],
+        amp["val_mouth_lmd_calibrated"],
+    )
+    metrics = {
+        "generator_val_mouth_lmd": base["val_mouth_lmd"],
+        "generator_val_sync_conf": base["val_sync_conf"],
+        "val_mouth_lmd": best["val_mouth_lmd"],
+        "val_sync_conf": best["val_sync_conf"],
+        "best_step": best["step"],
+        "diverged": diverged,
+        "history": history,
+        "corpus_clips": len(C),
+        **amp,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+    }
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_module(net, tmp / POSTNET_FILE)
-        write_json(tmp, CONFIG, {"postnet": to_dict(cfg.postnet), "train": to_dict(cfg), "dataset": str(dataset),
-                                 "generator": str(generator)})
-        write_json(tmp, STATS, {"expr_mean": gen.stats.expr_mean, "expr_std": gen.stats.expr_std,
-                                "lm3d_mean": np.asarray(ds.lm3d_mean, np.float32).ravel().tolist(),
-                                "amplitude_gain": gain, "amplitude_rest": rest.ravel().tolist()})
+        write_json(
+            tmp,
+            CONFIG,
+            {
+                "postnet": to_dict(cfg.postnet),
+                "train": to_dict(cfg),
+                "dataset": str(dataset),
+                "generator": str(generator),
+            },
+        )
+        write_json(
+            tmp,
+            STATS,
+            {
+                "expr_mean": gen.stats.expr_mean,
+                "expr_std": gen.stats.expr_std,
+                "lm3d_mean": np.asarray(ds.lm3d_mean, np.float32).ravel().tolist(),
+                "amplitude_gain": gain,
+                "amplitude_rest": rest.ravel().tolist(),
+            },
+        )
         write_json(tmp, METRICS, metrics)
-    log.info("postnet written to %s: val mouth LMD %.4f -> %.4f (step %d)", out, base["val_mouth_lmd"], best["val_mouth_lmd"], best["step"])
+    log.info(
+        "postnet written to %s: val mouth LMD %.4f -> %.4f (step %d)",
+        out,
+        base["val_mouth_lmd"],
+        best["val_mouth_lmd"],
+        best["step"],
+    )
     return out
 
 

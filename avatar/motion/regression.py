@@ -31,6 +31,7 @@ accuracy at which its gradient helps (see ``bench/RESULTS.md``), so it is only a
 
 Tensor shapes: features float32 [F, D] at 50 Hz (F = 2T), expression float32 [T, 68, 3] at 25 fps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,11 +49,20 @@ from tqdm import tqdm
 from avatar.data.dataset import MOUTH
 from avatar.errors import InvalidInput
 from avatar.motion.tcn import (  # noqa: F401  (re-exported: the model's public home is tcn.py)
-    ENERGY_FLOOR, ENERGY_REF_MIN, EXPR_DIM, RegressionConfig, TCNGenerator, transform_features)
+    ENERGY_FLOOR,
+    ENERGY_REF_MIN,
+    EXPR_DIM,
+    RegressionConfig,
+    TCNGenerator,
+    transform_features,
+)
 
 log = logging.getLogger(__name__)
 
-def fit_basis(exprs: list[np.ndarray], n_basis: int, max_rows: int = 50_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def fit_basis(
+    exprs: list[np.ndarray], n_basis: int, max_rows: int = 50_000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PCA of identity-free expressions.
 
     Args:
@@ -78,18 +88,18 @@ def fit_basis(exprs: list[np.ndarray], n_basis: int, max_rows: int = 50_000) -> 
 class RegressionTrainConfig:
     """A training (or per-person fine-tuning) run of :class:`TCNGenerator`."""
 
-    steps: int = 1500             # ~4 min on one CPU core for the 9 min of corpus + corpus2
+    steps: int = 1500  # ~4 min on one CPU core for the 9 min of corpus + corpus2
     batch: int = 16
-    window: int = 64              # video frames per training window
+    window: int = 64  # video frames per training window
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    lambda_vel: float = 1.0       # weight of the frame-difference (velocity) loss
-    mouth_weight: float = 1.0     # extra weight on the mouth/jaw points' reconstruction
-    lambda_open: float = 0.0      # weight of the mouth-opening loss (1 - windowed Pearson r + log-std ratio^2)
+    lambda_vel: float = 1.0  # weight of the frame-difference (velocity) loss
+    mouth_weight: float = 1.0  # extra weight on the mouth/jaw points' reconstruction
+    lambda_open: float = 0.0  # weight of the mouth-opening loss (1 - windowed Pearson r + log-std ratio^2)
     eval_every: int = 250
-    silence_prob: float = 0.1     # windows with a span of digital silence -> resting expression
-    warp: float = 0.1             # mel-axis warp factor range (1 +- warp): speaker augmentation
-    noise: float = 0.1            # Gaussian noise on the normalised input
+    silence_prob: float = 0.1  # windows with a span of digital silence -> resting expression
+    warp: float = 0.1  # mel-axis warp factor range (1 +- warp): speaker augmentation
+    noise: float = 0.1  # Gaussian noise on the normalised input
     spec_mask_prob: float = 0.5
     heldout_fraction: float = 0.15  # whole clips held out for checkpoint selection (shared training)
     seed: int = 0
@@ -121,8 +131,8 @@ def clips_from_datasets(roots: list, part: str = "all") -> list[ClipArrays]:
         ds = Dataset(r)
         rng = {"train": ds.train_range, "val": ds.val_range, "all": range(0, ds.n_frames)}[part]
         mean = np.asarray(ds.lm3d_mean, np.float32)
-        expr = np.asarray(ds.lm3d[rng.start: rng.stop], np.float32) - mean
-        feats = np.asarray(ds.features[2 * rng.start: 2 * rng.stop], np.float32)
+        expr = np.asarray(ds.lm3d[rng.start : rng.stop], np.float32) - mean
+        feats = np.asarray(ds.features[2 * rng.start : 2 * rng.stop], np.float32)
         out.append(ClipArrays(ds.root.name, feats, expr, mean))
     return out
 
@@ -138,33 +148,40 @@ def warp_mel(f: np.ndarray, factor: float) -> np.ndarray:
     return f[:, i0] * (1 - w) + f[:, i1] * w
 
 
-def augment_window(clip: ClipArrays, a: int, window: int, cfg: RegressionConfig, tcfg: RegressionTrainConfig,
-                   rng: np.random.Generator, silence: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def augment_window(
+    clip: ClipArrays,
+    a: int,
+    window: int,
+    cfg: RegressionConfig,
+    tcfg: RegressionTrainConfig,
+    rng: np.random.Generator,
+    silence: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """One training window at frame ``a``: (transformed, un-normalised input [2W, input_dim], expr [W, 204]).
 
     The transform is computed over ``history_frames()`` of left context (from the clip start if
     nearer), exactly as at inference; augmentations act on the raw log-mel before it.
     """
     h0 = max(0, a - cfg.history_frames())
-    raw = clip.features[2 * h0: 2 * (a + window)].copy()
-    expr = clip.expr[a: a + window].copy()
+    raw = clip.features[2 * h0 : 2 * (a + window)].copy()
+    expr = clip.expr[a : a + window].copy()
     if silence is not None and rng.random() < tcfg.silence_prob:
         n = int(rng.integers(max(1, window // 4), window + 1))
         s = int(rng.integers(0, window - n + 1))
         o = 2 * (a - h0)
-        raw[o + 2 * s: o + 2 * (s + n)] = silence
-        expr[s: s + n] = clip.rest
+        raw[o + 2 * s : o + 2 * (s + n)] = silence
+        expr[s : s + n] = clip.rest
     if tcfg.warp > 0 and cfg.energy:
         raw = warp_mel(raw, float(rng.uniform(1 - tcfg.warp, 1 + tcfg.warp)))
     if cfg.energy:
         raw = raw + float(rng.uniform(-1.0, 1.0))  # loudness +-10 dB (log10 power units)
-    x = transform_features(raw, cfg, start=2 * h0)[2 * (a - h0):]
+    x = transform_features(raw, cfg, start=2 * h0)[2 * (a - h0) :]
     if rng.random() < tcfg.spec_mask_prob:
         f0 = int(rng.integers(0, cfg.feature_dim - 8))
-        x[:, f0: f0 + int(rng.integers(1, 9))] = 0.0
+        x[:, f0 : f0 + int(rng.integers(1, 9))] = 0.0
     if rng.random() < tcfg.spec_mask_prob * 0.5:
         t0 = int(rng.integers(0, len(x) - 6))
-        x[t0: t0 + int(rng.integers(1, 6))] = 0.0
+        x[t0 : t0 + int(rng.integers(1, 6))] = 0.0
     return x, expr
 
 
@@ -198,7 +215,11 @@ def validate(net: TCNGenerator, clips: list[ClipArrays]) -> dict:
         err += lmd(p, gt, MOUTH) * len(c)
         base += lmd(np.zeros_like(gt), gt, MOUTH) * len(c)
         n += len(c)
-    return {"val_open_r": float(np.nanmean(rs)), "val_mouth_lmd": float(err / n), "val_mean_shape_mouth_lmd": float(base / n)}
+    return {
+        "val_open_r": float(np.nanmean(rs)),
+        "val_mouth_lmd": float(err / n),
+        "val_mean_shape_mouth_lmd": float(base / n),
+    }
 
 
 def _mouth_weights(cfg_weight: float) -> np.ndarray:
@@ -237,9 +258,18 @@ def opening_loss(recon: torch.Tensor, target: torch.Tensor, means: torch.Tensor,
     return (per * valid).sum() / valid.sum().clamp(min=1.0)
 
 
-def fit(net: TCNGenerator, train: list[ClipArrays], val: list[ClipArrays], tcfg: RegressionTrainConfig,
-        silence: np.ndarray | None, progress: bool = True, desc: str = "audio2motion",
-        callback: Callable | None = None, writer=None, select_initial: bool = False) -> dict:
+def fit(
+    net: TCNGenerator,
+    train: list[ClipArrays],
+    val: list[ClipArrays],
+    tcfg: RegressionTrainConfig,
+    silence: np.ndarray | None,
+    progress: bool = True,
+    desc: str = "audio2motion",
+    callback: Callable | None = None,
+    writer=None,
+    select_initial: bool = False,
+) -> dict:
     """Train ``net`` in place on windows of ``train``; keep the weights with the best ``val`` r.
 
     Loss: MSE of the unit-variance PCA coefficients + ``lambda_vel`` x MSE of their frame
@@ -268,8 +298,11 @@ def fit(net: TCNGenerator, train: list[ClipArrays], val: list[ClipArrays], tcfg:
     if tcfg.lambda_open > 0:  # a quarter of the median per-window opening std of the training clips
         from avatar.motion.metrics import mouth_opening
 
-        stds = [mouth_opening(c.expr[a: a + tcfg.window].reshape(-1, 68, 3) + c.mean).std()
-                for c in train for a in range(0, max(1, len(c) - tcfg.window + 1), tcfg.window)]
+        stds = [
+            mouth_opening(c.expr[a : a + tcfg.window].reshape(-1, 68, 3) + c.mean).std()
+            for c in train
+            for a in range(0, max(1, len(c) - tcfg.window + 1), tcfg.window)
+        ]
         min_std = 0.25 * float(np.median(stds))
     best = {"val_open_r": -math.inf}
     best_state, best_step = None, 0
@@ -295,8 +328,11 @@ def fit(net: TCNGenerator, train: list[ClipArrays], val: list[ClipArrays], tcfg:
         target = net.coefficients(y)
         coef = net(x)
         recon = net.expression(coef)
-        loss = (F.mse_loss(coef, target) + tcfg.lambda_vel * F.mse_loss(coef[:, 1:] - coef[:, :-1], target[:, 1:] - target[:, :-1])
-                + (((recon - y) ** 2) * mw).mean() / (net.coef_std ** 2).mean())
+        loss = (
+            F.mse_loss(coef, target)
+            + tcfg.lambda_vel * F.mse_loss(coef[:, 1:] - coef[:, :-1], target[:, 1:] - target[:, :-1])
+            + (((recon - y) ** 2) * mw).mean() / (net.coef_std**2).mean()
+        )
         if tcfg.lambda_open > 0:
             means = torch.from_numpy(np.stack(ms)).to(device)
             loss = loss + tcfg.lambda_open * opening_loss(recon, y, means, min_std)
@@ -359,9 +395,17 @@ FINETUNE_PRESETS: dict[str, RegressionTrainConfig] = {
 }
 
 
-def finetune_generator(generator: str | Path, dataset: str | Path, out: str | Path, preset: str = "cpu",
-                       overwrite: bool = False, progress: bool = True, callback: Callable | None = None,
-                       cancel=None, seed: int = 0) -> Path:
+def finetune_generator(
+    generator: str | Path,
+    dataset: str | Path,
+    out: str | Path,
+    preset: str = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    callback: Callable | None = None,
+    cancel=None,
+    seed: int = 0,
+) -> Path:
     """Adapt the shared audio2motion to one person: fine-tune on the person's own audio and tracked
     landmarks (the dataset's training range); the checkpoint (the shared weights included) with the
     best mouth-opening r on the person's validation tail is kept.
@@ -421,15 +465,35 @@ def finetune_generator(generator: str | Path, dataset: str | Path, out: str | Pa
                 callback(frac, msg)
 
         t0 = time.perf_counter()
-        m = fit(net, train, val, tcfg, silence, progress=progress, desc="audio2motion (person)", callback=cb,
-                select_initial=True)
-        metrics.update({"person_shared_val_open_r": shared["val_open_r"], "person_val_open_r": m["val_open_r"],
-                        "person_val_mouth_lmd": m["val_mouth_lmd"],
-                        "person_val_mean_shape_mouth_lmd": m["val_mean_shape_mouth_lmd"],
-                        "person_best_step": m["best_step"], "person_steps": tcfg.steps,
-                        "person_seconds": round(time.perf_counter() - t0, 1), "person_dataset": str(ds.root)})
+        m = fit(
+            net,
+            train,
+            val,
+            tcfg,
+            silence,
+            progress=progress,
+            desc="audio2motion (person)",
+            callback=cb,
+            select_initial=True,
+        )
+        metrics.update(
+            {
+                "person_shared_val_open_r": shared["val_open_r"],
+                "person_val_open_r": m["val_open_r"],
+                "person_val_mouth_lmd": m["val_mouth_lmd"],
+                "person_val_mean_shape_mouth_lmd": m["val_mean_shape_mouth_lmd"],
+                "person_best_step": m["best_step"],
+                "person_steps": tcfg.steps,
+                "person_seconds": round(time.perf_counter() - t0, 1),
+                "person_dataset": str(ds.root),
+            }
+        )
         save_module(net, tmp / GENERATOR_FILE)
         write_json(tmp, METRICS, metrics)
-    log.info("person audio2motion: validation-tail mouth r %.3f (shared model %.3f), checkpoint step %d",
-             m["val_open_r"], shared["val_open_r"], m["best_step"])
+    log.info(
+        "person audio2motion: validation-tail mouth r %.3f (shared model %.3f), checkpoint step %d",
+        m["val_open_r"],
+        shared["val_open_r"],
+        m["best_step"],
+    )
     return out

@@ -11,6 +11,7 @@ Confidence (SyncNet, Chung & Zisserman 2016, Sec. 4.2): for every audio/video of
 offset is the argmin and ``confidence = median(distances) - min(distances)`` (unitless, cosine-
 distance units; higher = more clearly in sync; ~0 for unrelated audio).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torch.nn import functional as F
 from avatar.data.dataset import MOUTH
 
 AUDIO_WIN = 10  # feature frames (50 Hz) = 0.2 s
-VIDEO_WIN = 5   # video frames (25 fps) = 0.2 s
+VIDEO_WIN = 5  # video frames (25 fps) = 0.2 s
 
 
 @dataclass
@@ -52,14 +53,19 @@ class LandmarkSyncNet(nn.Module):
         self.cfg = cfg
         h = cfg.hidden
         self.audio = nn.Sequential(
-            nn.Conv1d(cfg.feature_dim, h, 3, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv1d(h, h, 3, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv1d(h, h, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # 10 -> 5
+            nn.Conv1d(cfg.feature_dim, h, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv1d(h, h, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv1d(h, h, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),  # 10 -> 5
         )
         self.audio_fc = nn.Linear(h * VIDEO_WIN, cfg.embed)
         self.mouth = nn.Sequential(
-            nn.Conv1d(len(MOUTH) * 3, h, 3, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv1d(h, h, 3, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv1d(len(MOUTH) * 3, h, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv1d(h, h, 3, padding=1),
+            nn.LeakyReLU(0.2),
         )
         self.mouth_fc = nn.Linear(h * VIDEO_WIN, cfg.embed)
         self.logit_w = nn.Parameter(torch.tensor(5.0))
@@ -86,8 +92,13 @@ def windows(x: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
     return x[idx]
 
 
-def sync_loss(syncnet: LandmarkSyncNet, features: torch.Tensor, expr: torch.Tensor, n_windows: int = 8,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+def sync_loss(
+    syncnet: LandmarkSyncNet,
+    features: torch.Tensor,
+    expr: torch.Tensor,
+    n_windows: int = 8,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """BCE pushing predicted mouths to be judged in sync (GeneFace's L_sync).
 
     Args:
@@ -106,8 +117,9 @@ def sync_loss(syncnet: LandmarkSyncNet, features: torch.Tensor, expr: torch.Tens
 
 
 @torch.no_grad()
-def sync_confidence(syncnet: LandmarkSyncNet, features: torch.Tensor, expr: torch.Tensor,
-                    max_offset: int = 15) -> dict[str, float]:
+def sync_confidence(
+    syncnet: LandmarkSyncNet, features: torch.Tensor, expr: torch.Tensor, max_offset: int = 15
+) -> dict[str, float]:
     """SyncNet-style AV offset and confidence of one clip.
 
     Args:

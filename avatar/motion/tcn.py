@@ -7,6 +7,7 @@ described in :mod:`avatar.motion.regression` and ``docs/MOTION.md``.
 
 Tensor shapes: features float32 [F, D] at 50 Hz (F = 2T), expression float32 [T, 204] at 25 fps.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ from torch.nn import functional as F
 from avatar.motion.layers import ChannelNorm
 
 EXPR_DIM = 68 * 3
-ENERGY_FLOOR = -4.0          # relative log10 energy of silence (40 dB below the window's peak)
-ENERGY_REF_MIN = -1.5        # log10 of the summed mel power below which a window's peak counts as silence
+ENERGY_FLOOR = -4.0  # relative log10 energy of silence (40 dB below the window's peak)
+ENERGY_REF_MIN = -1.5  # log10 of the summed mel power below which a window's peak counts as silence
 
 
 @dataclass
@@ -28,18 +29,18 @@ class RegressionConfig:
     """Architecture + input transform of :class:`TCNGenerator` (stored in the bundle's config.json)."""
 
     model: str = "tcn"
-    feature_dim: int = 80         # raw feature dimension (80 log-mel bins, or HuBERT's)
-    cmn: bool = True              # subtract the causal sliding mean per bin (else: raw features, normalised
-                                  # only by the corpus statistics)
-    energy: bool = True           # append the relative log-energy channel (log-mel features only)
-    cmn_window: int = 100         # feature frames (2 s) of the causal sliding mean / energy peak
+    feature_dim: int = 80  # raw feature dimension (80 log-mel bins, or HuBERT's)
+    cmn: bool = True  # subtract the causal sliding mean per bin (else: raw features, normalised
+    # only by the corpus statistics)
+    energy: bool = True  # append the relative log-energy channel (log-mel features only)
+    cmn_window: int = 100  # feature frames (2 s) of the causal sliding mean / energy peak
     hidden: int = 128
     kernel: int = 3
     dilations: tuple[int, ...] = (1, 2, 4, 4)
     dropout: float = 0.2
-    n_basis: int = 16             # PCA components of the expression predicted
-    future: int = -1              # video frames of future audio a frame may see (lookahead for streaming);
-                                  # -1: symmetric, receptive_frames() each side
+    n_basis: int = 16  # PCA components of the expression predicted
+    future: int = -1  # video frames of future audio a frame may see (lookahead for streaming);
+    # -1: symmetric, receptive_frames() each side
 
     def paddings(self) -> list[tuple[int, int]]:
         """(left, right) zero padding of each dilated convolution: symmetric, or with the right

@@ -3,6 +3,7 @@
 Public API: :func:`load_nerf` / :class:`AvatarNerf` (inference), :func:`train_nerf` (training),
 :class:`HashGridEncoding` (the encoding), presets in :mod:`avatar.nerf.presets`.
 """
+
 from avatar.nerf.encoding import HashGridEncoding
 from avatar.nerf.inference import AvatarNerf, load_nerf
 

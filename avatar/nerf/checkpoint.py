@@ -6,6 +6,7 @@ states as tensors, and the step, parameter groups and numpy RNG state as metadat
 (:func:`avatar.nerf.model.atomic_save`), so a killed run leaves the previous checkpoint whole and a
 resumed run continues bit for bit.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,15 @@ class Checkpoint:
     def __init__(self, path: Path):
         self.path = path
 
-    def save(self, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator,
-             torch_gen: torch.Generator, extra: dict | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        rng: np.random.Generator,
+        torch_gen: torch.Generator,
+        extra: dict | None = None,
+    ) -> None:
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         sd = opt.state_dict()
         for pid, st in sd["state"].items():
@@ -33,12 +41,17 @@ class Checkpoint:
                 tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.generator"] = torch_gen.get_state()
-        meta = {"step": str(step), "param_groups": json.dumps(sd["param_groups"]),
-                "numpy_rng": json.dumps(rng.bit_generator.state), "extra": json.dumps(extra or {})}
+        meta = {
+            "step": str(step),
+            "param_groups": json.dumps(sd["param_groups"]),
+            "numpy_rng": json.dumps(rng.bit_generator.state),
+            "extra": json.dumps(extra or {}),
+        }
         atomic_save(tensors, self.path, meta)
 
-    def load(self, model: torch.nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator,
-             torch_gen: torch.Generator) -> tuple[int, dict]:
+    def load(
+        self, model: torch.nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator, torch_gen: torch.Generator
+    ) -> tuple[int, dict]:
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -15,6 +15,7 @@ PyTorch sampler. Its state (``estimator.occs`` float32 [G^3] EMA of ``sigma * st
 ``estimator.binaries`` bool [1, G, G, G], ``estimator.aabbs`` [1, 6], ``estimator.resolution``
 int32 [3]) lives in the head model's state dict, i.e. in ``model.safetensors`` and checkpoints.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,11 @@ def use_nerfacc(device: torch.device | str) -> bool:
         return True
     if not _warned:
         _warned = True
-        log.warning("nerfacc CUDA extension unavailable (%s); head rays use the PyTorch sampler. "
-                    "Install nerfacc with CUDA support (prebuilt wheel or nvcc for its JIT build).", err)
+        log.warning(
+            "nerfacc CUDA extension unavailable (%s); head rays use the PyTorch sampler. "
+            "Install nerfacc with CUDA support (prebuilt wheel or nvcc for its JIT build).",
+            err,
+        )
     return False
 
 
@@ -121,7 +125,7 @@ def estimator_from_grid(estimator: OccGridEstimator, grid_density: torch.Tensor,
         return
     occs = (d * step).reshape(-1)
     estimator.occs.copy_(occs)
-    thre = torch.clamp(occs.mean(), max=OCC_THRE)   # the rule of nerfacc's own update
+    thre = torch.clamp(occs.mean(), max=OCC_THRE)  # the rule of nerfacc's own update
     estimator.binaries.copy_((occs > thre).view(estimator.binaries.shape))
 
 
@@ -132,8 +136,15 @@ def grid_from_estimator(estimator: OccGridEstimator, step: float) -> torch.Tenso
     return (estimator.occs.float() / step).reshape(G).clone()
 
 
-def update_estimator(estimator: OccGridEstimator, field, cond_fn: Callable[[], torch.Tensor], step: int,
-                     n_samples: int, every: int, warmup: int) -> None:
+def update_estimator(
+    estimator: OccGridEstimator,
+    field,
+    cond_fn: Callable[[], torch.Tensor],
+    step: int,
+    n_samples: int,
+    every: int,
+    warmup: int,
+) -> None:
     """One training-step call of ``OccGridEstimator.update_every_n_steps`` for the head field.
 
     Every ``every`` steps the occupancy ``sigma(x) * step_size`` is evaluated at jittered cell
@@ -155,9 +166,17 @@ def update_estimator(estimator: OccGridEstimator, field, cond_fn: Callable[[], t
     estimator.update_every_n_steps(step, occ_eval_fn, occ_thre=OCC_THRE, warmup_steps=warmup, n=every)
 
 
-def render_head_rays_nerfacc(field, estimator: OccGridEstimator, origins: torch.Tensor, dirs: torch.Tensor,
-                             cond: torch.Tensor, code: torch.Tensor, n_samples: int, jitter: bool = False,
-                             amp: bool = False) -> dict[str, torch.Tensor]:
+def render_head_rays_nerfacc(
+    field,
+    estimator: OccGridEstimator,
+    origins: torch.Tensor,
+    dirs: torch.Tensor,
+    cond: torch.Tensor,
+    code: torch.Tensor,
+    n_samples: int,
+    jitter: bool = False,
+    amp: bool = False,
+) -> dict[str, torch.Tensor]:
     """Render head rays through the occupancy-grid estimator (CUDA only), packed samples.
 
     Args:
@@ -187,27 +206,57 @@ def render_head_rays_nerfacc(field, estimator: OccGridEstimator, origins: torch.
             return field.density(x, cond[ray_indices])[0].float()
 
     ray_indices, t_starts, t_ends = estimator.sampling(
-        origins, dirs, sigma_fn=sigma_fn, render_step_size=step, stratified=jitter,
-        alpha_thre=0.0 if torch.is_grad_enabled() else INFER_ALPHA_THRE)
+        origins,
+        dirs,
+        sigma_fn=sigma_fn,
+        render_step_size=step,
+        stratified=jitter,
+        alpha_thre=0.0 if torch.is_grad_enabled() else INFER_ALPHA_THRE,
+    )
     ray_indices = ray_indices.long()
     dev = origins.device
     if ray_indices.numel() == 0:
         z = torch.zeros(N, device=dev)
-        return {"rgb": torch.zeros(N, 3, device=dev), "acc": z, "ambient": z.clone(), "depth": z.clone(),
-                "weights": torch.zeros(0, device=dev), "ray_indices": ray_indices}
+        return {
+            "rgb": torch.zeros(N, 3, device=dev),
+            "acc": z,
+            "ambient": z.clone(),
+            "depth": z.clone(),
+            "weights": torch.zeros(0, device=dev),
+            "ray_indices": ray_indices,
+        }
     tm = 0.5 * (t_starts + t_ends)
     x = origins[ray_indices] + dirs[ray_indices] * tm[:, None]
     with field_ctx():
         sigma, rgb, amb = field(x, dirs[ray_indices], cond[ray_indices], code[ray_indices])
     with torch.autocast("cuda", enabled=False):
-        weights, _, _ = nerfacc.render_weight_from_density(t_starts.float(), t_ends.float(), sigma.float(),
-                                                           ray_indices=ray_indices, n_rays=N)
-        values = torch.cat((rgb.float(), torch.ones_like(tm)[:, None], amb.float().abs().sum(-1, keepdim=True),
-                            tm[:, None].float()), -1)                                    # [M, 6]
+        weights, _, _ = nerfacc.render_weight_from_density(
+            t_starts.float(), t_ends.float(), sigma.float(), ray_indices=ray_indices, n_rays=N
+        )
+        values = torch.cat(
+            (rgb.float(), torch.ones_like(tm)[:, None], amb.float().abs().sum(-1, keepdim=True), tm[:, None].float()),
+            -1,
+        )  # [M, 6]
         acc = nerfacc.accumulate_along_rays(weights, values, ray_indices=ray_indices, n_rays=N)  # [N, 6]
-    return {"rgb": acc[:, :3], "acc": acc[:, 3], "ambient": acc[:, 4], "depth": acc[:, 5],
-            "weights": weights, "ray_indices": ray_indices}
+    return {
+        "rgb": acc[:, :3],
+        "acc": acc[:, 3],
+        "ambient": acc[:, 4],
+        "depth": acc[:, 5],
+        "weights": weights,
+        "ray_indices": ray_indices,
+    }
 
 
-__all__ = ["INFER_ALPHA_THRE", "OCC_THRE", "estimator_from_grid", "estimator_is_empty", "grid_from_estimator",
-           "make_estimator", "render_head_rays_nerfacc", "render_step_size", "update_estimator", "use_nerfacc"]
+__all__ = [
+    "INFER_ALPHA_THRE",
+    "OCC_THRE",
+    "estimator_from_grid",
+    "estimator_is_empty",
+    "grid_from_estimator",
+    "make_estimator",
+    "render_head_rays_nerfacc",
+    "render_step_size",
+    "update_estimator",
+    "use_nerfacc",
+]

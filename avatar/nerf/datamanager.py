@@ -10,6 +10,7 @@ over the whole frame, half of them on torso/neck pixels). The pixel boxes (:func
 :func:`face_box`) and :func:`landmark_window` are shared with evaluation (:mod:`avatar.nerf.evaluate`).
 Every random draw goes through the ``rng`` handed in, in a fixed order, so a seed gives the same batches.
 """
+
 from __future__ import annotations
 
 import logging
@@ -80,12 +81,14 @@ class FramePixels:
         self.decoded = device.type == "cuda" or nbytes <= DECODE_BUDGET_BYTES
         t0 = time.perf_counter()
         if self.decoded:
-            self.masks_host = ds.masks.decode_all()                      # uint8 [N, S, S]
+            self.masks_host = ds.masks.decode_all()  # uint8 [N, S, S]
             self.frames = torch.from_numpy(ds.frames.decode_all()).to(device)  # uint8 [N, S, S, 3]
-            self.masks = torch.from_numpy(self.masks_host).to(device)   # uint8 [N, S, S]
+            self.masks = torch.from_numpy(self.masks_host).to(device)  # uint8 [N, S, S]
         self.seconds = time.perf_counter() - t0
         if self.decoded:
-            log.info("decoded %d frames of %d px once (%.1f s, %.0f MB on %s)", n, S, self.seconds, nbytes / 1e6, device)
+            log.info(
+                "decoded %d frames of %d px once (%.1f s, %.0f MB on %s)", n, S, self.seconds, nbytes / 1e6, device
+            )
 
     def mask(self, f: int) -> np.ndarray:
         """uint8 [S, S] labels of frame ``f`` (host)."""
@@ -128,14 +131,18 @@ def head_box_coverage(ds: Dataset, aabb: torch.Tensor, frames: np.ndarray, max_f
     the head (typically the top of the hair): those pixels cannot be rendered by the head NeRF and
     show a seam / a ghost crown where the torso and plate fill in (issue 18). Returns 1.0 when no
     head pixel exists."""
-    pick = np.asarray(frames)[np.unique(np.linspace(0, len(frames) - 1, min(len(frames), max_frames)).round().astype(int))]
+    pick = np.asarray(frames)[
+        np.unique(np.linspace(0, len(frames) - 1, min(len(frames), max_frames)).round().astype(int))
+    ]
     pose = torch.from_numpy(np.asarray(ds.pose, dtype=np.float32)[pick])
     hit, total = 0, 0
     for f, P in zip(pick, pose):
         ys, xs = np.nonzero(np.asarray(ds.masks[int(f)]) == MASK_HEAD)
         if not len(xs):
             continue
-        o, d = camera_rays(torch.from_numpy(np.stack((xs, ys), -1)).float(), ds.intrinsics, torch.linalg.inv(P), ds.head_scale)
+        o, d = camera_rays(
+            torch.from_numpy(np.stack((xs, ys), -1)).float(), ds.intrinsics, torch.linalg.inv(P), ds.head_scale
+        )
         hit += int(ray_aabb(o, d, aabb)[2].sum())
         total += len(xs)
     return hit / total if total else 1.0
@@ -168,8 +175,11 @@ class Scene:
         if self.box_top != cfg.head.box_top:
             log.info("head box raised to %.1f units above the landmarks to hold the hair", self.box_top)
         if self.box_coverage < 0.99:
-            log.warning("the head box meets only %.1f %% of the head-mask pixels; the rest will show the torso / "
-                        "plate through a seam", 100 * self.box_coverage)
+            log.warning(
+                "the head box meets only %.1f %% of the head-mask pixels; the rest will show the torso / "
+                "plate through a seam",
+                100 * self.box_coverage,
+            )
         self.lm3d = torch.from_numpy(np.array(ds.lm3d, dtype=np.float32))
         self.blink = torch.from_numpy(np.array(ds.blink, dtype=np.float32))
         self.pose = torch.from_numpy(np.array(ds.pose, dtype=np.float32))
@@ -265,8 +275,12 @@ class TorsoBatch:
             ys, xs = np.nonzero(msk == MASK_TORSO)
             n_t = cfg.rays_per_frame // 2 if len(xs) else 0
             sel = rng.integers(0, max(len(xs), 1), n_t)
-            p = np.concatenate((np.stack((xs[sel], ys[sel]), -1).reshape(-1, 2),
-                                sample_pixels(rng, cfg.rays_per_frame - n_t, (0, 0, S, S))))
+            p = np.concatenate(
+                (
+                    np.stack((xs[sel], ys[sel]), -1).reshape(-1, 2),
+                    sample_pixels(rng, cfg.rays_per_frame - n_t, (0, 0, S, S)),
+                )
+            )
             pix.append(p)
             fid.append(np.full(len(p), f))
         self.frames = frames

@@ -30,6 +30,7 @@ table trained with one backend renders identically with the other; the Triton ke
   tiny-cuda-nn's flat parameter vector is this table flattened. Initialised ``U(-1e-4, 1e-4)``.
 * output layout: level-major, ``out[:, l * F + f]``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -104,8 +105,9 @@ class _HashGridFunction(torch.autograd.Function):
             else:
                 # CPU: one bincount per feature is ~15x faster than index_add_ with int32 indices
                 flat = flat.long()
-                grad_table = torch.stack([torch.bincount(flat, weights=src[:, f], minlength=ctx.table_rows)
-                                          for f in range(F)], -1).to(grad_out.dtype)
+                grad_table = torch.stack(
+                    [torch.bincount(flat, weights=src[:, f], minlength=ctx.table_rows) for f in range(F)], -1
+                ).to(grad_out.dtype)
         if ctx.needs_input_grad[0]:
             d = frac.shape[-1]
             # dot[B, L, C] = <grad_out, feature of corner c>
@@ -149,35 +151,45 @@ class HashGridEncoding(nn.Module):
     Source: Mueller et al., "Instant Neural Graphics Primitives", SIGGRAPH 2022, Sec. 3.
     """
 
-    def __init__(self, dim: int = 3, n_levels: int = 16, n_features_per_level: int = 2,
-                 log2_hashmap_size: int = 19, base_resolution: int = 16,
-                 finest_resolution: int | None = 2048, per_level_scale: float | None = None,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        dim: int = 3,
+        n_levels: int = 16,
+        n_features_per_level: int = 2,
+        log2_hashmap_size: int = 19,
+        base_resolution: int = 16,
+        finest_resolution: int | None = 2048,
+        per_level_scale: float | None = None,
+        backend: str = "auto",
+    ):
         super().__init__()
         if dim not in (2, 3):
             raise ValueError(f"HashGridEncoding supports dim 2 or 3, got {dim}")
-        self.cfg = HashGridConfig(dim, n_levels, n_features_per_level, log2_hashmap_size,
-                                  base_resolution, finest_resolution, per_level_scale)
+        self.cfg = HashGridConfig(
+            dim, n_levels, n_features_per_level, log2_hashmap_size, base_resolution, finest_resolution, per_level_scale
+        )
         scales, res, rows, offsets = level_layout(self.cfg)
         self.resolutions = res
         self.level_rows = rows
         self.output_dim = n_levels * n_features_per_level
         self.table = nn.Parameter(torch.empty(sum(rows), n_features_per_level).uniform_(-1e-4, 1e-4))
-        is_hash = [r ** dim > t for r, t in zip(res, rows)]
+        is_hash = [r**dim > t for r, t in zip(res, rows)]
         mults = []
         for r, h in zip(res, is_hash):
-            mults.append([_as_int32(PRIMES[i]) for i in range(dim)] if h else [r ** i for i in range(dim)])
+            mults.append([_as_int32(PRIMES[i]) for i in range(dim)] if h else [r**i for i in range(dim)])
         self.register_buffer("_scales", torch.tensor(scales, dtype=torch.float32), persistent=False)
         self.register_buffer("_mults", torch.tensor(mults, dtype=torch.int32), persistent=False)
         self.register_buffer("_is_hash", torch.tensor(is_hash), persistent=False)
         self.register_buffer("_rows", torch.tensor(rows, dtype=torch.int32), persistent=False)
         self.register_buffer("_offsets", torch.tensor(offsets, dtype=torch.int32), persistent=False)
-        corners = [[(c >> (dim - 1 - i)) & 1 for i in range(dim)] for c in range(2 ** dim)]
+        corners = [[(c >> (dim - 1 - i)) & 1 for i in range(dim)] for c in range(2**dim)]
         self.register_buffer("_corners", torch.tensor(corners, dtype=torch.int32), persistent=False)
         if backend not in ("auto", "torch", "tcnn", "triton"):
             raise ValueError(f"unknown hash-grid backend {backend!r}; use auto, torch, tcnn or triton")
         if backend == "tcnn" and not _tcnn_available():
-            raise ValueError("backend='tcnn' needs tinycudann and a CUDA GPU; install the [cuda] extra or use backend='torch'")
+            raise ValueError(
+                "backend='tcnn' needs tinycudann and a CUDA GPU; install the [cuda] extra or use backend='torch'"
+            )
         self.backend = backend
         self._tcnn: Any = None  # tinycudann.Encoding, built on first CUDA use
 
@@ -209,8 +221,9 @@ class HashGridEncoding(nn.Module):
                     raise
                 log.warning("tinycudann encoding failed (%s); using the PyTorch hash grid", e)
                 self.backend = "torch"
-        out = _HashGridFunction.apply(x, self.table, self._scales, self._mults, self._is_hash,
-                                      self._rows, self._offsets, self._corners)
+        out = _HashGridFunction.apply(
+            x, self.table, self._scales, self._mults, self._is_hash, self._rows, self._offsets, self._corners
+        )
         return out.reshape(x.shape[0], self.output_dim)
 
     def _forward_tcnn(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,14 +238,17 @@ class HashGridEncoding(nn.Module):
         # flattened has the same layout, so gradients land in `self.table`.
         from tinycudann.modules import _module_function
 
-        out = _module_function.apply(self._tcnn.native_tcnn_module, x.contiguous(),
-                                     self.table.view(-1).contiguous(), self._tcnn.loss_scale)
+        out = _module_function.apply(
+            self._tcnn.native_tcnn_module, x.contiguous(), self.table.view(-1).contiguous(), self._tcnn.loss_scale
+        )
         return out.float()
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return (f"dim={c.dim}, levels={c.n_levels}x{c.n_features_per_level}, T=2^{c.log2_hashmap_size}, "
-                f"N_min={c.base_resolution}, b={c.resolved_per_level_scale():.4f}, backend={self.backend}")
+        return (
+            f"dim={c.dim}, levels={c.n_levels}x{c.n_features_per_level}, T=2^{c.log2_hashmap_size}, "
+            f"N_min={c.base_resolution}, b={c.resolved_per_level_scale():.4f}, backend={self.backend}"
+        )
 
 
 def hashgrid_reference(x: torch.Tensor, table: torch.Tensor, cfg: HashGridConfig) -> torch.Tensor:
@@ -249,7 +265,7 @@ def hashgrid_reference(x: torch.Tensor, table: torch.Tensor, cfg: HashGridConfig
         v0 = torch.floor(p).long()
         f = p - torch.floor(p)
         acc = 0
-        for c in range(2 ** d):
+        for c in range(2**d):
             bits = [(c >> i) & 1 for i in range(d)]
             v = [v0[:, i] + bits[i] for i in range(d)]
             w = 1

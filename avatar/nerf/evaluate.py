@@ -8,6 +8,7 @@ scores), the mean training frame and the background plate alone. :func:`fidelity
 side by side. Writes ``metrics.json``, ``table.txt``, a side-by-side MP4 (ground truth | render) and
 PNGs of a few frames.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,13 +75,23 @@ def fidelity_table(metrics: dict) -> str:
         m = metrics.get(name)
         if not m:
             continue
-        gain = "" if name == "render" else f"{r['psnr_full'] - m['psnr_full']:+.2f} / {r['psnr_mouth'] - m['psnr_mouth']:+.2f}"
+        gain = (
+            ""
+            if name == "render"
+            else f"{r['psnr_full'] - m['psnr_full']:+.2f} / {r['psnr_mouth'] - m['psnr_mouth']:+.2f}"
+        )
         lines.append(f"{name:<13}" + "".join(f"{m[c]:>12.4f}" for c in cols) + f"{gain:>30}")
     return "\n".join(lines)
 
 
-def evaluate_nerf(dataset: str | Path, model: str | Path, out: str | Path | None = None, max_frames: int | None = None,
-                  progress: bool = True, device: str | None = None) -> dict:
+def evaluate_nerf(
+    dataset: str | Path,
+    model: str | Path,
+    out: str | Path | None = None,
+    max_frames: int | None = None,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict:
     """Evaluate ``model`` (an ``avatar train-nerf`` output) on ``dataset``'s validation frames.
 
     Returns the metrics dict (also written to ``out/metrics.json`` when ``out`` is given, with
@@ -140,7 +151,10 @@ def evaluate_nerf(dataset: str | Path, model: str | Path, out: str | Path | None
                 writer.write(frame)
             if outp and n < 3:
                 import cv2
-                cv2.imwrite(str(outp / f"frame_{f:05d}.png"), cv2.cvtColor(np.concatenate((gt, img), 1), cv2.COLOR_RGB2BGR))
+
+                cv2.imwrite(
+                    str(outp / f"frame_{f:05d}.png"), cv2.cvtColor(np.concatenate((gt, img), 1), cv2.COLOR_RGB2BGR)
+                )
     finally:
         if writer is not None:
             writer.__exit__(None, None, None)

@@ -6,6 +6,7 @@ Sec. 3: audio-spatial decomposition, here landmark-spatial); AD-NeRF's ``AudioAt
 smoothing (Guo et al., ICCV 2021, Sec. 3.2); spherical harmonics view encoding as in PlenOctrees
 (Yu et al. 2021, App. / Instant-NGP "SphericalHarmonics" degree 4).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,12 +25,12 @@ class HeadConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     ambient_grid: GridConfig = field(default_factory=lambda: GridConfig(finest_resolution=1024))
     cond_dim: int = 64
-    window: int = 5           # attention smoothing window (frames), AD-NeRF smo_win_size
+    window: int = 5  # attention smoothing window (frames), AD-NeRF smo_win_size
     use_blink: bool = True
     hidden: int = 64
     geo_dim: int = 64
-    ind_dim: int = 4          # per-frame individual code
-    box_margin: float = 0.9   # head box = landmark bbox + margin (canonical units)
+    ind_dim: int = 4  # per-frame individual code
+    box_margin: float = 0.9  # head box = landmark bbox + margin (canonical units)
     # extra room above the landmark box for the hair (canonical units; the trainer raises it further until
     # the rays of >= 99.5 % of the head-mask pixels meet the box). With the margin alone (0.9) the box top
     # cut through the hair of the acosta clip (95 % of head pixels met): the head was opaque only below a
@@ -73,8 +74,15 @@ def frequency_encoding(x: torch.Tensor, n_freqs: int) -> torch.Tensor:
 _C0 = 0.28209479177387814
 _C1 = 0.4886025119029199
 _C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
-_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154,
-       -0.4570457994644658, 1.445305721320277, -0.5900435899266435)
+_C3 = (
+    -0.5900435899266435,
+    2.890611442640554,
+    -0.4570457994644658,
+    0.3731763325901154,
+    -0.4570457994644658,
+    1.445305721320277,
+    -0.5900435899266435,
+)
 
 
 def sh_encoding(d: torch.Tensor) -> torch.Tensor:
@@ -84,14 +92,27 @@ def sh_encoding(d: torch.Tensor) -> torch.Tensor:
     """
     x, y, z = d.unbind(-1)
     xx, yy, zz = x * x, y * y, z * z
-    return torch.stack((
-        torch.full_like(x, _C0),
-        -_C1 * y, _C1 * z, -_C1 * x,
-        _C2[0] * x * y, _C2[1] * y * z, _C2[2] * (2 * zz - xx - yy), _C2[3] * x * z, _C2[4] * (xx - yy),
-        _C3[0] * y * (3 * xx - yy), _C3[1] * x * y * z, _C3[2] * y * (4 * zz - xx - yy),
-        _C3[3] * z * (2 * zz - 3 * xx - 3 * yy), _C3[4] * x * (4 * zz - xx - yy), _C3[5] * z * (xx - yy),
-        _C3[6] * x * (xx - 3 * yy),
-    ), -1)
+    return torch.stack(
+        (
+            torch.full_like(x, _C0),
+            -_C1 * y,
+            _C1 * z,
+            -_C1 * x,
+            _C2[0] * x * y,
+            _C2[1] * y * z,
+            _C2[2] * (2 * zz - xx - yy),
+            _C2[3] * x * z,
+            _C2[4] * (xx - yy),
+            _C3[0] * y * (3 * xx - yy),
+            _C3[1] * x * y * z,
+            _C3[2] * y * (4 * zz - xx - yy),
+            _C3[3] * z * (2 * zz - 3 * xx - 3 * yy),
+            _C3[4] * x * (4 * zz - xx - yy),
+            _C3[5] * z * (xx - yy),
+            _C3[6] * x * (xx - 3 * yy),
+        ),
+        -1,
+    )
 
 
 class _TruncExp(torch.autograd.Function):
@@ -126,13 +147,22 @@ class ConditionNet(nn.Module):
         super().__init__()
         self.use_blink = use_blink
         n_in = 68 * 3 + (1 if use_blink else 0)
-        self.frame_net = nn.Sequential(nn.Linear(n_in, 128), nn.LeakyReLU(0.02, True), nn.Linear(128, 128),
-                                       nn.LeakyReLU(0.02, True), nn.Linear(128, cond_dim))
+        self.frame_net = nn.Sequential(
+            nn.Linear(n_in, 128),
+            nn.LeakyReLU(0.02, True),
+            nn.Linear(128, 128),
+            nn.LeakyReLU(0.02, True),
+            nn.Linear(128, cond_dim),
+        )
         self.att_conv = nn.Sequential(
-            nn.Conv1d(cond_dim, 16, 3, padding=1), nn.LeakyReLU(0.02, True),
-            nn.Conv1d(16, 8, 3, padding=1), nn.LeakyReLU(0.02, True),
-            nn.Conv1d(8, 4, 3, padding=1), nn.LeakyReLU(0.02, True),
-            nn.Conv1d(4, 1, 3, padding=1))
+            nn.Conv1d(cond_dim, 16, 3, padding=1),
+            nn.LeakyReLU(0.02, True),
+            nn.Conv1d(16, 8, 3, padding=1),
+            nn.LeakyReLU(0.02, True),
+            nn.Conv1d(8, 4, 3, padding=1),
+            nn.LeakyReLU(0.02, True),
+            nn.Conv1d(4, 1, 3, padding=1),
+        )
         self.register_buffer("lm3d_mean", torch.zeros(68, 3))
         self.register_buffer("lm3d_std", torch.ones(68, 3))
         self.register_buffer("blink_mean", torch.zeros(()))
@@ -144,9 +174,9 @@ class ConditionNet(nn.Module):
         if self.use_blink:
             b = torch.full((B, W), float(self.blink_mean), device=lm.device) if blink is None else blink
             x = torch.cat((x, ((b - self.blink_mean) / self.blink_std)[..., None]), -1)
-        feat = self.frame_net(x)                        # [B, W, C]
-        att = self.att_conv(feat.transpose(1, 2))       # [B, 1, W]
-        att = torch.softmax(att.squeeze(1), dim=-1)     # [B, W]
+        feat = self.frame_net(x)  # [B, W, C]
+        att = self.att_conv(feat.transpose(1, 2))  # [B, 1, W]
+        att = torch.softmax(att.squeeze(1), dim=-1)  # [B, W]
         return (att[..., None] * feat).sum(1)
 
 
@@ -164,10 +194,12 @@ class HeadField(nn.Module):
         super().__init__()
         self.cfg = cfg
         g, a = cfg.grid, cfg.ambient_grid
-        self.grid = HashGridEncoding(3, g.n_levels, g.n_features_per_level, g.log2_hashmap_size,
-                                     g.base_resolution, g.finest_resolution)
-        self.ambient_grid = HashGridEncoding(2, a.n_levels, a.n_features_per_level, a.log2_hashmap_size,
-                                             a.base_resolution, a.finest_resolution)
+        self.grid = HashGridEncoding(
+            3, g.n_levels, g.n_features_per_level, g.log2_hashmap_size, g.base_resolution, g.finest_resolution
+        )
+        self.ambient_grid = HashGridEncoding(
+            2, a.n_levels, a.n_features_per_level, a.log2_hashmap_size, a.base_resolution, a.finest_resolution
+        )
         self.cond_net = ConditionNet(cfg.cond_dim, cfg.use_blink)
         d_pos, d_amb = self.grid.output_dim, self.ambient_grid.output_dim
         self.ambient_net = mlp(d_pos + cfg.cond_dim, 2, cfg.hidden, 3)
@@ -220,8 +252,9 @@ class TorsoField(nn.Module):
         super().__init__()
         self.cfg = cfg
         g = cfg.grid
-        self.grid = HashGridEncoding(2, g.n_levels, g.n_features_per_level, g.log2_hashmap_size,
-                                     g.base_resolution, g.finest_resolution)
+        self.grid = HashGridEncoding(
+            2, g.n_levels, g.n_features_per_level, g.log2_hashmap_size, g.base_resolution, g.finest_resolution
+        )
         d_pose = 9 * (1 + 2 * cfg.pose_freqs)
         d_uv = 2 * (1 + 2 * 10)
         self.deform_net = mlp(d_uv + d_pose + cfg.ind_dim, 2, cfg.deform_hidden, 3)

@@ -7,6 +7,7 @@ field configs (``avatar/nerf/fields.py``). The exact index/interpolation semanti
 It sits below both backends so that neither imports the other for its constants (they used to
 import each other).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,14 @@ class HashGridConfig:
     @classmethod
     def of(cls, grid: GridConfig, dim: int) -> HashGridConfig:
         """The full encoding config of a field's :class:`GridConfig` on a ``dim``-D domain."""
-        return cls(dim, grid.n_levels, grid.n_features_per_level, grid.log2_hashmap_size,
-                   grid.base_resolution, grid.finest_resolution)
+        return cls(
+            dim,
+            grid.n_levels,
+            grid.n_features_per_level,
+            grid.log2_hashmap_size,
+            grid.base_resolution,
+            grid.finest_resolution,
+        )
 
     def resolved_per_level_scale(self) -> float:
         if self.finest_resolution is not None:
@@ -86,7 +93,7 @@ def level_layout(cfg: HashGridConfig) -> tuple[list[float], list[int], list[int]
     for lvl in range(cfg.n_levels):
         s = float(torch.tensor(2.0 ** (lvl * log2_b), dtype=torch.float32) * cfg.base_resolution - 1.0)
         r = int(math.ceil(s)) + 1
-        t = min(-(-(r ** cfg.dim) // 8) * 8, 1 << cfg.log2_hashmap_size)
+        t = min(-(-(r**cfg.dim) // 8) * 8, 1 << cfg.log2_hashmap_size)
         scales.append(s)
         res.append(r)
         rows.append(t)

@@ -1,4 +1,5 @@
 """Inference API: ``load_nerf(dir) -> AvatarNerf`` renders composited frames from landmarks + pose."""
+
 from __future__ import annotations
 
 import logging
@@ -34,9 +35,18 @@ class AvatarNerf:
         chunk: head rays per field call (default :data:`CHUNK_CPU` / :data:`CHUNK_CUDA` by device).
     """
 
-    def __init__(self, head: HeadNerf, torso: TorsoNerf | None, size: int, intrinsics: Intrinsics,
-                 head_scale: float, window: int, device: torch.device | str | None = None,
-                 n_samples: int = 32, chunk: int | None = None):
+    def __init__(
+        self,
+        head: HeadNerf,
+        torso: TorsoNerf | None,
+        size: int,
+        intrinsics: Intrinsics,
+        head_scale: float,
+        window: int,
+        device: torch.device | str | None = None,
+        n_samples: int = 32,
+        chunk: int | None = None,
+    ):
         self.device = torch.device(device) if device is not None else next(head.parameters()).device
         configure_threads()  # CPU rendering: torch threads = CPUs this process may use
         self.head = head.to(self.device).eval()
@@ -48,7 +58,7 @@ class AvatarNerf:
         self.n_samples = int(n_samples)
         # rays per field call: small on CPU (cache-friendly), large on a GPU (fewer launches per frame)
         self.chunk = int(chunk) if chunk else (CHUNK_CUDA if self.device.type == "cuda" else CHUNK_CPU)
-        self._background: torch.Tensor | None = (self.torso.background.clone() if self.torso is not None else None)
+        self._background: torch.Tensor | None = self.torso.background.clone() if self.torso is not None else None
 
     def compile(self, **kwargs) -> None:
         """``torch.compile`` the head field's and the torso field's ``forward`` / ``density`` (MLPs fused by
@@ -79,13 +89,20 @@ class AvatarNerf:
             return torch.zeros(size, size, 3, device=self.device)
         bg = bg.float().div(255)
         if bg.shape[0] != size or bg.shape[1] != size:
-            bg = torch.nn.functional.interpolate(bg.permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
-                                                 align_corners=False, antialias=True)[0].permute(1, 2, 0)
+            bg = torch.nn.functional.interpolate(
+                bg.permute(2, 0, 1)[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )[0].permute(1, 2, 0)
         return bg
 
     @torch.no_grad()
-    def render(self, lm3d_window: torch.Tensor, pose: torch.Tensor, blink: torch.Tensor | None = None,
-               background=None, size: int | None = None) -> torch.Tensor:
+    def render(
+        self,
+        lm3d_window: torch.Tensor,
+        pose: torch.Tensor,
+        blink: torch.Tensor | None = None,
+        background=None,
+        size: int | None = None,
+    ) -> torch.Tensor:
         """Render composited frames (background plate -> torso -> head).
 
         Batched: the head rays of all B frames (pixels inside each frame's projected head box) go
@@ -112,7 +129,7 @@ class AvatarNerf:
         head_rgb, head_acc, all_pix, pose = self._head_pass(lm3d_window, pose, blink, size)
         B, P = head_acc.shape
         dev = self.device
-        bg = self._background_at(size, background).reshape(-1, 3)         # [S*S, 3]
+        bg = self._background_at(size, background).reshape(-1, 3)  # [S*S, 3]
         rgb = composite(bg.expand(B, P, 3).reshape(-1, 3), head_rgb.reshape(-1, 3), head_acc.reshape(-1)).view(B, P, 3)
 
         # torso: only inside the person box (outside it the torso is transparent by training)
@@ -120,8 +137,8 @@ class AvatarNerf:
             tf = self.torso.field
             x0, y0, x1, y1 = self._person_box_px(size)
             if x1 > x0 and y1 > y0:
-                box = ((all_pix[:, 0] >= x0) & (all_pix[:, 0] < x1) & (all_pix[:, 1] >= y0) & (all_pix[:, 1] < y1))
-                pidx = box.nonzero().squeeze(1)                                          # [Pb] (static per size)
+                box = (all_pix[:, 0] >= x0) & (all_pix[:, 0] < x1) & (all_pix[:, 1] >= y0) & (all_pix[:, 1] < y1)
+                pidx = box.nonzero().squeeze(1)  # [Pb] (static per size)
                 flat_t = (torch.arange(B, device=dev)[:, None] * P + pidx[None]).reshape(-1)  # [B*Pb]
                 hr, ha = head_rgb.reshape(-1, 3), head_acc.reshape(-1)
                 out_rgb = rgb.reshape(-1, 3)
@@ -136,8 +153,9 @@ class AvatarNerf:
         return (rgb.clamp(0, 1) * 255 + 0.5).to(torch.uint8).view(B, size, size, 3)
 
     @torch.no_grad()
-    def head_alpha(self, lm3d_window: torch.Tensor, pose: torch.Tensor, blink: torch.Tensor | None = None,
-                   size: int | None = None) -> torch.Tensor:
+    def head_alpha(
+        self, lm3d_window: torch.Tensor, pose: torch.Tensor, blink: torch.Tensor | None = None, size: int | None = None
+    ) -> torch.Tensor:
         """Accumulated opacity of the head NeRF alone (what is composited over torso and plate).
 
         Same inputs as :meth:`render`. Returns float32 [B, size, size] in [0, 1] on ``self.device``
@@ -156,8 +174,10 @@ class AvatarNerf:
         lm3d_window = torch.as_tensor(lm3d_window, dtype=torch.float32, device=self.device)
         pose = torch.as_tensor(pose, dtype=torch.float32, device=self.device)
         if lm3d_window.dim() != 4 or lm3d_window.shape[2:] != (68, 3) or pose.shape != (lm3d_window.shape[0], 4, 4):
-            raise InvalidInput(f"render expects lm3d_window [B, W, 68, 3] and pose [B, 4, 4], got "
-                               f"{tuple(lm3d_window.shape)} and {tuple(pose.shape)}")
+            raise InvalidInput(
+                f"render expects lm3d_window [B, W, 68, 3] and pose [B, 4, 4], got "
+                f"{tuple(lm3d_window.shape)} and {tuple(pose.shape)}"
+            )
         if size < 8:
             raise InvalidInput(f"render size must be >= 8 pixels, got {size}")
         B, W = lm3d_window.shape[:2]
@@ -168,28 +188,37 @@ class AvatarNerf:
         blink_w = None
         if field.cfg.use_blink and blink is not None:
             blink_w = torch.as_tensor(blink, dtype=torch.float32, device=dev).reshape(B, 1).expand(B, W)
-        cond = field.cond_net(lm3d_window, blink_w)                       # [B, cond_dim]
+        cond = field.cond_net(lm3d_window, blink_w)  # [B, cond_dim]
         P = size * size
         ys, xs = torch.meshgrid(torch.arange(size, device=dev), torch.arange(size, device=dev), indexing="ij")
-        all_pix = torch.stack((xs, ys), -1).reshape(-1, 2)                # [S*S, 2] (x, y)
+        all_pix = torch.stack((xs, ys), -1).reshape(-1, 2)  # [S*S, 2] (x, y)
 
         # head: every pixel inside the projected head box of its frame, all B frames in one pass
         # (boxes computed on the device; one nonzero() for the batch, no per-frame host sync)
-        bounds = box_pixel_bounds_batch(field.aabb, pose, K, self.head_scale, size)      # [B, 4]
+        bounds = box_pixel_bounds_batch(field.aabb, pose, K, self.head_scale, size)  # [B, 4]
         ax = torch.arange(size, device=dev)
-        in_x = (ax[None] >= bounds[:, 0:1]) & (ax[None] < bounds[:, 2:3])                # [B, S]
-        in_y = (ax[None] >= bounds[:, 1:2]) & (ax[None] < bounds[:, 3:4])                # [B, S]
-        flat = (in_y[:, :, None] & in_x[:, None, :]).reshape(-1).nonzero().squeeze(1)   # [R] index b*P + p
+        in_x = (ax[None] >= bounds[:, 0:1]) & (ax[None] < bounds[:, 2:3])  # [B, S]
+        in_y = (ax[None] >= bounds[:, 1:2]) & (ax[None] < bounds[:, 3:4])  # [B, S]
+        flat = (in_y[:, :, None] & in_x[:, None, :]).reshape(-1).nonzero().squeeze(1)  # [R] index b*P + p
         head_rgb = torch.zeros(B * P, 3, device=dev)
         head_acc = torch.zeros(B * P, device=dev)
-        c2w = torch.linalg.inv(pose)                                                     # [B, 4, 4]
+        c2w = torch.linalg.inv(pose)  # [B, 4, 4]
         for i in range(0, flat.numel(), self.chunk):
             sel = flat[i : i + self.chunk]
             bi = torch.div(sel, P, rounding_mode="floor")
             o, d = camera_rays(all_pix[sel - bi * P].float(), K, c2w[bi], self.head_scale)
             n = sel.numel()
-            r = render_head_rays(field, self.head.occ, o, d, cond[bi], field.individual_code(None, n), self.n_samples,
-                                 estimator=self.head.estimator, amp=True)  # CUDA: nerfacc + bf16
+            r = render_head_rays(
+                field,
+                self.head.occ,
+                o,
+                d,
+                cond[bi],
+                field.individual_code(None, n),
+                self.n_samples,
+                estimator=self.head.estimator,
+                amp=True,
+            )  # CUDA: nerfacc + bf16
             head_rgb[sel] = r["rgb"].float()
             head_acc[sel] = r["acc"].float()
         head_rgb, head_acc = head_rgb.view(B, P, 3), head_acc.view(B, P)
@@ -200,8 +229,12 @@ class AvatarNerf:
         cache = self.__dict__.setdefault("_person_box_cache", {})
         if size not in cache:
             b = self.torso.person_box.detach().float().cpu().tolist()
-            cache[size] = (max(0, math.floor(b[0] * size)), max(0, math.floor(b[1] * size)),
-                           min(size, math.ceil(b[2] * size)), min(size, math.ceil(b[3] * size)))
+            cache[size] = (
+                max(0, math.floor(b[0] * size)),
+                max(0, math.floor(b[1] * size)),
+                min(size, math.ceil(b[2] * size)),
+                min(size, math.ceil(b[3] * size)),
+            )
         return cache[size]
 
 
@@ -227,8 +260,16 @@ def load_nerf(path: str | Path, device: str | torch.device | None = None, n_samp
         log.warning("%s: no torso NeRF; rendering the head over the background plate", path)
     k = info["intrinsics"]
     cfg_samples = info["config"]["train"]["n_samples"]
-    return AvatarNerf(head, torso, info["size"], Intrinsics(**k), info["head_scale"], info["window"], dev,
-                      n_samples=n_samples or cfg_samples)
+    return AvatarNerf(
+        head,
+        torso,
+        info["size"],
+        Intrinsics(**k),
+        info["head_scale"],
+        info["window"],
+        dev,
+        n_samples=n_samples or cfg_samples,
+    )
 
 
 __all__ = ["AvatarNerf", "load_nerf"]

@@ -8,6 +8,7 @@ ramped in over the first quarter of the run. Torso: MSE plus a small penalty on 
 background pixels. Each loss function returns ``(loss, stats)``: the scalar to back-propagate and the
 floats that are logged (``stats["mse"]`` feeds the training PSNR).
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,9 @@ def ambient_ramp(step: int, steps: int) -> float:
     return min(1.0, step / max(1, steps // 4))
 
 
-def head_loss(out: dict[str, torch.Tensor], batch: HeadBatch, cfg: TrainConfig, ramp: float) -> tuple[torch.Tensor, dict]:
+def head_loss(
+    out: dict[str, torch.Tensor], batch: HeadBatch, cfg: TrainConfig, ramp: float
+) -> tuple[torch.Tensor, dict]:
     """Head loss of the rendered rays ``out`` (``rgb``, ``acc``, ``ambient``) against ``batch``."""
     pred = composite(batch.bg, out["rgb"], out["acc"])
     err = ((pred.float() - batch.target) ** 2).mean(-1)
@@ -56,7 +59,7 @@ def torso_loss(out: dict[str, torch.Tensor], batch: TorsoBatch) -> tuple[torch.T
 def psnr_from_mse(mse: float, peak: float = 1.0) -> float:
     """PSNR in dB of a mean squared error on a ``[0, peak]`` scale (inf for a zero error). The one
     PSNR of the project (training logs, ``avatar/nerf/evaluate.py``)."""
-    return float("inf") if mse <= 0 else float(10 * math.log10(peak ** 2 / mse))
+    return float("inf") if mse <= 0 else float(10 * math.log10(peak**2 / mse))
 
 
 def train_psnr(mse: float) -> float:

@@ -8,6 +8,7 @@ On disk (one directory per part)::
 ``config.json`` holds the :class:`NerfConfig` and the dataset facts needed at inference
 (``size``, ``intrinsics``, ``head_scale``, ``n_frames``); weights are safetensors (never pickled).
 """
+
 from __future__ import annotations
 
 import json
@@ -89,9 +90,15 @@ def write_json_atomic(obj: dict, path: Path) -> None:
 def part_info(cfg: NerfConfig, ds) -> dict:
     """config.json content for one part."""
     k = ds.intrinsics
-    return {"config": to_dict(cfg), "size": ds.size, "n_train_frames": len(ds.train_range),
-            "intrinsics": {"fx": k.fx, "fy": k.fy, "cx": k.cx, "cy": k.cy}, "head_scale": ds.head_scale,
-            "window": cfg.head.window, "dataset": str(ds.root)}
+    return {
+        "config": to_dict(cfg),
+        "size": ds.size,
+        "n_train_frames": len(ds.train_range),
+        "intrinsics": {"fx": k.fx, "fy": k.fy, "cx": k.cx, "cy": k.cy},
+        "head_scale": ds.head_scale,
+        "window": cfg.head.window,
+        "dataset": str(ds.root),
+    }
 
 
 def read_part(part_dir: Path) -> tuple[dict, NerfConfig, dict[str, torch.Tensor]]:
@@ -102,7 +109,9 @@ def read_part(part_dir: Path) -> tuple[dict, NerfConfig, dict[str, torch.Tensor]
     """
     cpath, mpath = part_dir / "config.json", part_dir / "model.safetensors"
     if not cpath.is_file() or not mpath.is_file():
-        raise BundleCorrupt(f"{part_dir} has no trained model (config.json + model.safetensors); run `avatar train-nerf`")
+        raise BundleCorrupt(
+            f"{part_dir} has no trained model (config.json + model.safetensors); run `avatar train-nerf`"
+        )
     try:
         info = json.loads(cpath.read_text())
         cfg = from_dict(NerfConfig, info["config"])

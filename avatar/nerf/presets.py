@@ -6,6 +6,7 @@ Presets:
     gpu-full    the product setting on one GPU (RAD-NeRF / GeneFace scale: 2^19 tables,
                 65,536 rays per step, AMP).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -66,8 +67,9 @@ class NerfConfig:
 
 
 def _grid(log2: int, finest: int, levels: int = 16) -> GridConfig:
-    return GridConfig(n_levels=levels, n_features_per_level=2, log2_hashmap_size=log2, base_resolution=16,
-                      finest_resolution=finest)
+    return GridConfig(
+        n_levels=levels, n_features_per_level=2, log2_hashmap_size=log2, base_resolution=16, finest_resolution=finest
+    )
 
 
 PRESETS: dict[str, NerfConfig] = {
@@ -75,9 +77,21 @@ PRESETS: dict[str, NerfConfig] = {
         preset="cpu-smoke",
         head=HeadConfig(grid=_grid(12, 256, 8), ambient_grid=_grid(10, 128, 6), hidden=32, geo_dim=16, cond_dim=32),
         torso=TorsoConfig(grid=_grid(10, 128, 6), hidden=16, deform_hidden=32),
-        train=TrainConfig(head_steps=40, torso_steps=20, frames_per_step=2, rays_per_frame=128, n_samples=12,
-                          lr_grid=5e-2, lr_net=5e-3, occ_resolution=16, occ_every=16, occ_warmup=32,
-                          ckpt_every=10, log_every=10, preview_every=0),
+        train=TrainConfig(
+            head_steps=40,
+            torso_steps=20,
+            frames_per_step=2,
+            rays_per_frame=128,
+            n_samples=12,
+            lr_grid=5e-2,
+            lr_net=5e-3,
+            occ_resolution=16,
+            occ_every=16,
+            occ_warmup=32,
+            ckpt_every=10,
+            log_every=10,
+            preview_every=0,
+        ),
     ),
     "cpu-small": NerfConfig(
         preset="cpu-small",
@@ -85,17 +99,40 @@ PRESETS: dict[str, NerfConfig] = {
         torso=TorsoConfig(grid=_grid(14, 512, 12)),
         # mouth_weight 4 / mouth_ray_fraction 0.4 (issue 18): the rendered mouth opening std went from 0.68x to
         # 0.81x of the real one on the acosta tail (re-detected landmarks), mouth PSNR +0.55 dB, full -0.14 dB
-        train=TrainConfig(head_steps=1500, torso_steps=1500, frames_per_step=4, rays_per_frame=192, n_samples=24,
-                          mouth_weight=4.0, mouth_ray_fraction=0.4, occ_resolution=32, occ_every=32, occ_warmup=200,
-                          ckpt_every=200, preview_every=500),
+        train=TrainConfig(
+            head_steps=1500,
+            torso_steps=1500,
+            frames_per_step=4,
+            rays_per_frame=192,
+            n_samples=24,
+            mouth_weight=4.0,
+            mouth_ray_fraction=0.4,
+            occ_resolution=32,
+            occ_every=32,
+            occ_warmup=200,
+            ckpt_every=200,
+            preview_every=500,
+        ),
     ),
     "gpu-full": NerfConfig(
         preset="gpu-full",
         head=HeadConfig(grid=_grid(19, 2048), ambient_grid=_grid(16, 1024), hidden=64, geo_dim=64),
         torso=TorsoConfig(grid=_grid(19, 2048)),
-        train=TrainConfig(head_steps=100_000, torso_steps=50_000, frames_per_step=8, rays_per_frame=8192,
-                          n_samples=64, occ_resolution=128, occ_every=16, occ_warmup=256, ckpt_every=2000,
-                          log_every=100, preview_every=5000, amp=True, compile=False),
+        train=TrainConfig(
+            head_steps=100_000,
+            torso_steps=50_000,
+            frames_per_step=8,
+            rays_per_frame=8192,
+            n_samples=64,
+            occ_resolution=128,
+            occ_every=16,
+            occ_warmup=256,
+            ckpt_every=2000,
+            log_every=100,
+            preview_every=5000,
+            amp=True,
+            compile=False,
+        ),
     ),
 }
 

@@ -6,6 +6,7 @@ Conventions: OpenCV pinhole camera (x right, y down, z forward), pixel ``(u, v)`
 *head frame* by moving the camera with the inverse pose (head-centric NeRF, GeneFace Sec. 3.3 /
 RAD-NeRF). Head-frame coordinates are divided by ``head_scale`` (the canonical landmark units).
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,9 @@ import torch
 from avatar.data.dataset import Intrinsics
 
 
-def camera_rays(pix: torch.Tensor, intrinsics: Intrinsics | torch.Tensor, cam_to_world: torch.Tensor,
-                world_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def camera_rays(
+    pix: torch.Tensor, intrinsics: Intrinsics | torch.Tensor, cam_to_world: torch.Tensor, world_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rays through pixel centres.
 
     Args:
@@ -40,7 +42,9 @@ def camera_rays(pix: torch.Tensor, intrinsics: Intrinsics | torch.Tensor, cam_to
     return o, d
 
 
-def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, aabb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ray_aabb(
+    origins: torch.Tensor, dirs: torch.Tensor, aabb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Slab-method ray / axis-aligned box intersection.
 
     Args:
@@ -57,8 +61,9 @@ def ray_aabb(origins: torch.Tensor, dirs: torch.Tensor, aabb: torch.Tensor) -> t
     return near, far, far > near
 
 
-def stratified_samples(near: torch.Tensor, far: torch.Tensor, n_samples: int, jitter: bool,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_samples(
+    near: torch.Tensor, far: torch.Tensor, n_samples: int, jitter: bool, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified sample intervals between ``near`` and ``far`` (NeRF, Mildenhall et al. 2020, Eq. 2).
 
     Returns ``t_starts``, ``t_ends`` float32 [N, n_samples]; with ``jitter`` the bins are shifted
@@ -77,11 +82,14 @@ def project_points(points: torch.Tensor, pose: torch.Tensor, intrinsics: Intrins
     """Project head-frame points float32 [..., 3] with head-to-camera ``pose`` [4, 4] -> pixels [..., 2]."""
     cam = points @ pose[:3, :3].T + pose[:3, 3]
     z = cam[..., 2:3].clamp(min=1e-6)
-    return torch.cat((intrinsics.fx * cam[..., :1] / z + intrinsics.cx, intrinsics.fy * cam[..., 1:2] / z + intrinsics.cy), -1)
+    return torch.cat(
+        (intrinsics.fx * cam[..., :1] / z + intrinsics.cx, intrinsics.fy * cam[..., 1:2] / z + intrinsics.cy), -1
+    )
 
 
-def box_pixel_bounds_batch(aabb: torch.Tensor, pose: torch.Tensor, intrinsics: Intrinsics, world_scale: float,
-                           size: int) -> torch.Tensor:
+def box_pixel_bounds_batch(
+    aabb: torch.Tensor, pose: torch.Tensor, intrinsics: Intrinsics, world_scale: float, size: int
+) -> torch.Tensor:
     """:func:`box_pixel_bounds` for a batch of poses, computed on the poses' device (no host sync).
 
     Args:
@@ -93,17 +101,20 @@ def box_pixel_bounds_batch(aabb: torch.Tensor, pose: torch.Tensor, intrinsics: I
     """
     lo, hi = aabb[:3], aabb[3:]
     corners = torch.stack([torch.stack([(hi if (c >> i) & 1 else lo)[i] for i in range(3)]) for c in range(8)])
-    pts = (corners * world_scale).to(pose.device)                                # [8, 3]
+    pts = (corners * world_scale).to(pose.device)  # [8, 3]
     cam = torch.einsum("kj,bij->bki", pts, pose[:, :3, :3]) + pose[:, None, :3, 3]  # [B, 8, 3]
     z = cam[..., 2:3].clamp(min=1e-6)
-    uv = torch.cat((intrinsics.fx * cam[..., :1] / z + intrinsics.cx, intrinsics.fy * cam[..., 1:2] / z + intrinsics.cy), -1)
+    uv = torch.cat(
+        (intrinsics.fx * cam[..., :1] / z + intrinsics.cx, intrinsics.fy * cam[..., 1:2] / z + intrinsics.cy), -1
+    )
     lo_px = uv.amin(1).floor()
     hi_px = uv.amax(1).ceil() + 1
     return torch.cat((lo_px, hi_px), -1).clamp(0, size).long()[:, [0, 1, 2, 3]]
 
 
-def box_pixel_bounds(aabb: torch.Tensor, pose: torch.Tensor, intrinsics: Intrinsics, world_scale: float,
-                     size: int) -> tuple[int, int, int, int]:
+def box_pixel_bounds(
+    aabb: torch.Tensor, pose: torch.Tensor, intrinsics: Intrinsics, world_scale: float, size: int
+) -> tuple[int, int, int, int]:
     """Pixel rectangle ``(x0, y0, x1, y1)`` (exclusive ends, clipped to the frame) covering the
     projection of the box ``aabb`` [6] (in head units) under head-to-camera ``pose`` [4, 4]."""
     lo, hi = aabb[:3], aabb[3:]

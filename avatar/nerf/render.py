@@ -7,6 +7,7 @@ occupied). The dense ``[n_rays, n_samples]`` compositing uses nerfacc's
 ``render_weight_from_density`` / ``accumulate_along_rays`` (NeRF quadrature, Max 1995;
 Mildenhall et al. 2020 Eq. 3), which run on CPU and CUDA with gradients.
 """
+
 from __future__ import annotations
 
 import nerfacc
@@ -58,10 +59,19 @@ class OccupancyGrid(nn.Module):
         return self.density[idx[..., 0], idx[..., 1], idx[..., 2]] > self.threshold()
 
 
-def render_head_rays(field: HeadField, occ: OccupancyGrid | None, origins: torch.Tensor, dirs: torch.Tensor,
-                     cond: torch.Tensor, code: torch.Tensor, n_samples: int, jitter: bool = False,
-                     generator: torch.Generator | None = None, estimator: nerfacc.OccGridEstimator | None = None,
-                     amp: bool = False) -> dict[str, torch.Tensor]:
+def render_head_rays(
+    field: HeadField,
+    occ: OccupancyGrid | None,
+    origins: torch.Tensor,
+    dirs: torch.Tensor,
+    cond: torch.Tensor,
+    code: torch.Tensor,
+    n_samples: int,
+    jitter: bool = False,
+    generator: torch.Generator | None = None,
+    estimator: nerfacc.OccGridEstimator | None = None,
+    amp: bool = False,
+) -> dict[str, torch.Tensor]:
     """Render head rays (canonical head frame, canonical units).
 
     On CUDA with nerfacc's CUDA extension and an ``estimator`` given, the rays go through
@@ -86,7 +96,7 @@ def render_head_rays(field: HeadField, occ: OccupancyGrid | None, origins: torch
     far = torch.where(hit, far, near)
     t0, t1 = stratified_samples(near, far, n_samples, jitter, generator)
     tm = 0.5 * (t0 + t1)
-    x = origins[:, None, :] + dirs[:, None, :] * tm[..., None]      # [N, S, 3]
+    x = origins[:, None, :] + dirs[:, None, :] * tm[..., None]  # [N, S, 3]
     mask = hit[:, None].expand(N, n_samples)
     if occ is not None:
         mask = mask & occ.occupied(field.normalize(x))
@@ -109,8 +119,13 @@ def render_head_rays(field: HeadField, occ: OccupancyGrid | None, origins: torch
     }
 
 
-def composite(background: torch.Tensor, head_rgb: torch.Tensor, head_acc: torch.Tensor,
-              torso_rgb: torch.Tensor | None = None, torso_alpha: torch.Tensor | None = None) -> torch.Tensor:
+def composite(
+    background: torch.Tensor,
+    head_rgb: torch.Tensor,
+    head_acc: torch.Tensor,
+    torso_rgb: torch.Tensor | None = None,
+    torso_alpha: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Alpha-over compositing: background plate -> torso -> head (all float32 in [0, 1]).
 
     ``background`` [N, 3]; ``head_rgb`` [N, 3] premultiplied; ``head_acc`` [N]; torso colour

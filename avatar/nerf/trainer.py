@@ -17,6 +17,7 @@ from the last one and reaches the same final step. Training is deterministic for
 device (bit for bit on CPU with one thread, ``AVATAR_THREADS=1``: multi-threaded float reductions vary
 in order).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,17 @@ from avatar.nerf.checkpoint import Checkpoint
 from avatar.nerf.cuda_sampler import grid_from_estimator, render_step_size, update_estimator, use_nerfacc
 from avatar.nerf.datamanager import HeadBatch, Scene, TorsoBatch, landmark_window, train_pos
 from avatar.nerf.losses import ambient_ramp, head_loss, torso_loss, train_psnr
-from avatar.nerf.model import (HeadNerf, TorsoNerf, atomic_save, build_head, build_torso, grid_parameters, load_head,
-                               part_info, write_json_atomic)
+from avatar.nerf.model import (
+    HeadNerf,
+    TorsoNerf,
+    atomic_save,
+    build_head,
+    build_torso,
+    grid_parameters,
+    load_head,
+    part_info,
+    write_json_atomic,
+)
 from avatar.nerf.presets import NerfConfig, get_preset
 from avatar.nerf.rays import camera_rays
 from avatar.nerf.render import composite, render_head_rays
@@ -47,8 +57,11 @@ PARTS = ("head", "torso")
 
 def _make_optimizer(model: torch.nn.Module, cfg: NerfConfig) -> torch.optim.Optimizer:
     grids, nets = grid_parameters(model)
-    return torch.optim.Adam([{"params": grids, "lr": cfg.train.lr_grid}, {"params": nets, "lr": cfg.train.lr_net}],
-                            betas=(0.9, 0.99), eps=1e-15)
+    return torch.optim.Adam(
+        [{"params": grids, "lr": cfg.train.lr_grid}, {"params": nets, "lr": cfg.train.lr_net}],
+        betas=(0.9, 0.99),
+        eps=1e-15,
+    )
 
 
 def _lr_factor(step: int, total: int) -> float:
@@ -60,9 +73,18 @@ def _head_forward(head: HeadNerf, scene: Scene, batch: HeadBatch, train: bool, g
     lm, bl = scene.cond_inputs(batch.frames, scene.train[0], scene.train[-1] + 1)
     cond = head.field.cond_net(lm, bl if head.field.cfg.use_blink else None)[batch.ray_group]
     code = head.field.individual_code(train_pos(scene, batch.frame_of_ray).to(scene.device), len(batch.frame_of_ray))
-    return render_head_rays(head.field, head.occ, batch.origins, batch.dirs, cond, code,
-                            scene.cfg.train.n_samples, jitter=train, generator=gen,
-                            estimator=head.estimator)  # CUDA: nerfacc estimator
+    return render_head_rays(
+        head.field,
+        head.occ,
+        batch.origins,
+        batch.dirs,
+        cond,
+        code,
+        scene.cfg.train.n_samples,
+        jitter=train,
+        generator=gen,
+        estimator=head.estimator,
+    )  # CUDA: nerfacc estimator
 
 
 def _autocast(device: torch.device, cfg: NerfConfig):
@@ -106,8 +128,18 @@ def _set_lr(opt: torch.optim.Optimizer, cfg: NerfConfig, step: int, total: int) 
 
 # noqa below: the training loop in one place (resume, budget, cancel, occupancy updates, the step, divergence,
 # logging, checkpoints); its steps are already functions, and splitting the bookkeeping would scatter the loop state
-def _train_part(part: str, scene: Scene, out: Path, steps: int, seed: int, progress: bool, callback, cancel,  # noqa: C901
-                head_frozen: HeadNerf | None = None, max_seconds: float | None = None) -> dict:
+def _train_part(  # noqa: C901
+    part: str,
+    scene: Scene,
+    out: Path,
+    steps: int,
+    seed: int,
+    progress: bool,
+    callback,
+    cancel,
+    head_frozen: HeadNerf | None = None,
+    max_seconds: float | None = None,
+) -> dict:
     cfg, dev = scene.cfg, scene.device
     pdir = out / part
     pdir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +169,7 @@ def _train_part(part: str, scene: Scene, out: Path, steps: int, seed: int, progr
     writer = None
     try:
         from torch.utils.tensorboard import SummaryWriter
+
         writer = SummaryWriter(str(pdir / "runs"))
     except Exception as e:  # tensorboard missing/broken: training still works
         log.warning("TensorBoard disabled: %s", e)
@@ -151,6 +184,7 @@ def _train_part(part: str, scene: Scene, out: Path, steps: int, seed: int, progr
         if cancel is not None and cancel.is_set():
             ckpt.save(step, model, opt, rng, gen, {"losses": losses})
             from avatar.errors import Cancelled
+
             raise Cancelled(f"NeRF {part} training cancelled at step {step}; rerun to resume")
         _set_lr(opt, cfg, step, steps)
         if nerfacc_on:
@@ -164,8 +198,11 @@ def _train_part(part: str, scene: Scene, out: Path, steps: int, seed: int, progr
                 loss, stats = _torso_step(model, head_frozen, scene, rng, gen)
         if not torch.isfinite(loss):
             from avatar.errors import TrainingDiverged
-            raise TrainingDiverged(f"NeRF {part} loss became {loss.item()} at step {step}; the last checkpoint "
-                                   f"({ckpt.path}) is kept; retry with another --seed or a lower learning rate")
+
+            raise TrainingDiverged(
+                f"NeRF {part} loss became {loss.item()} at step {step}; the last checkpoint "
+                f"({ckpt.path}) is kept; retry with another --seed or a lower learning rate"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -174,7 +211,7 @@ def _train_part(part: str, scene: Scene, out: Path, steps: int, seed: int, progr
         losses = losses[-200:]
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == steps:
-            bar.set_postfix(psnr=f"{train_psnr(np.mean(losses[-cfg.train.log_every:])):.2f}")
+            bar.set_postfix(psnr=f"{train_psnr(np.mean(losses[-cfg.train.log_every :])):.2f}")
             if writer:
                 for k, v in stats.items():
                     writer.add_scalar(f"{part}/{k}", float(v), step)
@@ -187,10 +224,18 @@ def _train_part(part: str, scene: Scene, out: Path, steps: int, seed: int, progr
     bar.close()
     model.eval()
     if nerfacc_on:  # the PyTorch grid (CPU rendering of this model) follows the estimator
-        model.occ.density = grid_from_estimator(model.estimator, render_step_size(model.field.aabb, cfg.train.n_samples))
-    metrics = {"part": part, "steps": step, "steps_planned": steps, "seed": seed,
-               "train_psnr_last": train_psnr(float(np.mean(losses[-20:]))) if losses else None,
-               "seconds_this_run": round(time.perf_counter() - t_start, 1), "preset": cfg.preset}
+        model.occ.density = grid_from_estimator(
+            model.estimator, render_step_size(model.field.aabb, cfg.train.n_samples)
+        )
+    metrics = {
+        "part": part,
+        "steps": step,
+        "steps_planned": steps,
+        "seed": seed,
+        "train_psnr_last": train_psnr(float(np.mean(losses[-20:]))) if losses else None,
+        "seconds_this_run": round(time.perf_counter() - t_start, 1),
+        "preset": cfg.preset,
+    }
     if part == "head":
         metrics["head_box_coverage"] = round(scene.box_coverage, 4)
         metrics["head_box_top"] = scene.box_top
@@ -213,12 +258,21 @@ def _head_step(head: HeadNerf, scene: Scene, rng, gen, step: int, steps: int):
 
 def _torso_step(torso: TorsoNerf, head: HeadNerf, scene: Scene, rng, gen):
     batch = TorsoBatch(scene, rng)
-    r = _torso_rays(torso, head, scene, torch.from_numpy(batch.pix), torch.from_numpy(batch.fid), batch.frames, train=True)
+    r = _torso_rays(
+        torso, head, scene, torch.from_numpy(batch.pix), torch.from_numpy(batch.fid), batch.frames, train=True
+    )
     return torso_loss(r, batch)
 
 
-def _torso_rays(torso: TorsoNerf, head: HeadNerf, scene: Scene, pix: torch.Tensor, fid: torch.Tensor,
-                frames: np.ndarray, train: bool) -> dict[str, torch.Tensor]:
+def _torso_rays(
+    torso: TorsoNerf,
+    head: HeadNerf,
+    scene: Scene,
+    pix: torch.Tensor,
+    fid: torch.Tensor,
+    frames: np.ndarray,
+    train: bool,
+) -> dict[str, torch.Tensor]:
     """Composite (bg -> torso -> frozen head) at pixels ``pix`` [N, 2] of frames ``fid`` [N]."""
     dev, S = scene.device, scene.size
     head_rgb = torch.zeros(len(pix), 3, device=dev)
@@ -233,8 +287,16 @@ def _torso_rays(torso: TorsoNerf, head: HeadNerf, scene: Scene, pix: torch.Tenso
             c2w = torch.linalg.inv(scene.pose[f])
             o, d = camera_rays(pix[sel].float(), scene.K, c2w, scene.hs)
             code = head.field.individual_code(None, len(sel))
-            hr = render_head_rays(head.field, head.occ, o.to(dev), d.to(dev), conds[j].expand(len(sel), -1), code,
-                                  scene.cfg.train.n_samples, estimator=head.estimator)  # CUDA: nerfacc
+            hr = render_head_rays(
+                head.field,
+                head.occ,
+                o.to(dev),
+                d.to(dev),
+                conds[j].expand(len(sel), -1),
+                code,
+                scene.cfg.train.n_samples,
+                estimator=head.estimator,
+            )  # CUDA: nerfacc
             head_rgb[sel.to(dev)] = hr["rgb"].float()
             head_acc[sel.to(dev)] = hr["acc"].float()
     uv = (pix.float() + 0.5).to(dev) / S
@@ -284,9 +346,20 @@ def _preview(writer, part: str, model, head_frozen, scene: Scene, step: int) -> 
     writer.add_image(f"{part}/val_gt_vs_render", both, step, dataformats="HWC")
 
 
-def train_nerf(dataset: str | Path, out: str | Path, part: str = "all", preset: str = "cpu-small",
-               steps: int | None = None, seed: int = 0, overwrite: bool = False, progress: bool = True,
-               callback=None, cancel=None, device: str | None = None, max_seconds: float | None = None) -> Path:
+def train_nerf(
+    dataset: str | Path,
+    out: str | Path,
+    part: str = "all",
+    preset: str = "cpu-small",
+    steps: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    callback=None,
+    cancel=None,
+    device: str | None = None,
+    max_seconds: float | None = None,
+) -> Path:
     """Train the head NeRF and/or the torso NeRF (on the frozen head) of one dataset.
 
     Args:

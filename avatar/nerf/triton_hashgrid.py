@@ -26,6 +26,7 @@ interpreter (the same kernel code executed with NumPy; slow, for verification on
 use on machines without a GPU). ``HashGridEncoding`` should pick this backend automatically only on
 CUDA.
 """
+
 from __future__ import annotations
 
 import functools
@@ -75,6 +76,7 @@ def triton_available(device: torch.device | str | None = None) -> bool:
 # Kernel bodies (plain Python functions; wrapped by `triton.jit` for CUDA and by the interpreter
 # for CPU tensors in `_kernels`).
 # --------------------------------------------------------------------------------------------
+
 
 def _corner(c: tl.constexpr, D: tl.constexpr, v0, v1, v2, f0, f1, f2, R, T, hashed):
     """Index (int64 row within the level) and weight of corner ``c`` (a compile-time constant).
@@ -160,17 +162,30 @@ def _setup(x_ptr, scales_ptr, res_ptr, rows_ptr, offsets_ptr, hashed_ptr, B, D: 
     else:
         f2 = p0  # unused when D == 2
         v2 = fl0.to(tl.int32)
-    return (pts, mask, lvl, scale, R, T, row0, hashed,
-            fl0.to(tl.int32), fl1.to(tl.int32), v2, p0 - fl0, p1 - fl1, f2)
+    return (pts, mask, lvl, scale, R, T, row0, hashed, fl0.to(tl.int32), fl1.to(tl.int32), v2, p0 - fl0, p1 - fl1, f2)
 
 
-def _fwd_body(x_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, rows_ptr, offsets_ptr, hashed_ptr, B, L,
-              D: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
+def _fwd_body(
+    x_ptr,
+    table_ptr,
+    out_ptr,
+    scales_ptr,
+    res_ptr,
+    rows_ptr,
+    offsets_ptr,
+    hashed_ptr,
+    B,
+    L,
+    D: tl.constexpr,
+    F: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pts, mask, lvl, scale, R, T, row0, hashed, v0, v1, v2, f0, f1, f2 = _setup(
-        x_ptr, scales_ptr, res_ptr, rows_ptr, offsets_ptr, hashed_ptr, B, D, BLOCK)
+        x_ptr, scales_ptr, res_ptr, rows_ptr, offsets_ptr, hashed_ptr, B, D, BLOCK
+    )
     feat = tl.arange(0, F)
     acc = tl.full((BLOCK, F), 0.0, tl.float32)
-    for c in tl.static_range(2 ** D):
+    for c in tl.static_range(2**D):
         idx, w = _corner(c, D, v0, v1, v2, f0, f1, f2, R, T, hashed)
         rows = (row0 + idx) * F
         val = tl.load(table_ptr + rows[:, None] + feat[None, :], mask=mask[:, None], other=0.0)
@@ -179,19 +194,36 @@ def _fwd_body(x_ptr, table_ptr, out_ptr, scales_ptr, res_ptr, rows_ptr, offsets_
     tl.store(out_ptr + out_off, acc, mask=mask[:, None])
 
 
-def _bwd_body(x_ptr, table_ptr, grad_out_ptr, grad_table_ptr, grad_x_ptr, scales_ptr, res_ptr, rows_ptr,
-              offsets_ptr, hashed_ptr, B, L, D: tl.constexpr, F: tl.constexpr,
-              BLOCK: tl.constexpr, NEED_TABLE: tl.constexpr,
-              NEED_X: tl.constexpr):
+def _bwd_body(
+    x_ptr,
+    table_ptr,
+    grad_out_ptr,
+    grad_table_ptr,
+    grad_x_ptr,
+    scales_ptr,
+    res_ptr,
+    rows_ptr,
+    offsets_ptr,
+    hashed_ptr,
+    B,
+    L,
+    D: tl.constexpr,
+    F: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NEED_TABLE: tl.constexpr,
+    NEED_X: tl.constexpr,
+):
     pts, mask, lvl, scale, R, T, row0, hashed, v0, v1, v2, f0, f1, f2 = _setup(
-        x_ptr, scales_ptr, res_ptr, rows_ptr, offsets_ptr, hashed_ptr, B, D, BLOCK)
+        x_ptr, scales_ptr, res_ptr, rows_ptr, offsets_ptr, hashed_ptr, B, D, BLOCK
+    )
     feat = tl.arange(0, F)
-    g = tl.load(grad_out_ptr + pts[:, None] * (L * F) + lvl * F + feat[None, :], mask=mask[:, None],
-                other=0.0).to(tl.float32)
+    g = tl.load(grad_out_ptr + pts[:, None] * (L * F) + lvl * F + feat[None, :], mask=mask[:, None], other=0.0).to(
+        tl.float32
+    )
     gx0 = tl.full((BLOCK,), 0.0, tl.float32)
     gx1 = tl.full((BLOCK,), 0.0, tl.float32)
     gx2 = tl.full((BLOCK,), 0.0, tl.float32)
-    for c in tl.static_range(2 ** D):
+    for c in tl.static_range(2**D):
         idx, w = _corner(c, D, v0, v1, v2, f0, f1, f2, R, T, hashed)
         rows = (row0 + idx) * F
         if NEED_TABLE:
@@ -252,10 +284,12 @@ class LevelParams:
         if cfg.dim not in (2, 3):
             raise ValueError(f"the Triton hash grid supports dim 2 or 3, got {cfg.dim}")
         if cfg.n_features_per_level not in SUPPORTED_FEATURES:
-            raise ValueError(f"the Triton hash grid needs n_features_per_level in {SUPPORTED_FEATURES}, "
-                             f"got {cfg.n_features_per_level}; use backend='torch'")
+            raise ValueError(
+                f"the Triton hash grid needs n_features_per_level in {SUPPORTED_FEATURES}, "
+                f"got {cfg.n_features_per_level}; use backend='torch'"
+            )
         scales, res, rows, offsets = level_layout(cfg)
-        if sum(rows) * cfg.n_features_per_level >= 2 ** 31:
+        if sum(rows) * cfg.n_features_per_level >= 2**31:
             raise ValueError("hash table too large for int32 offsets; lower log2_hashmap_size")
         self.dim = cfg.dim
         self.n_levels = cfg.n_levels
@@ -265,13 +299,19 @@ class LevelParams:
         self.res = torch.tensor(res, dtype=torch.int32, device=device)
         self.rows = torch.tensor(rows, dtype=torch.int32, device=device)
         self.offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
-        self.hashed = torch.tensor([int(r ** cfg.dim > t) for r, t in zip(res, rows)], dtype=torch.int32,
-                                   device=device)
+        self.hashed = torch.tensor([int(r**cfg.dim > t) for r, t in zip(res, rows)], dtype=torch.int32, device=device)
 
 
 def _cfg_key(cfg: HashGridConfig) -> tuple:
-    return (cfg.dim, cfg.n_levels, cfg.n_features_per_level, cfg.log2_hashmap_size, cfg.base_resolution,
-            cfg.finest_resolution, cfg.per_level_scale)
+    return (
+        cfg.dim,
+        cfg.n_levels,
+        cfg.n_features_per_level,
+        cfg.log2_hashmap_size,
+        cfg.base_resolution,
+        cfg.finest_resolution,
+        cfg.per_level_scale,
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -307,8 +347,22 @@ class TritonHashGridFunction(torch.autograd.Function):
         if B > 0:
             block, grid = _launch_shape(B, L, interpret)
             extra = {} if interpret else _CUDA_OPTIONS
-            fwd[grid](x, table, out, params.scales, params.res, params.rows, params.offsets, params.hashed,
-                      B, L, D=params.dim, F=F, BLOCK=block, **extra)
+            fwd[grid](
+                x,
+                table,
+                out,
+                params.scales,
+                params.res,
+                params.rows,
+                params.offsets,
+                params.hashed,
+                B,
+                L,
+                D=params.dim,
+                F=F,
+                BLOCK=block,
+                **extra,
+            )
         ctx.save_for_backward(x, table)
         ctx.params = params
         return out
@@ -331,9 +385,26 @@ class TritonHashGridFunction(torch.autograd.Function):
             block, grid = _launch_shape(B, L, interpret)
             extra = {} if interpret else _CUDA_OPTIONS
             dummy = grad_out  # any tensor; never dereferenced when its flag is off
-            bwd[grid](x, table, grad_out, grad_table if need_table else dummy, grad_x_lvl if need_x else dummy,
-                      params.scales, params.res, params.rows, params.offsets, params.hashed, B, L,
-                      D=D, F=F, BLOCK=block, NEED_TABLE=bool(need_table), NEED_X=bool(need_x), **extra)
+            bwd[grid](
+                x,
+                table,
+                grad_out,
+                grad_table if need_table else dummy,
+                grad_x_lvl if need_x else dummy,
+                params.scales,
+                params.res,
+                params.rows,
+                params.offsets,
+                params.hashed,
+                B,
+                L,
+                D=D,
+                F=F,
+                BLOCK=block,
+                NEED_TABLE=bool(need_table),
+                NEED_X=bool(need_x),
+                **extra,
+            )
         grad_x = grad_x_lvl.sum(1).to(x.dtype) if need_x else None
         if need_table:
             grad_table = grad_table.to(table.dtype)
@@ -359,8 +430,10 @@ def hashgrid_triton(x: torch.Tensor, table: torch.Tensor, cfg: HashGridConfig) -
     Source: Mueller et al., "Instant Neural Graphics Primitives", SIGGRAPH 2022, Sec. 3.
     """
     if not triton_available(x.device):
-        raise RuntimeError("the Triton hash grid needs `triton` (pip install the [cuda] extra) "
-                           f"and, for CUDA tensors, a GPU; import error: {_TRITON_IMPORT_ERROR}")
+        raise RuntimeError(
+            "the Triton hash grid needs `triton` (pip install the [cuda] extra) "
+            f"and, for CUDA tensors, a GPU; import error: {_TRITON_IMPORT_ERROR}"
+        )
     if x.dim() != 2 or x.shape[1] != cfg.dim:
         raise ValueError(f"x must be [B, {cfg.dim}], got {tuple(x.shape)}")
     params = level_params(cfg, x.device)
@@ -373,8 +446,9 @@ def hashgrid_triton(x: torch.Tensor, table: torch.Tensor, cfg: HashGridConfig) -
     return TritonHashGridFunction.apply(x.float().contiguous(), table.contiguous(), params)
 
 
-def compile_for_arch(arch: int = 90, dims: tuple[int, ...] = (2, 3), features: tuple[int, ...] = (2,),
-                     table_dtype: str = "fp32") -> dict[str, int]:
+def compile_for_arch(
+    arch: int = 90, dims: tuple[int, ...] = (2, 3), features: tuple[int, ...] = (2,), table_dtype: str = "fp32"
+) -> dict[str, int]:
     """Compile the forward and backward kernels ahead of time for CUDA ``sm_{arch}`` (no GPU needed).
 
     Runs Triton's full pipeline (Triton IR -> LLVM -> PTX -> ``ptxas`` cubin) for every
@@ -394,21 +468,51 @@ def compile_for_arch(arch: int = 90, dims: tuple[int, ...] = (2, 3), features: t
 
     fwd, bwd = _kernels(False)
     target = GPUTarget("cuda", arch, 32)
-    lvl = {"scales_ptr": "*fp32", "res_ptr": "*i32", "rows_ptr": "*i32", "offsets_ptr": "*i32",
-           "hashed_ptr": "*i32", "B": "i32", "L": "i32"}
+    lvl = {
+        "scales_ptr": "*fp32",
+        "res_ptr": "*i32",
+        "rows_ptr": "*i32",
+        "offsets_ptr": "*i32",
+        "hashed_ptr": "*i32",
+        "B": "i32",
+        "L": "i32",
+    }
     opts = dict(_CUDA_OPTIONS)
     result = {}
     for D in dims:
         for F in features:
-            sig = {"x_ptr": "*fp32", "table_ptr": f"*{table_dtype}", "out_ptr": "*fp32", **lvl,
-                   "D": "constexpr", "F": "constexpr", "BLOCK": "constexpr"}
+            sig = {
+                "x_ptr": "*fp32",
+                "table_ptr": f"*{table_dtype}",
+                "out_ptr": "*fp32",
+                **lvl,
+                "D": "constexpr",
+                "F": "constexpr",
+                "BLOCK": "constexpr",
+            }
             variants = [("fwd", fwd, sig, {"D": D, "F": F, "BLOCK": _BLOCK_CUDA})]
-            sig_b = {"x_ptr": "*fp32", "table_ptr": f"*{table_dtype}", "grad_out_ptr": "*fp32",
-                     "grad_table_ptr": "*fp32", "grad_x_ptr": "*fp32", **lvl, "D": "constexpr", "F": "constexpr",
-                     "BLOCK": "constexpr", "NEED_TABLE": "constexpr", "NEED_X": "constexpr"}
+            sig_b = {
+                "x_ptr": "*fp32",
+                "table_ptr": f"*{table_dtype}",
+                "grad_out_ptr": "*fp32",
+                "grad_table_ptr": "*fp32",
+                "grad_x_ptr": "*fp32",
+                **lvl,
+                "D": "constexpr",
+                "F": "constexpr",
+                "BLOCK": "constexpr",
+                "NEED_TABLE": "constexpr",
+                "NEED_X": "constexpr",
+            }
             for nt, nx in ((True, True), (True, False), (False, True)):
-                variants.append((f"bwd{'_table' if nt else ''}{'_x' if nx else ''}", bwd, sig_b,
-                                 {"D": D, "F": F, "BLOCK": _BLOCK_CUDA, "NEED_TABLE": nt, "NEED_X": nx}))
+                variants.append(
+                    (
+                        f"bwd{'_table' if nt else ''}{'_x' if nx else ''}",
+                        bwd,
+                        sig_b,
+                        {"D": D, "F": F, "BLOCK": _BLOCK_CUDA, "NEED_TABLE": nt, "NEED_X": nx},
+                    )
+                )
             for name, kern, s, const in variants:
                 k = triton.compile(ASTSource(kern, s, constexprs=const), target=target, options=opts)
                 result[f"{name}_d{D}_f{F}_sm{arch}"] = len(k.asm["cubin"])

@@ -17,6 +17,7 @@ keys and files, SHA-256 of every file recorded at write time), then checks the t
 against the manifest, that every weight is finite, and turns any failure of the model loaders
 (wrong-shaped weights for the stored config, malformed JSON) into :class:`BundleCorrupt`.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,10 @@ def _load_part(name: str, part: str, fn):
     except (AvatarError, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as e:  # loaders raise KeyError/ValueError/RuntimeError (shape mismatch), SafetensorError, ...
-        raise BundleCorrupt(f"avatar {name!r} is broken: {part} cannot be loaded "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {_HINT}") from e
+        raise BundleCorrupt(
+            f"avatar {name!r} is broken: {part} cannot be loaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {_HINT}"
+        ) from e
 
 
 def check_finite_weights(root: str | Path, name: str) -> None:
@@ -71,16 +74,20 @@ def check_finite_weights(root: str | Path, name: str) -> None:
 
 def _check_track(track: dict, size: int, name: str) -> None:
     shapes = {k: tuple(v.shape) for k, v in track.items()}
-    want = {"pose_track": lambda s: len(s) == 3 and s[0] > 0 and s[1:] == (4, 4),
-            "lm3d_mean": lambda s: s == (68, 3),
-            "lm3d_ref": lambda s: len(s) == 3 and s[0] > 0 and s[1:] == (68, 3),
-            "background": lambda s: s == (size, size, 3)}
+    want = {
+        "pose_track": lambda s: len(s) == 3 and s[0] > 0 and s[1:] == (4, 4),
+        "lm3d_mean": lambda s: s == (68, 3),
+        "lm3d_ref": lambda s: len(s) == 3 and s[0] > 0 and s[1:] == (68, 3),
+        "background": lambda s: s == (size, size, 3),
+    }
     for key, ok in want.items():
         if key not in shapes:
             raise BundleCorrupt(f"avatar {name!r} is broken: track.safetensors lacks {key!r}; {_HINT}")
         if not ok(shapes[key]):
-            raise BundleCorrupt(f"avatar {name!r} is broken: track.safetensors {key!r} has shape "
-                                f"{list(shapes[key])} (size {size}); {_HINT}")
+            raise BundleCorrupt(
+                f"avatar {name!r} is broken: track.safetensors {key!r} has shape "
+                f"{list(shapes[key])} (size {size}); {_HINT}"
+            )
     for key in ("pose_track", "lm3d_mean", "lm3d_ref"):
         if not np.isfinite(track[key]).all():
             raise BundleCorrupt(f"avatar {name!r} is broken: track.safetensors {key!r} holds NaN/Inf; {_HINT}")
@@ -115,15 +122,20 @@ class AvatarModels:
         self.lm3d_mean = track["lm3d_mean"]
         self.lm3d_ref = track["lm3d_ref"]
         self.background = track["background"]
-        self.blink = _load_part(name, "blink.json", lambda: BlinkModel.from_dict(
-            json.loads((self.root / "blink.json").read_text())))
+        self.blink = _load_part(
+            name, "blink.json", lambda: BlinkModel.from_dict(json.loads((self.root / "blink.json").read_text()))
+        )
         self.generator = _load_part(name, "generator", lambda: load_generator(self.root / "generator", device=device))
         self.postnet = _load_part(name, "postnet", lambda: load_postnet(self.root / "postnet", device=device))
         self.nerf = _load_part(name, "nerf", lambda: load_nerf(self.root / "nerf", device=device))
         _load_part(name, "background", lambda: self.nerf.set_background(self.background))
-        self._features = _load_part(name, "generator feature config", lambda: FeatureExtractor(
-            self.generator.feature_kind, hubert_path=self.generator.hubert_path))
+        self._features = _load_part(
+            name,
+            "generator feature config",
+            lambda: FeatureExtractor(self.generator.feature_kind, hubert_path=self.generator.hubert_path),
+        )
         self._emotion_model = None
+
     def features(self, wav: np.ndarray, n_frames: int) -> np.ndarray:
         """float32 [2*n_frames, D] features of the generator's kind for a 16 kHz window."""
         return self._features(wav, n_frames=n_frames)

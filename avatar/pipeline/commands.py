@@ -1,4 +1,5 @@
 """CLI: ``avatar onboard | render | list | show | delete | demo``."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,12 @@ def _store(args) -> AvatarStore:
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", type=Path, default=None, help="avatar store directory (default: $AVATAR_HOME or the per-user data dir)")
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help="avatar store directory (default: $AVATAR_HOME or the per-user data dir)",
+    )
 
 
 def _progress_printer():
@@ -27,9 +33,15 @@ def _progress_printer():
     def cb(stage: str, fraction: float, message: str) -> None:
         i = STAGES.index(stage) + 1 if stage in STAGES else 0
         el = time.perf_counter() - t0
-        print(f"\r[{i}/{len(STAGES)} {stage}] {100 * fraction:5.1f}% {message[:60]:<60} {el / 60:5.1f} min", end="", file=sys.stderr, flush=True)
+        print(
+            f"\r[{i}/{len(STAGES)} {stage}] {100 * fraction:5.1f}% {message[:60]:<60} {el / 60:5.1f} min",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
         if fraction >= 1.0:
             print(file=sys.stderr)
+
     return cb
 
 
@@ -37,13 +49,33 @@ def cmd_onboard(args) -> int:
     from avatar.pipeline.onboard import onboard
 
     t0 = time.perf_counter()
-    out = onboard(args.video, args.name, store=_store(args), preset=args.preset, generator=args.generator,
-                  overwrite=args.overwrite, audio=args.audio, keep_work=args.keep_work,
-                  ray_address=getattr(args, "ray", None), seed=args.seed, bars=not getattr(args, "quiet", False))
+    out = onboard(
+        args.video,
+        args.name,
+        store=_store(args),
+        preset=args.preset,
+        generator=args.generator,
+        overwrite=args.overwrite,
+        audio=args.audio,
+        keep_work=args.keep_work,
+        ray_address=getattr(args, "ray", None),
+        seed=args.seed,
+        bars=not getattr(args, "quiet", False),
+    )
     if getattr(args, "json", False):
         info = _store(args).info(args.name)
-        print(json.dumps({"name": args.name, "path": str(out), "preset": info["preset"], "size": info["size"],
-                          "metrics": info["metrics"], "wall_s": round(time.perf_counter() - t0, 3)}))
+        print(
+            json.dumps(
+                {
+                    "name": args.name,
+                    "path": str(out),
+                    "preset": info["preset"],
+                    "size": info["size"],
+                    "metrics": info["metrics"],
+                    "wall_s": round(time.perf_counter() - t0, 3),
+                }
+            )
+        )
     else:
         print(f"avatar {args.name!r} ready: {out}")
     return 0
@@ -54,11 +86,18 @@ def options_from_args(args):
     from avatar.pipeline.render import RenderOptions
 
     opts = RenderOptions(
-        emotion=args.emotion, emotion_strength=args.emotion_strength,
+        emotion=args.emotion,
+        emotion_strength=args.emotion_strength,
         emotion_video=str(args.emotion_video) if args.emotion_video else None,
         emotion_neutral_video=str(args.emotion_neutral_video) if getattr(args, "emotion_neutral_video", None) else None,
-        still=args.still, blink=not args.no_blink, blink_rate=args.blink_rate, temperature=args.temperature,
-        seed=args.seed, size=args.size, head_speed=args.head_speed, head_amplitude=args.head_amplitude,
+        still=args.still,
+        blink=not args.no_blink,
+        blink_rate=args.blink_rate,
+        temperature=args.temperature,
+        seed=args.seed,
+        size=args.size,
+        head_speed=args.head_speed,
+        head_amplitude=args.head_amplitude,
         lle_blend=args.lle,
     )
     opts.validate()
@@ -72,9 +111,15 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("expression and motion controls")
     g.add_argument("--emotion", default="neutral", help=f"emotion label: {', '.join(EMOTIONS)} (default neutral)")
     g.add_argument("--emotion-strength", type=float, default=1.0, help="0 = none, 1 = typical, up to 1.5")
-    g.add_argument("--emotion-video", type=Path, default=None, help="reference video whose expression is transferred (EAMM-style)")
-    g.add_argument("--emotion-neutral-video", type=Path, default=None,
-                   help="a neutral clip of the --emotion-video person (the expression is measured against it)")
+    g.add_argument(
+        "--emotion-video", type=Path, default=None, help="reference video whose expression is transferred (EAMM-style)"
+    )
+    g.add_argument(
+        "--emotion-neutral-video",
+        type=Path,
+        default=None,
+        help="a neutral clip of the --emotion-video person (the expression is measured against it)",
+    )
     g.add_argument("--still", action="store_true", help="fixed head (no pose replay)")
     g.add_argument("--no-blink", action="store_true", help="disable blinks")
     g.add_argument("--blink-rate", type=float, default=None, help="blinks per minute (default: the person's own)")
@@ -83,7 +128,9 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=1.0, help="motion sampling temperature, 0..2")
     g.add_argument("--seed", type=int, default=0, help="random seed (motion sampling, blinks)")
     g.add_argument("--size", type=int, default=None, help="output frame side in pixels (default: the avatar's)")
-    g.add_argument("--lle", type=float, default=0.0, help="LLE projection blend onto the person's landmarks (GeneFace++), 0..1")
+    g.add_argument(
+        "--lle", type=float, default=0.0, help="LLE projection blend onto the person's landmarks (GeneFace++), 0..1"
+    )
 
 
 def _mp4_estimate_bytes(audio: Path, size: int | None, store: AvatarStore, name: str) -> int:
@@ -111,8 +158,7 @@ def cmd_render(args) -> int:
     av = load(args.avatar, store=_store(args))
     res = av.render_to_mp4(args.audio, args.out, opts, progress=not getattr(args, "quiet", False))
     if getattr(args, "json", False):
-        print(json.dumps({"avatar": args.avatar, **res,
-                          "wall_s": round(time.perf_counter() - t0, 3)}))
+        print(json.dumps({"avatar": args.avatar, **res, "wall_s": round(time.perf_counter() - t0, 3)}))
         return 0
     print(f"wrote {res['path']}: {res['frames']} frames, {res['seconds']:.2f} s, {res['render_fps']:.1f} frames/s")
     return 0
@@ -154,39 +200,63 @@ def cmd_demo(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("onboard", help="train an avatar from a talking video of one person",
-                       description="Preprocess -> postnet -> head NeRF -> torso NeRF -> avatar bundle in the store. "
-                                   "Resumable: rerun the same command after a crash or Ctrl-C.")
+    p = sub.add_parser(
+        "onboard",
+        help="train an avatar from a talking video of one person",
+        description="Preprocess -> postnet -> head NeRF -> torso NeRF -> avatar bundle in the store. "
+        "Resumable: rerun the same command after a crash or Ctrl-C.",
+    )
     p.add_argument("video", type=Path, help="talking video of one person (3-5 minutes ideal)")
     p.add_argument("--name", required=True, help="avatar name (letters, digits, _ . -)")
-    p.add_argument("--preset", default="cpu-small", choices=["cpu-smoke", "cpu-small", "gpu-full"], help="training preset")
-    p.add_argument("--generator", type=Path, default=None, help="shared generator bundle (default: the store's shared/generator)")
+    p.add_argument(
+        "--preset", default="cpu-small", choices=["cpu-smoke", "cpu-small", "gpu-full"], help="training preset"
+    )
+    p.add_argument(
+        "--generator", type=Path, default=None, help="shared generator bundle (default: the store's shared/generator)"
+    )
     p.add_argument("--audio", type=Path, default=None, help="separate audio file for a silent video")
     p.add_argument("--overwrite", action="store_true", help="replace an existing avatar of that name")
     p.add_argument("--keep-work", action="store_true", help="keep the dataset and checkpoints after success")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); runs are deterministic per seed")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (name, path, preset, size, metrics, wall_s) instead of the text line")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run the stages as Ray tasks (needs the [ray] extra and a store on storage every node "
-                        "shares): on the cluster at ADDRESS, else $RAY_ADDRESS, else a local Ray instance "
-                        "(docs/SCALE.md)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (name, path, preset, size, metrics, wall_s) instead of the text line",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the stages as Ray tasks (needs the [ray] extra and a store on storage every node "
+        "shares): on the cluster at ADDRESS, else $RAY_ADDRESS, else a local Ray instance "
+        "(docs/SCALE.md)",
+    )
     _add_store(p)
     p.set_defaults(func=cmd_onboard)
 
-    p = sub.add_parser("render", help="render a talking video of an avatar from speech audio",
-                       description="Audio (any format/rate, or the audio track of a video) -> H.264 MP4 with the audio muxed in.")
+    p = sub.add_parser(
+        "render",
+        help="render a talking video of an avatar from speech audio",
+        description="Audio (any format/rate, or the audio track of a video) -> H.264 MP4 with the audio muxed in.",
+    )
     p.add_argument("--avatar", required=True, help="avatar name (see `avatar list`)")
     p.add_argument("--audio", required=True, type=Path, help="driving speech: wav, mp3, m4a, or a video with audio")
     p.add_argument("--out", required=True, type=Path, help="output .mp4")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (path, frames, seconds, render_fps, wall_s) instead of the text line")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (path, frames, seconds, render_fps, wall_s) instead of the text line",
+    )
     add_render_options(p)
     _add_store(p)
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("list", help="list avatars in the store")
-    p.add_argument("--json", action="store_true", help="print the rows as a JSON list (broken ones with a 'broken' reason)")
+    p.add_argument(
+        "--json", action="store_true", help="print the rows as a JSON list (broken ones with a 'broken' reason)"
+    )
     _add_store(p)
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("show", help="print an avatar's manifest")

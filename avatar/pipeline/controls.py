@@ -11,6 +11,7 @@
 All functions are deterministic in the absolute frame index, so a streaming session and a batch
 render produce identical tracks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -137,13 +138,19 @@ class BlinkModel:
         return BlinkModel(rate, eyes_open.astype(np.float32), delta.astype(np.float32))
 
     def to_dict(self) -> dict:
-        return {"rate_per_min": self.rate_per_min, "eyes_open": self.eyes_open.tolist(),
-                "eyes_closed_delta": self.eyes_closed_delta.tolist()}
+        return {
+            "rate_per_min": self.rate_per_min,
+            "eyes_open": self.eyes_open.tolist(),
+            "eyes_closed_delta": self.eyes_closed_delta.tolist(),
+        }
 
     @staticmethod
     def from_dict(d: dict) -> "BlinkModel":
-        return BlinkModel(float(d["rate_per_min"]), np.asarray(d["eyes_open"], np.float32),
-                          np.asarray(d["eyes_closed_delta"], np.float32))
+        return BlinkModel(
+            float(d["rate_per_min"]),
+            np.asarray(d["eyes_open"], np.float32),
+            np.asarray(d["eyes_closed_delta"], np.float32),
+        )
 
 
 class BlinkSchedule:

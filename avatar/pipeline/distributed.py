@@ -24,6 +24,7 @@ Only imported when Ray was asked for (the ``ray`` extra); the default path never
   to its ``progress`` callback (a server job's WatchJob) and sets the flag when its ``cancel`` event is
   set, then force-cancels tasks still running after ``cancel_grace_s``.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,7 @@ def connect(address: str | None = None) -> str:
     """Join the Ray cluster at ``address`` ("" / None: ``$RAY_ADDRESS``, else start a local instance)
     unless this process already has; returns the cluster's GCS address (for other processes)."""
     if not ray.is_initialized():
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True)
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     return ray.get_runtime_context().gcs_address
 
 
@@ -73,8 +73,9 @@ def stage_resources(stage: str, preset: str, cluster_gpus: float) -> dict:
         try:
             override = json.loads(raw).get(stage, {})
         except (ValueError, AttributeError):
-            raise InvalidInput(f"${ENV_RESOURCES} must be JSON like "
-                               '{"preprocess": {"num_cpus": 4}, "head": {"num_gpus": 1}}') from None
+            raise InvalidInput(
+                f'${ENV_RESOURCES} must be JSON like {{"preprocess": {{"num_cpus": 4}}, "head": {{"num_gpus": 1}}}}'
+            ) from None
         req.update({k: v for k, v in override.items() if k in ("num_cpus", "num_gpus", "memory", "resources")})
     return req
 
@@ -129,8 +130,18 @@ class _RemoteCancel:
 
 
 @ray.remote(max_retries=DEFAULT_RETRIES, retry_exceptions=False)
-def _stage_task(stage: str, work: str, video: str, preset: str, gen_dir: str, audio: str | None, seed: int, control,
-                num_cpus: float, *_upstream) -> float:
+def _stage_task(
+    stage: str,
+    work: str,
+    video: str,
+    preset: str,
+    gen_dir: str,
+    audio: str | None,
+    seed: int,
+    control,
+    num_cpus: float,
+    *_upstream,
+) -> float:
     """One stage on a Ray worker; ``_upstream`` are the finished upstream stages' results (ordering only)."""
     if not ray.get_gpu_ids():  # a CPU stage on a GPU node never touches the GPUs the NeRF tasks hold
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -147,14 +158,37 @@ def _stage_task(stage: str, work: str, video: str, preset: str, gen_dir: str, au
             control.report.remote(stage, float(fraction), str(message))
 
     t0 = time.perf_counter()
-    run_stage(stage, Path(work), Path(video), preset, Path(gen_dir), audio=audio, cb=cb, cancel=_RemoteCancel(control),
-              seed=seed)
+    run_stage(
+        stage,
+        Path(work),
+        Path(video),
+        preset,
+        Path(gen_dir),
+        audio=audio,
+        cb=cb,
+        cancel=_RemoteCancel(control),
+        seed=seed,
+    )
     return round(time.perf_counter() - t0, 1)
 
 
-def run_stages(address: str | None, *, name: str, work: Path, video: Path, preset: str, gen_dir: Path, audio,
-               state: dict, save_state, progress=None, cancel=None, max_retries: int = DEFAULT_RETRIES,
-               cancel_grace_s: float = 10.0, seed: int = 0) -> dict[str, int]:
+def run_stages(
+    address: str | None,
+    *,
+    name: str,
+    work: Path,
+    video: Path,
+    preset: str,
+    gen_dir: Path,
+    audio,
+    state: dict,
+    save_state,
+    progress=None,
+    cancel=None,
+    max_retries: int = DEFAULT_RETRIES,
+    cancel_grace_s: float = 10.0,
+    seed: int = 0,
+) -> dict[str, int]:
     """Run the onboarding stages not yet in ``state["done"]`` as Ray tasks (called by
     :func:`avatar.pipeline.onboard.onboard` under its per-name lock). Records each finished stage in
     ``state`` (``done``, ``times``, ``attempts``) and calls ``save_state()`` at once. ``seed``: the
@@ -187,8 +221,17 @@ def run_stages(address: str | None, *, name: str, work: Path, video: Path, prese
             continue
         req = stage_resources(stage, preset, gpus)
         ref = _stage_task.options(**req, max_retries=max_retries, name=f"onboard:{name}:{stage}").remote(
-            stage, str(work), str(video), preset, str(gen_dir), str(audio) if audio else None, seed, control,
-            req.get("num_cpus", 1), *[refs[d] for d in deps if d in refs])
+            stage,
+            str(work),
+            str(video),
+            preset,
+            str(gen_dir),
+            str(audio) if audio else None,
+            seed,
+            control,
+            req.get("num_cpus", 1),
+            *[refs[d] for d in deps if d in refs],
+        )
         refs[stage] = ref
         pending[ref] = stage
         log.info("onboarding %s: submitted %s to Ray (%s)", name, stage, req)
@@ -213,13 +256,19 @@ def run_stages(address: str | None, *, name: str, work: Path, video: Path, prese
                     if isinstance(cause, AvatarError):
                         raise cause from None
                     raise
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                        ray.exceptions.OutOfMemoryError, ray.exceptions.TaskCancelledError) as e:
+                except (
+                    ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.NodeDiedError,
+                    ray.exceptions.OutOfMemoryError,
+                    ray.exceptions.TaskCancelledError,
+                ) as e:
                     if cancel_deadline is not None:
                         raise Cancelled(f"onboarding of {name!r} cancelled; rerun the same command to resume") from None
-                    raise StageFailed(f"stage {stage} of {name!r} failed on the Ray cluster after {max_retries} "
-                                      f"retries ({type(e).__name__}); rerun to resume from the last finished "
-                                      "stage") from None
+                    raise StageFailed(
+                        f"stage {stage} of {name!r} failed on the Ray cluster after {max_retries} "
+                        f"retries ({type(e).__name__}); rerun to resume from the last finished "
+                        "stage"
+                    ) from None
                 for ev in ray.get(control.drain.remote()):
                     emit(*ev)
                 emit(stage, 1.0, "done")

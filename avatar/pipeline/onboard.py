@@ -5,6 +5,7 @@ output is complete is skipped; the NeRF trainer resumes from its last checkpoint
 assembled in a temp dir and renamed into ``avatars/<name>`` at the end (atomic), then the work
 directory is removed.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,15 @@ from filelock import FileLock, Timeout
 
 from avatar.atomic import atomic_dir, check_free_space, clean_stale_temps
 from avatar.config import to_dict
-from avatar.errors import AvatarError, AvatarNotFound, Cancelled, InvalidInput, InvalidMedia, OutputExists, ResourceLimit
+from avatar.errors import (
+    AvatarError,
+    AvatarNotFound,
+    Cancelled,
+    InvalidInput,
+    InvalidMedia,
+    OutputExists,
+    ResourceLimit,
+)
 from avatar.store import AvatarStore, validate_name
 from avatar.pipeline.stages import PRESETS, STAGE_DEPS, STAGES, OnboardPreset, run_stage  # noqa: F401  (re-exported)
 from avatar.store.bundle import BUNDLE_SCHEMA, file_digests, sha256_file
@@ -36,13 +45,25 @@ def _stage_progress(progress: Progress | None, stage: str):
     def cb(fraction: float, message: str = "") -> None:
         if progress is not None:
             progress(stage, float(fraction), message)
+
     return cb
 
 
-def onboard(video: str | Path, name: str, store: AvatarStore | None = None, preset: str = "cpu-small",
-            generator: str | Path | None = None, overwrite: bool = False, progress: Progress | None = None,
-            cancel=None, audio: str | Path | None = None, keep_work: bool = False,
-            ray_address: str | None = None, seed: int = 0, bars: bool = True) -> Path:
+def onboard(
+    video: str | Path,
+    name: str,
+    store: AvatarStore | None = None,
+    preset: str = "cpu-small",
+    generator: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    cancel=None,
+    audio: str | Path | None = None,
+    keep_work: bool = False,
+    ray_address: str | None = None,
+    seed: int = 0,
+    bars: bool = True,
+) -> Path:
     """Onboard the speaker in ``video`` as avatar ``name``.
 
     Args:
@@ -81,7 +102,9 @@ def onboard(video: str | Path, name: str, store: AvatarStore | None = None, pres
     if not video.is_file():
         raise InvalidMedia(f"video {video} not found; give the path of the speaker's talking video")
     if store.exists(name) and not overwrite:
-        raise OutputExists(f"avatar {name!r} already exists in {store.root}; pass --overwrite to replace it or pick another name")
+        raise OutputExists(
+            f"avatar {name!r} already exists in {store.root}; pass --overwrite to replace it or pick another name"
+        )
     gen_dir = Path(generator) if generator else store.generator_dir
     if not (gen_dir / "config.json").is_file():
         raise AvatarNotFound(
@@ -98,11 +121,28 @@ def onboard(video: str | Path, name: str, store: AvatarStore | None = None, pres
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise ResourceLimit(f"avatar {name!r} is already being onboarded by another process; "
-                            "wait for it to finish or cancel it") from None
+        raise ResourceLimit(
+            f"avatar {name!r} is already being onboarded by another process; wait for it to finish or cancel it"
+        ) from None
     try:
-        out = _onboard_locked(video, name, store, p, preset, gen, gen_dir, work, overwrite, progress, cancel,
-                              audio, keep_work, ray_address, seed, bars)
+        out = _onboard_locked(
+            video,
+            name,
+            store,
+            p,
+            preset,
+            gen,
+            gen_dir,
+            work,
+            overwrite,
+            progress,
+            cancel,
+            audio,
+            keep_work,
+            ray_address,
+            seed,
+            bars,
+        )
     except InvalidInput:
         # the input itself is bad (no face, no audio, too short...): rerunning cannot resume it
         shutil.rmtree(work, ignore_errors=True)
@@ -126,16 +166,35 @@ def estimate_work_bytes(video: Path, size: int) -> int:
     return 2 * frames * size * size * 4 + (256 << 20)
 
 
-def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset, preset: str, gen, gen_dir: Path,
-                    work: Path, overwrite: bool, progress, cancel, audio, keep_work: bool,
-                    ray_address: str | None = None, seed: int = 0, bars: bool = True) -> Path:
+def _onboard_locked(
+    video: Path,
+    name: str,
+    store: AvatarStore,
+    p: OnboardPreset,
+    preset: str,
+    gen,
+    gen_dir: Path,
+    work: Path,
+    overwrite: bool,
+    progress,
+    cancel,
+    audio,
+    keep_work: bool,
+    ray_address: str | None = None,
+    seed: int = 0,
+    bars: bool = True,
+) -> Path:
     """The body of :func:`onboard`, run while holding the per-name lock."""
     clean_stale_temps(store.avatars_dir, name)
     sha = sha256_file(video)
     state_path = work / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if state and (state.get("sha256") != sha or state.get("preset") != preset or state.get("generator") != str(gen_dir)
-                  or state.get("seed", 0) != seed):
+    if state and (
+        state.get("sha256") != sha
+        or state.get("preset") != preset
+        or state.get("generator") != str(gen_dir)
+        or state.get("seed", 0) != seed
+    ):
         log.info("work dir %s is for another input/preset/seed; starting over", work)
         shutil.rmtree(work)
         state = {}
@@ -166,8 +225,19 @@ def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset
             return
         log.info("onboarding %r: %s, %s (preset %s)", name, k, stage, preset)  # announced before its bars
         t0 = time.perf_counter()
-        run_stage(stage, work, video, preset, gen_dir, audio=audio, cb=_stage_progress(progress, stage), cancel=cancel,
-                  show_bars=bars and progress is None, gen=gen, seed=seed)
+        run_stage(
+            stage,
+            work,
+            video,
+            preset,
+            gen_dir,
+            audio=audio,
+            cb=_stage_progress(progress, stage),
+            cancel=cancel,
+            show_bars=bars and progress is None,
+            gen=gen,
+            seed=seed,
+        )
         _stage_progress(progress, stage)(1.0, "done")
         state["times"][stage] = round(time.perf_counter() - t0, 1)
         log.info("onboarding %r: %s done in %.1f s", name, stage, state["times"][stage])
@@ -177,14 +247,28 @@ def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset
     if ray_address is not None:  # the stages as Ray tasks; this process only schedules and records them
         from avatar.pipeline.distributed import run_stages
 
-        run_stages(ray_address, name=name, work=work, video=video, preset=preset, gen_dir=gen_dir, audio=audio,
-                   state=state, save_state=save_state, progress=progress, cancel=cancel, seed=seed)
+        run_stages(
+            ray_address,
+            name=name,
+            work=work,
+            video=video,
+            preset=preset,
+            gen_dir=gen_dir,
+            audio=audio,
+            state=state,
+            save_state=save_state,
+            progress=progress,
+            cancel=cancel,
+            seed=seed,
+        )
     else:
         for stage in STAGE_DEPS:
             run(stage)
     check_cancel()
     t0 = time.perf_counter()
-    out = _assemble(store, name, dataset_dir, motion_dir, postnet_dir, nerf_dir, p, preset, video, sha, state, overwrite)
+    out = _assemble(
+        store, name, dataset_dir, motion_dir, postnet_dir, nerf_dir, p, preset, video, sha, state, overwrite
+    )
     state["times"]["bundle"] = round(time.perf_counter() - t0, 1)
     _stage_progress(progress, "bundle")(1.0, str(out))
     if not keep_work:
@@ -192,19 +276,36 @@ def _onboard_locked(video: Path, name: str, store: AvatarStore, p: OnboardPreset
     return out
 
 
-def _assemble(store: AvatarStore, name: str, dataset_dir: Path, gen_dir: Path, postnet_dir: Path, nerf_dir: Path,
-              p: OnboardPreset, preset: str, video: Path, sha: str, state: dict, overwrite: bool) -> Path:
+def _assemble(
+    store: AvatarStore,
+    name: str,
+    dataset_dir: Path,
+    gen_dir: Path,
+    postnet_dir: Path,
+    nerf_dir: Path,
+    p: OnboardPreset,
+    preset: str,
+    video: Path,
+    sha: str,
+    state: dict,
+    overwrite: bool,
+) -> Path:
     from avatar.data import Dataset
     from avatar.face.landmarks import eye_aspect_ratio
     from avatar.pipeline.controls import BlinkModel
 
     ds = Dataset(dataset_dir)
     train = ds.train_range
-    lm3d_train = np.asarray(ds.lm3d[train.start:train.stop])
+    lm3d_train = np.asarray(ds.lm3d[train.start : train.stop])
     step = max(1, len(lm3d_train) // p.lle_ref)
     blink = BlinkModel.fit(lm3d_train, eye_aspect_ratio(lm3d_train))
     metrics = {}
-    for sub in (gen_dir / "metrics.json", postnet_dir / "metrics.json", nerf_dir / "head" / "metrics.json", nerf_dir / "torso" / "metrics.json"):
+    for sub in (
+        gen_dir / "metrics.json",
+        postnet_dir / "metrics.json",
+        nerf_dir / "head" / "metrics.json",
+        nerf_dir / "torso" / "metrics.json",
+    ):
         if sub.is_file():
             prefix = sub.parent.name
             for k, v in json.loads(sub.read_text()).items():
@@ -216,13 +317,18 @@ def _assemble(store: AvatarStore, name: str, dataset_dir: Path, gen_dir: Path, p
         shutil.copytree(postnet_dir, tmp / "postnet", ignore=shutil.ignore_patterns("runs", "checkpoints"))
         (tmp / "nerf").mkdir()
         for part in ("head", "torso"):
-            shutil.copytree(nerf_dir / part, tmp / "nerf" / part, ignore=shutil.ignore_patterns("runs", "checkpoints", "ckpt*"))
-        save_file({
-            "pose_track": np.ascontiguousarray(ds.pose[train.start:train.stop], dtype=np.float32),
-            "lm3d_mean": np.ascontiguousarray(ds.lm3d_mean, dtype=np.float32),
-            "lm3d_ref": np.ascontiguousarray(lm3d_train[::step], dtype=np.float32),
-            "background": np.ascontiguousarray(ds.background, dtype=np.uint8),
-        }, str(tmp / "track.safetensors"))
+            shutil.copytree(
+                nerf_dir / part, tmp / "nerf" / part, ignore=shutil.ignore_patterns("runs", "checkpoints", "ckpt*")
+            )
+        save_file(
+            {
+                "pose_track": np.ascontiguousarray(ds.pose[train.start : train.stop], dtype=np.float32),
+                "lm3d_mean": np.ascontiguousarray(ds.lm3d_mean, dtype=np.float32),
+                "lm3d_ref": np.ascontiguousarray(lm3d_train[::step], dtype=np.float32),
+                "background": np.ascontiguousarray(ds.background, dtype=np.uint8),
+            },
+            str(tmp / "track.safetensors"),
+        )
         (tmp / "blink.json").write_text(json.dumps(blink.to_dict()))
         manifest = {
             "schema": BUNDLE_SCHEMA,
@@ -233,8 +339,16 @@ def _assemble(store: AvatarStore, name: str, dataset_dir: Path, gen_dir: Path, p
             "preset": preset,
             "preset_config": to_dict(p),
             "seed": state.get("seed", 0),
-            "source": {"path": str(video), "sha256": sha, **{k: v for k, v in ds.manifest["source"].items() if k not in ("path", "sha256")}},
-            "dataset": {k: ds.manifest[k] for k in ("n_frames", "crop_box", "intrinsics", "head_scale", "split", "features") if k in ds.manifest},
+            "source": {
+                "path": str(video),
+                "sha256": sha,
+                **{k: v for k, v in ds.manifest["source"].items() if k not in ("path", "sha256")},
+            },
+            "dataset": {
+                k: ds.manifest[k]
+                for k in ("n_frames", "crop_box", "intrinsics", "head_scale", "split", "features")
+                if k in ds.manifest
+            },
             "tools": ds.manifest.get("tools", {}),
             "metrics": metrics,
             "stage_seconds": state.get("times", {}),

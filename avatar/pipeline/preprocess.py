@@ -15,6 +15,7 @@ Stages (GeneFace's ``data_gen/process_data.sh`` redone without BFM, BiSeNet or D
    (:mod:`avatar.face.masks`);
 7. audio features (2 per frame), split, manifest, previews; the directory appears atomically.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,7 +102,9 @@ class PreprocessConfig:
         if self.audio_features not in ("mel", "hubert"):
             raise InvalidInput(f"--audio-features must be 'mel' or 'hubert', got {self.audio_features!r}")
         if self.audio_features == "hubert" and not self.hubert_path:
-            raise InvalidInput("--audio-features hubert needs --hubert PATH (a local HuBERT model directory); or use --audio-features mel")
+            raise InvalidInput(
+                "--audio-features hubert needs --hubert PATH (a local HuBERT model directory); or use --audio-features mel"
+            )
         if not 0.0 < self.val_fraction < 0.5:
             raise InvalidInput(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.frame_codec not in ("jpeg", "png"):
@@ -155,19 +158,36 @@ def _detect_crop(video: Path, info, n_frames: int, cfg: PreprocessConfig, progre
     sample_fps = min(float(FPS), max(cfg.detect_samples / duration, 0.2))
     detections = []
     total = count_resampled_frames(info, sample_fps)
-    with FaceDetector() as det, tqdm(total=total, desc="preprocess: find face", unit="frame", disable=not progress, file=sys.stderr) as bar:
+    with (
+        FaceDetector() as det,
+        tqdm(total=total, desc="preprocess: find face", unit="frame", disable=not progress, file=sys.stderr) as bar,
+    ):
         for img in iter_video_frames(video, fps=sample_fps):
             detections.append(det(img))
             bar.update(1)
     boxes, several = select_track(detections)
     if len(boxes) == 0:
-        raise NoFaceDetected(f"{video}: no face found in {len(detections)} sampled frames; pass a video where one face "
-                             "is clearly visible (frontal, well lit)")
+        raise NoFaceDetected(
+            f"{video}: no face found in {len(detections)} sampled frames; pass a video where one face "
+            "is clearly visible (frontal, well lit)"
+        )
     if several:
-        log.info("several faces in the clip; following the largest face's track (%d of %d samples)", len(boxes), len(detections))
+        log.info(
+            "several faces in the clip; following the largest face's track (%d of %d samples)",
+            len(boxes),
+            len(detections),
+        )
     crop = choose_crop(boxes, info.width, info.height, scale=cfg.crop_scale, face_y=cfg.face_y)
-    log.info("crop window x0=%d y0=%d side=%d of %dx%d (face found in %d/%d samples)", crop.x0, crop.y0, crop.side,
-             info.width, info.height, len(boxes), len(detections))
+    log.info(
+        "crop window x0=%d y0=%d side=%d of %dx%d (face found in %d/%d samples)",
+        crop.x0,
+        crop.y0,
+        crop.side,
+        info.width,
+        info.height,
+        len(boxes),
+        len(detections),
+    )
     return crop, len(boxes), len(detections)
 
 
@@ -239,7 +259,11 @@ def preprocess(
     wav = load_audio(audio_src, sr=AUDIO_RATE)
     n_samples = n * SAMPLES_PER_FRAME
     if len(wav) < 0.5 * n_samples:
-        log.warning("audio (%.2f s) is much shorter than the video (%.2f s); padding with silence", len(wav) / AUDIO_RATE, n / FPS)
+        log.warning(
+            "audio (%.2f s) is much shorter than the video (%.2f s); padding with silence",
+            len(wav) / AUDIO_RATE,
+            n / FPS,
+        )
     wav = np.pad(wav, (0, max(0, n_samples - len(wav))))[:n_samples].astype(np.float32)
     extractor = FeatureExtractor(cfg.audio_features, hubert_path=cfg.hubert_path)
 
@@ -272,11 +296,15 @@ def preprocess(
                 bar.update(1)
         bar.close()
         if i + 1 < n:
-            raise InvalidMedia(f"{video}: decoded only {i + 1} of {n} frames; the file is truncated or corrupt, re-export it")
+            raise InvalidMedia(
+                f"{video}: decoded only {i + 1} of {n} frames; the file is truncated or corrupt, re-export it"
+            )
 
         # -- 4. face gaps ---------------------------------------------------------------------------
         if not valid.any():
-            raise NoFaceDetected(f"{video}: FaceMesh found no face in any frame; pass a video where one face is clearly visible")
+            raise NoFaceDetected(
+                f"{video}: FaceMesh found no face in any frame; pass a video where one face is clearly visible"
+            )
         max_gap = int(round(cfg.max_gap_s * FPS))
         long_gaps = fill_gaps(points, valid, max_gap)
         if long_gaps:
@@ -303,14 +331,21 @@ def preprocess(
             masks[j] = label_frame(person[j].astype(bool), oval_points(points[j]))
         person.discard()
         detected = np.flatnonzero(valid)  # frames without a face (e.g. black frames) are not sampled
-        bg_idx = detected[np.unique(np.linspace(0, len(detected) - 1, min(len(detected), cfg.background_samples)).round().astype(int))]
+        bg_idx = detected[
+            np.unique(np.linspace(0, len(detected) - 1, min(len(detected), cfg.background_samples)).round().astype(int))
+        ]
         plate = background_plate(frames, masks, bg_idx)
-        fractions = {k: float(np.mean([np.mean(masks[j] == v) for j in bg_idx])) for k, v in (("background", 0), ("torso", 1), ("head", 2))}
+        fractions = {
+            k: float(np.mean([np.mean(masks[j] == v) for j in bg_idx]))
+            for k, v in (("background", 0), ("torso", 1), ("head", 2))
+        }
 
         # -- 7. audio features, arrays, manifest, previews ----------------------------------------
         feats = extractor(wav, n_frames=n)
         if feats.shape[0] != FEATURES_PER_FRAME * n:
-            raise InvalidMedia(f"audio features have {feats.shape[0]} rows, expected {FEATURES_PER_FRAME * n}; report this bug")
+            raise InvalidMedia(
+                f"audio features have {feats.shape[0]} rows, expected {FEATURES_PER_FRAME * n}; report this bug"
+            )
         save_array(tmp, "audio", wav)
         save_array(tmp, "features", feats)
         save_array(tmp, "background", plate)
@@ -375,14 +410,21 @@ def preprocess(
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a dataset is meant to be shared
     log.info(
         "dataset %s: %d frames (%.1f s) at %d px, rotation noise on a static stretch %.3f deg raw -> %.3f deg smoothed, %.1f s",
-        out, n, n / FPS, size, noise.raw_deg, noise.smoothed_deg, manifest["elapsed_s"],
+        out,
+        n,
+        n / FPS,
+        size,
+        noise.raw_deg,
+        noise.smoothed_deg,
+        manifest["elapsed_s"],
     )
     return out
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = PreprocessConfig(size=args.size, audio_features=args.audio_features, hubert_path=args.hubert,
-                           frame_codec=args.frame_codec)
+    cfg = PreprocessConfig(
+        size=args.size, audio_features=args.audio_features, hubert_path=args.hubert, frame_codec=args.frame_codec
+    )
     out = preprocess(args.video, args.out, cfg, audio=args.audio, overwrite=args.overwrite, progress=not args.quiet)
     print(out)
     return 0
@@ -405,11 +447,27 @@ def register(subparsers) -> None:
     p.add_argument("video", help="input video (mp4, mov, mkv, webm, ...; any fps, resolution and audio rate)")
     p.add_argument("--out", required=True, help="dataset directory to create")
     p.add_argument("--size", type=int, default=512, help="side of the stored square frames, pixels")
-    p.add_argument("--audio-features", choices=["mel", "hubert"], default="mel", help="audio feature kind (hubert needs --hubert)")
-    p.add_argument("--hubert", default=None, metavar="PATH", help="local HuBERT model directory (transformers format); nothing is downloaded")
-    p.add_argument("--frame-codec", choices=["jpeg", "png"], default="jpeg",
-                   help="storage of the frames: JPEG quality 95 (4:4:4) or lossless PNG (~3-4x larger)")
-    p.add_argument("--audio", default=None, metavar="FILE", help="separate speech audio for a silent video (replaces the video's audio)")
+    p.add_argument(
+        "--audio-features", choices=["mel", "hubert"], default="mel", help="audio feature kind (hubert needs --hubert)"
+    )
+    p.add_argument(
+        "--hubert",
+        default=None,
+        metavar="PATH",
+        help="local HuBERT model directory (transformers format); nothing is downloaded",
+    )
+    p.add_argument(
+        "--frame-codec",
+        choices=["jpeg", "png"],
+        default="jpeg",
+        help="storage of the frames: JPEG quality 95 (4:4:4) or lossless PNG (~3-4x larger)",
+    )
+    p.add_argument(
+        "--audio",
+        default=None,
+        metavar="FILE",
+        help="separate speech audio for a silent video (replaces the video's audio)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)

@@ -1,5 +1,6 @@
 """Preview images of a dataset: a contact sheet (frames with landmarks, pose axes and masks) and a
 plot of the pose / blink signals over time. For humans checking ``avatar preprocess`` output."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,15 @@ def _draw_frame(frame, labels, lm2d, pose, intr: Intrinsics, axis_len_m: float) 
     s = img.shape[0]
     r = max(1, s // 128)
     for k, (x, y) in enumerate(lm2d):
-        colour = (0, 255, 0) if k in JAW else (255, 255, 0) if k in LEFT_EYE + RIGHT_EYE else (255, 0, 255) if k in MOUTH else (255, 255, 255)
+        colour = (
+            (0, 255, 0)
+            if k in JAW
+            else (255, 255, 0)
+            if k in LEFT_EYE + RIGHT_EYE
+            else (255, 0, 255)
+            if k in MOUTH
+            else (255, 255, 255)
+        )
         cv2.circle(img, (int(round(x)), int(round(y))), r, colour, -1, cv2.LINE_AA)
     # head axes: x red, y green, z blue, from the head-frame origin
     pts = np.array([[0, 0, 0], [axis_len_m, 0, 0], [0, axis_len_m, 0], [0, 0, axis_len_m]], np.float64)
@@ -34,8 +43,18 @@ def _draw_frame(frame, labels, lm2d, pose, intr: Intrinsics, axis_len_m: float) 
     return img
 
 
-def contact_sheet(frames, masks, lm2d, poses, intr: Intrinsics, head_scale: float, path: str | Path, n: int = 12,
-                  cols: int = 4, tile: int = 256) -> None:
+def contact_sheet(
+    frames,
+    masks,
+    lm2d,
+    poses,
+    intr: Intrinsics,
+    head_scale: float,
+    path: str | Path,
+    n: int = 12,
+    cols: int = 4,
+    tile: int = 256,
+) -> None:
     """Write a PNG grid of ``n`` evenly spaced frames with landmarks, head axes and mask tint.
 
     Args:
@@ -50,11 +69,13 @@ def contact_sheet(frames, masks, lm2d, poses, intr: Intrinsics, head_scale: floa
     for i in idx:
         img = _draw_frame(np.asarray(frames[i]), np.asarray(masks[i]), lm2d[i], poses[i], intr, head_scale)
         img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA)
-        cv2.putText(img, f"#{i} {i / 25:.1f}s", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(
+            img, f"#{i} {i / 25:.1f}s", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA
+        )
         tiles.append(img)
     while len(tiles) % cols:
         tiles.append(np.zeros_like(tiles[0]))
-    rows = [np.concatenate(tiles[k:k + cols], axis=1) for k in range(0, len(tiles), cols)]
+    rows = [np.concatenate(tiles[k : k + cols], axis=1) for k in range(0, len(tiles), cols)]
     cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
 
 

@@ -45,6 +45,7 @@ gRPC message. The service exposes them as ``StreamConfig.block`` / ``nerf_right`
 ``block`` / ``nerf_right`` of the web console's WebRTC offer and ``avatar client stream --block
 --nerf-right`` (service/README.md).
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,12 +66,12 @@ from avatar.pipeline.controls import BlinkSchedule, PoseReplay, apply_eyes
 
 log = logging.getLogger(__name__)
 
-BLOCK = 8        # frames per motion block (0.32 s), the default of Latency.block
-MAX_BLOCK = 64   # the largest block a session may choose (2.56 s)
-CTX_LEFT = 24    # frames of audio context before a block (0.96 s); more when the generator's input
-                 # transform looks further back (Audio2Motion.history_frames, e.g. a 2 s sliding CMN)
-CTX_RIGHT = 12   # the most frames of audio context after a block the engine reads (0.48 s); models
-                 # that depend on less future audio read less (motion_right_frames)
+BLOCK = 8  # frames per motion block (0.32 s), the default of Latency.block
+MAX_BLOCK = 64  # the largest block a session may choose (2.56 s)
+CTX_LEFT = 24  # frames of audio context before a block (0.96 s); more when the generator's input
+# transform looks further back (Audio2Motion.history_frames, e.g. a 2 s sliding CMN)
+CTX_RIGHT = 12  # the most frames of audio context after a block the engine reads (0.48 s); models
+# that depend on less future audio read less (motion_right_frames)
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,17 @@ def stream_latency(models, block: int | None = None, nerf_right: int | None = No
     if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not (1 <= block <= MAX_BLOCK):
         raise InvalidInput(f"block must be an integer number of frames in [1, {MAX_BLOCK}], got {block!r}")
     if isinstance(nerf_right, bool) or not isinstance(nerf_right, (int, np.integer)) or not (0 <= nerf_right <= half):
-        raise InvalidInput(f"nerf_right must be an integer in [0, {half}] (the NeRF window is {models.nerf.window} "
-                           f"frames), got {nerf_right!r}")
+        raise InvalidInput(
+            f"nerf_right must be an integer in [0, {half}] (the NeRF window is {models.nerf.window} "
+            f"frames), got {nerf_right!r}"
+        )
     gen = models.generator
-    return Latency(block=int(block), ctx_left=max(CTX_LEFT, gen.history_frames + gen.context_frames),
-                   ctx_right=min(CTX_RIGHT, motion_right_frames(models)), nerf_right=int(nerf_right))
+    return Latency(
+        block=int(block),
+        ctx_left=max(CTX_LEFT, gen.history_frames + gen.context_frames),
+        ctx_right=min(CTX_RIGHT, motion_right_frames(models)),
+        nerf_right=int(nerf_right),
+    )
 
 
 @dataclass
@@ -241,7 +248,9 @@ class MotionEngine:
         self.latency = latency or stream_latency(models)
         self._emotion = models.emotion_delta(options)
         self.blink_schedule = BlinkSchedule(
-            (options.blink_rate if options.blink_rate is not None else models.blink.rate_per_min) if options.blink else 0.0,
+            (options.blink_rate if options.blink_rate is not None else models.blink.rate_per_min)
+            if options.blink
+            else 0.0,
             seed=options.seed,
         )
 
@@ -297,8 +306,10 @@ class MotionEngine:
         if self._emotion is not None:
             lm3d = self._emotion(lm3d, frames)
         if not np.isfinite(lm3d).all():
-            raise AvatarError(f"non-finite landmarks in frames {f0}-{f1 - 1}; the avatar's motion models are "
-                              "corrupt: re-onboard it with --overwrite")
+            raise AvatarError(
+                f"non-finite landmarks in frames {f0}-{f1 - 1}; the avatar's motion models are "
+                "corrupt: re-onboard it with --overwrite"
+            )
         return lm3d.astype(np.float32)
 
 
@@ -313,8 +324,9 @@ class FrameEngine:
     def __init__(self, models, options: RenderOptions, nerf_right: int | None = None):
         self.m = models
         self.size = options.size or models.size
-        self.poses = PoseReplay(models.pose_track, speed=options.head_speed,
-                                amplitude=options.head_amplitude, still=options.still)
+        self.poses = PoseReplay(
+            models.pose_track, speed=options.head_speed, amplitude=options.head_amplitude, still=options.still
+        )
         self.window = models.nerf.window
         self.right = self.window // 2 if nerf_right is None else int(nerf_right)
 
@@ -491,13 +503,14 @@ class StreamSession:
         b = min(frame // L, self._next_block)
         need = (b * L - self.motion.ctx_left) * SAMPLES_PER_FRAME
         if frame < 0 or frame < self.frames_emitted - self.rewind_frames or max(need, 0) < self._audio_offset:
-            raise InvalidInput(f"cannot rewind to frame {frame} (emitted {self.frames_emitted}, "
-                               f"rewind_frames {self.rewind_frames})")
+            raise InvalidInput(
+                f"cannot rewind to frame {frame} (emitted {self.frames_emitted}, rewind_frames {self.rewind_frames})"
+            )
         cut = frame * SAMPLES_PER_FRAME
         dropped = max(0, self.samples - cut)
         self._audio = self._audio[: max(0, cut - self._audio_offset)].copy()
         shown = min(frame, self.frames_emitted)
-        self._keep = (shown, self._lm3d[b * L: shown].copy()) if shown > b * L else None
+        self._keep = (shown, self._lm3d[b * L : shown].copy()) if shown > b * L else None
         self._lm3d = self._lm3d[: b * L]
         self._next_block = b
         self.frames_emitted = shown
@@ -521,7 +534,7 @@ class StreamSession:
             oldest = min(oldest, max(0, self.frames_emitted - self.rewind_frames) // L)
         keep_from = max(0, (oldest * L - self.motion.ctx_left) * SAMPLES_PER_FRAME)
         if keep_from - self._audio_offset >= SAMPLES_PER_FRAME * L:
-            self._audio = self._audio[keep_from - self._audio_offset:].copy()
+            self._audio = self._audio[keep_from - self._audio_offset :].copy()
             self._audio_offset = keep_from
 
     def landmarks(self) -> np.ndarray:
@@ -541,8 +554,9 @@ def landmarks_for_audio(models, audio, options: RenderOptions | None = None, blo
     return np.concatenate([engine.block(b, wav, total) for b in range(-(-total // latency.block))])[:total]
 
 
-def render_frames(models, audio, options: RenderOptions | None = None, block: int | None = None,
-                  nerf_right: int | None = None) -> Iterator[np.ndarray]:
+def render_frames(
+    models, audio, options: RenderOptions | None = None, block: int | None = None, nerf_right: int | None = None
+) -> Iterator[np.ndarray]:
     """Lazily render all frames for ``audio`` (path or float32 16 kHz array).
 
     Yields uint8 [S, S, 3] RGB frames; their count is ``round(len(audio) / 640)``. Stopping the
@@ -561,8 +575,7 @@ def render_frames(models, audio, options: RenderOptions | None = None, block: in
     yield from (frame for _, frame in session.pull())
 
 
-def render_to_mp4(models, audio, out: str | Path, options: RenderOptions | None = None,
-                  progress: bool = True) -> dict:
+def render_to_mp4(models, audio, out: str | Path, options: RenderOptions | None = None, progress: bool = True) -> dict:
     """Render ``audio`` and write an H.264 MP4 with the driving audio muxed in.
 
     A file's audio is muxed at its own sample rate and channels (a 48 kHz stereo input gives a

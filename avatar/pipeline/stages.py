@@ -8,6 +8,7 @@ It is also the one preset registry of every command: the names ``cpu-smoke | cpu
 postnet say ``smoke | cpu | gpu``); the CLI takes the unified names and the old ones as deprecated
 aliases (:data:`PRESET_ALIASES`, :func:`unified_preset`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,12 +81,28 @@ PRESETS: dict[str, OnboardPreset] = {
 
 STAGES = ["preprocess", "motion", "postnet", "head", "torso", "bundle"]
 #: the stages each training stage reads (the Ray backend runs motion -> postnet and head -> torso side by side)
-STAGE_DEPS: dict[str, tuple[str, ...]] = {"preprocess": (), "motion": ("preprocess",), "postnet": ("motion",),
-                                          "head": ("preprocess",), "torso": ("head",)}
+STAGE_DEPS: dict[str, tuple[str, ...]] = {
+    "preprocess": (),
+    "motion": ("preprocess",),
+    "postnet": ("motion",),
+    "head": ("preprocess",),
+    "torso": ("head",),
+}
 
 
-def run_stage(stage: str, work: Path, video: Path, preset: str, gen_dir: Path, audio: str | Path | None = None,
-              cb=None, cancel=None, show_bars: bool = False, gen=None, seed: int = 0) -> None:
+def run_stage(
+    stage: str,
+    work: Path,
+    video: Path,
+    preset: str,
+    gen_dir: Path,
+    audio: str | Path | None = None,
+    cb=None,
+    cancel=None,
+    show_bars: bool = False,
+    gen=None,
+    seed: int = 0,
+) -> None:
     """Run one training stage of an onboarding in ``work``: it reads the files of the stages in
     ``STAGE_DEPS[stage]`` and writes its own (``dataset/``, ``generator/``, ``postnet/``, ``nerf/head``,
     ``nerf/torso``), so any process that sees ``work`` can run it (a Ray task on another node).
@@ -110,18 +127,37 @@ def run_stage(stage: str, work: Path, video: Path, preset: str, gen_dir: Path, a
     elif stage == "motion":
         from avatar.motion.regression import finetune_generator
 
-        finetune_generator(gen_dir, dataset_dir, motion_dir, preset=p.postnet, overwrite=True,
-                           progress=show_bars, callback=cb, cancel=cancel, seed=seed)
+        finetune_generator(
+            gen_dir,
+            dataset_dir,
+            motion_dir,
+            preset=p.postnet,
+            overwrite=True,
+            progress=show_bars,
+            callback=cb,
+            cancel=cancel,
+            seed=seed,
+        )
     elif stage == "postnet":
         from avatar.motion.postnet import train_postnet
 
-        train_postnet(dataset_dir, motion_dir, postnet_dir, preset=p.postnet, overwrite=True,
-                      corpus_cache=gen_dir / "cache" if (gen_dir / "cache").is_dir() else None,
-                      progress=show_bars, callback=cb, cancel=cancel, seed=seed)
+        train_postnet(
+            dataset_dir,
+            motion_dir,
+            postnet_dir,
+            preset=p.postnet,
+            overwrite=True,
+            corpus_cache=gen_dir / "cache" if (gen_dir / "cache").is_dir() else None,
+            progress=show_bars,
+            callback=cb,
+            cancel=cancel,
+            seed=seed,
+        )
     elif stage in ("head", "torso"):
         from avatar.nerf.trainer import train_nerf
 
-        train_nerf(dataset_dir, nerf_dir, part=stage, preset=p.nerf, seed=seed, progress=show_bars, callback=cb,
-                   cancel=cancel)
+        train_nerf(
+            dataset_dir, nerf_dir, part=stage, preset=p.nerf, seed=seed, progress=show_bars, callback=cb, cancel=cancel
+        )
     else:
         raise InvalidInput(f"unknown onboarding stage {stage!r}; one of {', '.join(STAGE_DEPS)}")

@@ -7,4 +7,5 @@ Layout under the store root (``$AVATAR_HOME``, default: the per-user data direct
     shared/emotion/        the default shared emotion model (``avatar train-emotion``), optional
     work/<name>/           resumable onboarding state (dataset, checkpoints); removed after success
 """
+
 from avatar.store.store import AvatarStore, default_store_root, validate_name  # noqa: F401

@@ -13,6 +13,7 @@ entries exist and that every recorded file is present with its recorded size; fu
 verifies every file's SHA-256, so flipped bytes in a weights file are caught before rendering.
 Bundles written before checksums were recorded (no ``files`` key) pass the structural checks only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,7 +30,11 @@ MANIFEST = "manifest.json"
 REQUIRED_ENTRIES = ("generator", "postnet", "nerf", "track.safetensors", "blink.json")
 #: manifest keys every bundle has, with the type each must have
 REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
-    "schema": str, "name": str, "size": int, "fps": (int, float), "created": str,
+    "schema": str,
+    "name": str,
+    "size": int,
+    "fps": (int, float),
+    "created": str,
 }
 _HINT = "re-onboard it with --overwrite"
 
@@ -103,8 +108,11 @@ def read_manifest(root: str | Path, name: str | None = None) -> dict:
             p = PurePosixPath(rel)
             if p.is_absolute() or ".." in p.parts or not rel or rel == MANIFEST:
                 raise _corrupt(name, f"manifest.json lists an invalid file path {rel[:60]!r}")
-            if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
-                    or not isinstance(entry.get("size"), int)):
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("sha256"), str)
+                or not isinstance(entry.get("size"), int)
+            ):
                 raise _corrupt(name, f"manifest.json entry for {rel!r} lacks sha256/size")
     return manifest
 

@@ -1,4 +1,5 @@
 """Avatar store on disk: list / info / delete / paths, with name validation."""
+
 from __future__ import annotations
 
 import builtins
@@ -49,7 +50,9 @@ class AvatarStore:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_store_root()
         if self.root.exists() and not self.root.is_dir():
-            raise InvalidInput(f"avatar store {self.root} is not a directory; set AVATAR_HOME or --store to a directory")
+            raise InvalidInput(
+                f"avatar store {self.root} is not a directory; set AVATAR_HOME or --store to a directory"
+            )
         if self.root.exists() and not os.access(self.root, os.R_OK | os.X_OK):
             raise InvalidInput(f"avatar store {self.root} is not readable; fix its permissions or choose another store")
 
@@ -81,8 +84,11 @@ class AvatarStore:
     def names(self) -> list[str]:
         if not self.avatars_dir.is_dir():
             return []
-        return sorted(p.name for p in self.avatars_dir.iterdir()
-                      if NAME_RE.fullmatch(p.name) and ".." not in p.name and (p / "manifest.json").is_file())
+        return sorted(
+            p.name
+            for p in self.avatars_dir.iterdir()
+            if NAME_RE.fullmatch(p.name) and ".." not in p.name and (p / "manifest.json").is_file()
+        )
 
     def manifest(self, name: str, verify_hashes: bool = False) -> dict:
         """The validated bundle manifest of ``name`` (see :func:`avatar.store.bundle.validate_bundle`).
@@ -118,8 +124,11 @@ class AvatarStore:
             "size": int(m["size"]),
             "fps": int(m["fps"]),
             "created": m["created"],
-            "metrics": {k: float(v) for k, v in (m.get("metrics") or {}).items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            "metrics": {
+                k: float(v)
+                for k, v in (m.get("metrics") or {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            },
             "source_sha256": str(source.get("sha256", "")),
             "preset": str(m.get("preset", "")),
         }
@@ -156,8 +165,9 @@ class AvatarStore:
 
         removed: list[Path] = []
         if self.avatars_dir.is_dir():
-            names = {m.group(1) for p in self.avatars_dir.iterdir()
-                     if (m := re.fullmatch(r"\.(.+)\.(?:tmp|old)-.*", p.name))}
+            names = {
+                m.group(1) for p in self.avatars_dir.iterdir() if (m := re.fullmatch(r"\.(.+)\.(?:tmp|old)-.*", p.name))
+            }
             for name in names:
                 removed += clean_stale_temps(self.avatars_dir, name)
         work_root = self.root / "work"
@@ -194,6 +204,8 @@ class AvatarStore:
         """
         path = self.avatar_dir(name)
         if not path.exists() and not self.work_dir(name).exists():
-            raise AvatarNotFound(f"no avatar named {name!r} in store {self.root}; `avatar list` shows the available ones")
+            raise AvatarNotFound(
+                f"no avatar named {name!r} in store {self.root}; `avatar list` shows the available ones"
+            )
         shutil.rmtree(path, ignore_errors=True)
         shutil.rmtree(self.work_dir(name), ignore_errors=True)

@@ -6,6 +6,7 @@ the lower jaw keep the audio-driven motion (:data:`~.geometry.FROZEN`, delta = 0
 corners may move. The result is clamped to the person's own landmark range (``models.lm3d_ref``)
 widened by :data:`CLAMP_MARGIN`, so the NeRF stays near its training data (anchors D.4 caution).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,9 @@ def find_emotion_model(root: Path) -> Path | None:
     return None
 
 
-def clamp_to_reference(out: np.ndarray, inp: np.ndarray, lm3d_ref: np.ndarray, margin: float = CLAMP_MARGIN) -> np.ndarray:
+def clamp_to_reference(
+    out: np.ndarray, inp: np.ndarray, lm3d_ref: np.ndarray, margin: float = CLAMP_MARGIN
+) -> np.ndarray:
     """Clamp ``out`` per landmark and axis to the person's range (``lm3d_ref`` [M, 68, 3] min..max
     widened by ``margin`` x range) but never tighter than the input ``inp`` (audio motion kept)."""
     lo, hi = lm3d_ref.min(0), lm3d_ref.max(0)
@@ -73,8 +76,8 @@ class EmotionDelta:
         past = [self._hist.get(first - j) for j in range(self.window - 1, 0, -1)]
         past = [p if p is not None else feats[0] for p in past]
         seq = np.concatenate([np.stack(past).reshape(-1, feats.shape[1]), feats]) if past else feats
-        win = causal_windows(seq, self.window)[len(past):]
-        for f, v in zip(frames[-(self.window - 1):] if self.window > 1 else [], feats[-(self.window - 1):]):
+        win = causal_windows(seq, self.window)[len(past) :]
+        for f, v in zip(frames[-(self.window - 1) :] if self.window > 1 else [], feats[-(self.window - 1) :]):
             self._hist[int(f)] = v
         for key in [key for key in self._hist if key < first + k - self.window]:
             del self._hist[key]
@@ -109,7 +112,8 @@ def _load_model(models, required: bool, what: str) -> EmotionNet | None:
         raise AvatarNotFound(
             f"no emotion model for emotion {what!r} (looked in {Path(models.root) / 'emotion'} and "
             f"{Path(models.root).parent.parent / 'shared' / 'emotion'}); train one with "
-            "`avatar train-emotion CLIPS_DIR --out STORE/shared/emotion`, or render with emotion 'neutral'")
+            "`avatar train-emotion CLIPS_DIR --out STORE/shared/emotion`, or render with emotion 'neutral'"
+        )
     net = load_emotion_model(where)
     models._emotion_model = net
     return net
@@ -146,8 +150,12 @@ def build_emotion_delta(models, options) -> Callable[[np.ndarray, np.ndarray], n
         key = (str(p.resolve()), p.stat().st_mtime if p.exists() else None, str(neutral))
         if key not in cache:
             net = _load_model(models, required=False, what=str(p))  # its shared neutral statistics, if any
-            cache[key] = reference_displacement(p, np.asarray(models.lm3d_mean, np.float32), neutral_path=neutral,
-                                                stats=net.neutral_stats() if net is not None else None)
+            cache[key] = reference_displacement(
+                p,
+                np.asarray(models.lm3d_mean, np.float32),
+                neutral_path=neutral,
+                stats=net.neutral_stats() if net is not None else None,
+            )
         return EmotionDelta(models, schedule, strength, None, cache[key])
     net = None
     if any(label != "neutral" for label, _ in schedule):

@@ -1,5 +1,6 @@
 """Held-out metrics of the category emotion model (:mod:`.model`) on one speaker, and the two trivial
 baselines they are read against."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,9 @@ from .targets import speaker_displacements, speaker_neutral
 from .tracks import SpeakerTracks
 
 
-def evaluate_speaker(net: EmotionNet, st: SpeakerTracks, window: int | None = None, allow_estimated: bool = False) -> dict:
+def evaluate_speaker(
+    net: EmotionNet, st: SpeakerTracks, window: int | None = None, allow_estimated: bool = False
+) -> dict:
     """Held-out metrics on one speaker, per emotional label.
 
     Truth: the mean of the label's clips minus the speaker's recorded neutral mean (or, with
@@ -42,9 +45,14 @@ def evaluate_speaker(net: EmotionNet, st: SpeakerTracks, window: int | None = No
         src = st.clips["neutral"][0] if "neutral" in st.clips else np.concatenate(st.clips[label])
         pred = net.predict(causal_windows(speech_features(src, src.mean(0)), window), label) * scale
         a = pred.mean(0)
-        rows[label] = {"cosine": cosine(a, real), "size_ratio": norm(a) / (norm(real) + 1e-12),
-                       "mouth_lmd": float(np.linalg.norm(pred[:, list(MOUTH)], axis=-1).mean()),
-                       "pred_norm": norm(a), "real_norm": norm(real), "estimated_truth": estimated}
+        rows[label] = {
+            "cosine": cosine(a, real),
+            "size_ratio": norm(a) / (norm(real) + 1e-12),
+            "mouth_lmd": float(np.linalg.norm(pred[:, list(MOUTH)], axis=-1).mean()),
+            "pred_norm": norm(a),
+            "real_norm": norm(real),
+            "estimated_truth": estimated,
+        }
     return rows
 
 
@@ -68,7 +76,11 @@ def baselines(train: list[SpeakerTracks], held: SpeakerTracks, stats: NeutralSta
         if not ds:
             continue
         avg = np.mean(ds, 0)
-        out[label] = {"average_cos": cosine(avg, real), "average_size": norm(avg) / (norm(real) + 1e-12),
-                      "copy_cos": float(np.mean([cosine(d, real) for d in ds])),
-                      "copy_size": float(np.mean([norm(d) / (norm(real) + 1e-12) for d in ds])), "n_train": len(ds)}
+        out[label] = {
+            "average_cos": cosine(avg, real),
+            "average_size": norm(avg) / (norm(real) + 1e-12),
+            "copy_cos": float(np.mean([cosine(d, real) for d in ds])),
+            "copy_size": float(np.mean([norm(d) / (norm(real) + 1e-12) for d in ds])),
+            "n_train": len(ds),
+        }
     return out

@@ -3,6 +3,7 @@
 Everything works on canonical lm3d [68, 3] (iBUG-300W order; identity-free after subtracting a
 neutral shape; pose-free; outer-eye-corner distance of the mean = 1; see :mod:`avatar.data.dataset`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,9 +27,14 @@ REGIONS = {"jaw": JAW, "brows": BROWS, "nose": NOSE, "eyes": EYES, "mouth": MOUT
 #: even the face contour (0-3, 13-16), so identity (a neutral template) is aligned on these.
 STABLE = tuple(NOSE) + (36, 39, 42, 45)
 #: left-right mirror permutation of the 68 iBUG points
-MIRROR = (tuple(range(16, -1, -1)) + tuple(range(26, 16, -1)) + (27, 28, 29, 30, 35, 34, 33, 32, 31)
-          + (45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40)
-          + (54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55) + (64, 63, 62, 61, 60, 67, 66, 65))
+MIRROR = (
+    tuple(range(16, -1, -1))
+    + tuple(range(26, 16, -1))
+    + (27, 28, 29, 30, 35, 34, 33, 32, 31)
+    + (45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40)
+    + (54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55)
+    + (64, 63, 62, 61, 60, 67, 66, 65)
+)
 #: labels that are not left-right symmetric (FACS: contempt is the unilateral AU14)
 ASYMMETRIC = ("contempt",)
 
@@ -104,7 +110,9 @@ def norm(a: np.ndarray, idx=EVAL_POINTS) -> float:
 
 def speech_features(lm3d: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """Speech state per frame: float32 [K, len(SPEECH)*3] = (lm3d - mean) at :data:`SPEECH`."""
-    return (np.asarray(lm3d, np.float32)[:, list(SPEECH)] - np.asarray(mean, np.float32)[list(SPEECH)]).reshape(len(lm3d), -1)
+    return (np.asarray(lm3d, np.float32)[:, list(SPEECH)] - np.asarray(mean, np.float32)[list(SPEECH)]).reshape(
+        len(lm3d), -1
+    )
 
 
 def causal_windows(feats: np.ndarray, window: int) -> np.ndarray:

@@ -9,6 +9,7 @@ from a causal window of the audio-driven speech landmarks (anchors D.4 option b)
 Its training targets: :mod:`.targets`; its training and calibration: :mod:`.train`; held-out
 metrics and baselines: :mod:`.evaluate`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,12 +78,20 @@ class EmotionNet(nn.Module):
         super().__init__()
         d_in = cfg.window * len(SPEECH) * 3
         self.embedding = nn.Embedding(len(LABELS), cfg.embed_dim)
-        self.mapping = nn.Sequential(nn.Linear(cfg.embed_dim, cfg.code_dim), nn.LeakyReLU(0.2),
-                                     nn.Linear(cfg.code_dim, cfg.code_dim), nn.LeakyReLU(0.2),
-                                     nn.Linear(cfg.code_dim, cfg.code_dim))
-        self.deform = nn.Sequential(nn.Linear(d_in + cfg.code_dim, cfg.hidden), nn.LeakyReLU(0.2),
-                                    nn.Linear(cfg.hidden, cfg.hidden), nn.LeakyReLU(0.2),
-                                    nn.Linear(cfg.hidden, 68 * 3))
+        self.mapping = nn.Sequential(
+            nn.Linear(cfg.embed_dim, cfg.code_dim),
+            nn.LeakyReLU(0.2),
+            nn.Linear(cfg.code_dim, cfg.code_dim),
+            nn.LeakyReLU(0.2),
+            nn.Linear(cfg.code_dim, cfg.code_dim),
+        )
+        self.deform = nn.Sequential(
+            nn.Linear(d_in + cfg.code_dim, cfg.hidden),
+            nn.LeakyReLU(0.2),
+            nn.Linear(cfg.hidden, cfg.hidden),
+            nn.LeakyReLU(0.2),
+            nn.Linear(cfg.hidden, 68 * 3),
+        )
         self.register_buffer("in_mean", torch.zeros(d_in))
         self.register_buffer("in_std", torch.ones(d_in))
         self.register_buffer("out_scale", torch.ones(1))
@@ -123,12 +132,16 @@ class EmotionNet(nn.Module):
     def predict(self, speech: np.ndarray, label: str) -> np.ndarray:
         """float32 [K, 68, 3] displacement for speech windows [K, D] and one label (no grad)."""
         with torch.no_grad():
-            return self(torch.from_numpy(np.asarray(speech, np.float32)), torch.full((len(speech),), LABELS.index(label))).numpy()
+            return self(
+                torch.from_numpy(np.asarray(speech, np.float32)), torch.full((len(speech),), LABELS.index(label))
+            ).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
 # persistence
-def save_emotion_model(net: EmotionNet, cfg: EmotionConfig, metrics: dict, out: str | Path, overwrite: bool = False) -> Path:
+def save_emotion_model(
+    net: EmotionNet, cfg: EmotionConfig, metrics: dict, out: str | Path, overwrite: bool = False
+) -> Path:
     """Write ``model.safetensors`` + ``config.json`` + ``metrics.json`` atomically to ``out``."""
     from safetensors.torch import save_file
 
@@ -137,8 +150,10 @@ def save_emotion_model(net: EmotionNet, cfg: EmotionConfig, metrics: dict, out: 
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(Path(tmp) / "model.safetensors"))
-        save_json({"schema": SCHEMA, "labels": list(LABELS), "speech_points": list(SPEECH),
-                   "config": to_dict(cfg)}, Path(tmp) / "config.json")
+        save_json(
+            {"schema": SCHEMA, "labels": list(LABELS), "speech_points": list(SPEECH), "config": to_dict(cfg)},
+            Path(tmp) / "config.json",
+        )
         save_json(metrics, Path(tmp) / "metrics.json")
     return Path(out)
 
@@ -170,6 +185,8 @@ def load_emotion_model(path: str | Path) -> EmotionNet:
         if unexpected or not set(missing) <= {"gain", "id_basis", "n_identity", "ex_basis"}:
             raise BundleCorrupt(f"{path}: unexpected tensors {unexpected} / missing {missing}")
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise BundleCorrupt(f"{path}: emotion model unreadable ({e}); retrain it with `avatar train-emotion CLIPS_DIR --out {path}`") from e
+        raise BundleCorrupt(
+            f"{path}: emotion model unreadable ({e}); retrain it with `avatar train-emotion CLIPS_DIR --out {path}`"
+        ) from e
     net.cfg = cfg
     return net.eval()

@@ -22,6 +22,7 @@ like the displacement against the recorded neutral with cosine 0.83 on average (
 directions taken from ~60 in-the-wild talking clips (corpus/, corpus2/) instead of the MEAD neutrals
 gave 0.66-0.68 (their capture and their own expressions differ).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,8 +66,9 @@ class NeutralStats:
         return cls(np.asarray(template, np.float32), z, z)
 
 
-def build_neutral_stats(neutrals: list[np.ndarray], displacements: list[np.ndarray],
-                        max_identity: int = MAX_IDENTITY, ridge: float = 0.01) -> NeutralStats:
+def build_neutral_stats(
+    neutrals: list[np.ndarray], displacements: list[np.ndarray], max_identity: int = MAX_IDENTITY, ridge: float = 0.01
+) -> NeutralStats:
     """Shared statistics from recorded neutral shapes and measured expression displacements.
 
     Args:
@@ -126,14 +128,17 @@ def expression_energy(lm: np.ndarray, neutral: np.ndarray, smooth: int = 9) -> n
     """Per-frame distance from ``neutral`` on :data:`~.geometry.EVAL_POINTS`, float64 [N],
     moving-averaged over ``smooth`` frames (blinks and speech are short; expressions are held)."""
     ev = list(EVAL_POINTS)
-    e = np.linalg.norm((np.asarray(lm, np.float64)[:, ev] - np.asarray(neutral, np.float64)[ev]).reshape(len(lm), -1), axis=1)
+    e = np.linalg.norm(
+        (np.asarray(lm, np.float64)[:, ev] - np.asarray(neutral, np.float64)[ev]).reshape(len(lm), -1), axis=1
+    )
     if smooth > 1 and len(e) >= smooth:
         e = np.convolve(np.pad(e, smooth // 2, mode="edge"), np.ones(smooth) / smooth, mode="valid")
     return e
 
 
-def neutral_segment(lm: np.ndarray, neutral_guess: np.ndarray, contrast: float = SEGMENT_CONTRAST,
-                    min_frames: int = SEGMENT_MIN_FRAMES) -> np.ndarray | None:
+def neutral_segment(
+    lm: np.ndarray, neutral_guess: np.ndarray, contrast: float = SEGMENT_CONTRAST, min_frames: int = SEGMENT_MIN_FRAMES
+) -> np.ndarray | None:
     """Frames of a clip that form a neutral segment, or None when the clip has none.
 
     The least expressive fifth of the frames (by :func:`expression_energy` against

@@ -16,6 +16,7 @@ directly:
    in time (zero-phase Savitzky-Golay);
 4. retarget per region to the avatar (:func:`retarget_scale`) and loop ping-pong at render time.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,9 @@ class ReferenceExpression:
     neutral_source: str
 
 
-def measure_reference(clip: TrackedClip, neutral_clip: TrackedClip | None = None, stats=None,
-                      smooth_s: float = 0.28) -> ReferenceExpression:
+def measure_reference(
+    clip: TrackedClip, neutral_clip: TrackedClip | None = None, stats=None, smooth_s: float = 0.28
+) -> ReferenceExpression:
     """Expression displacement of a tracked reference against its person's neutral (steps 1-3).
 
     Args:
@@ -82,8 +84,9 @@ def measure_reference(clip: TrackedClip, neutral_clip: TrackedClip | None = None
     return ReferenceExpression(disp.astype(np.float32), np.asarray(neutral, np.float32), lm, source)
 
 
-def retarget_scale(ref: ReferenceExpression, avatar_mean: np.ndarray, avatar_track: np.ndarray | None = None,
-                   mode: str = "proportions") -> np.ndarray:
+def retarget_scale(
+    ref: ReferenceExpression, avatar_mean: np.ndarray, avatar_track: np.ndarray | None = None, mode: str = "proportions"
+) -> np.ndarray:
     """Per-landmark retargeting scale from the reference person to the avatar, float32 [68, 3].
 
     * ``"proportions"`` (default): the avatar's / reference's region extent of the *neutral* shapes
@@ -109,10 +112,16 @@ def retarget_scale(ref: ReferenceExpression, avatar_mean: np.ndarray, avatar_tra
     return scale.astype(np.float32)
 
 
-def reference_displacement(path: str | Path, avatar_mean: np.ndarray, smooth_s: float = 0.28,
-                           neutral_path: str | Path | None = None, stats=None,
-                           avatar_track: np.ndarray | None = None, retarget: str = "proportions",
-                           cache_dir: str | Path | None = None) -> np.ndarray:
+def reference_displacement(
+    path: str | Path,
+    avatar_mean: np.ndarray,
+    smooth_s: float = 0.28,
+    neutral_path: str | Path | None = None,
+    stats=None,
+    avatar_track: np.ndarray | None = None,
+    retarget: str = "proportions",
+    cache_dir: str | Path | None = None,
+) -> np.ndarray:
     """Time-varying expression displacement of a reference video, retargeted to the avatar.
 
     Args:
@@ -132,7 +141,9 @@ def reference_displacement(path: str | Path, avatar_mean: np.ndarray, smooth_s: 
         InvalidMedia: unreadable file. NoFaceDetected: no face in most frames.
     """
     clip = track_clip(path, max_frames=MAX_REFERENCE_FRAMES, cache_dir=cache_dir)
-    neutral_clip = track_clip(neutral_path, max_frames=MAX_REFERENCE_FRAMES, cache_dir=cache_dir) if neutral_path else None
+    neutral_clip = (
+        track_clip(neutral_path, max_frames=MAX_REFERENCE_FRAMES, cache_dir=cache_dir) if neutral_path else None
+    )
     if stats is None:
         stats = NeutralStats.from_template(avatar_mean)
     ref = measure_reference(clip, neutral_clip, stats, smooth_s)

@@ -4,6 +4,7 @@ A schedule switches label at given seconds with a raised-cosine crossfade of :da
 weights are computed on absolute frame indices, so batch renders, block-wise rendering and gRPC
 streams (per-chunk emotion changes) agree frame for frame.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,7 +35,9 @@ def parse_emotion_schedule(text: str) -> list[tuple[str, float]]:
     for i, part in enumerate(p.strip() for p in text.split(",")):
         m = re.fullmatch(r"([a-z]+)\s*(?:@\s*([0-9]*\.?[0-9]+)\s*s?)?", part.lower())
         if not m:
-            raise InvalidInput(f"bad emotion schedule entry {part!r}; write LABEL or LABEL@SECONDS, e.g. 'neutral,happy@2.0'")
+            raise InvalidInput(
+                f"bad emotion schedule entry {part!r}; write LABEL or LABEL@SECONDS, e.g. 'neutral,happy@2.0'"
+            )
         label, t = m.group(1), m.group(2)
         if label not in LABELS:
             raise InvalidInput(f"unknown emotion {label!r}; choose one of {', '.join(LABELS)}")
@@ -42,15 +45,18 @@ def parse_emotion_schedule(text: str) -> list[tuple[str, float]]:
             raise InvalidInput(f"emotion schedule entry {part!r} needs a start time, e.g. '{label}@2.0'")
         start = 0.0 if t is None else float(t)
         if out and start <= out[-1][1]:
-            raise InvalidInput(f"emotion schedule times must increase; {part!r} starts at {start} s, not after {out[-1][1]} s")
+            raise InvalidInput(
+                f"emotion schedule times must increase; {part!r} starts at {start} s, not after {out[-1][1]} s"
+            )
         out.append((label, start))
     if out[0][1] > 0:
         out.insert(0, ("neutral", 0.0))
     return out
 
 
-def schedule_weights(schedule: list[tuple[str, float]], frames: np.ndarray, fps: int = FPS,
-                     crossfade_s: float = CROSSFADE_S) -> dict[str, np.ndarray]:
+def schedule_weights(
+    schedule: list[tuple[str, float]], frames: np.ndarray, fps: int = FPS, crossfade_s: float = CROSSFADE_S
+) -> dict[str, np.ndarray]:
     """Per-label blend weights at absolute ``frames`` (int [K]) -> {label: float32 [K]}, summing to 1.
 
     A switch at ``t`` crossfades with a raised cosine over ``[t - crossfade_s/2, t + crossfade_s/2]``.

@@ -6,6 +6,7 @@ clip when the speaker has one, else the shared-statistics estimate (weighted by
 trained on the left-right symmetric part of the displacement (tracking and head-pose asymmetries are
 noise; contempt is unilateral and kept as is).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,7 +28,9 @@ def neutral_stats_from_tracks(tracks: list[SpeakerTracks]) -> NeutralStats:
     """
     rec = [st for st in tracks if st.neutral_mean is not None]
     if not rec:
-        raise InvalidInput("training needs at least one speaker with a neutral clip (e.g. M030_front_neutral_level1_001.mp4)")
+        raise InvalidInput(
+            "training needs at least one speaker with a neutral clip (e.g. M030_front_neutral_level1_001.mp4)"
+        )
     per_label = []
     for label in LABELS[1:]:
         ds = [np.concatenate(st.clips[label]).mean(0) - st.neutral_mean for st in rec if label in st.clips]
@@ -90,5 +93,10 @@ def build_training_set(tracks: list[SpeakerTracks], window: int, no_neutral_weig
                 ws.append(np.full(len(lm), weight / len(lm), np.float32))  # each clip counts once
     if not xs:
         raise InvalidInput("training needs emotional (non-neutral) clips besides the neutral ones")
-    return (np.concatenate(xs).astype(np.float32), np.concatenate(ls), np.concatenate(ys).astype(np.float32),
-            np.concatenate(ws), stats)
+    return (
+        np.concatenate(xs).astype(np.float32),
+        np.concatenate(ls),
+        np.concatenate(ys).astype(np.float32),
+        np.concatenate(ws),
+        stats,
+    )

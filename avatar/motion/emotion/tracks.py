@@ -8,6 +8,7 @@ Clip names carry speaker and label:
   (``filby89+spectre__MEAD_M003_level_1_happy_024``); the same speaker id in both forms is one person;
 * anything else with a label token (``eamm_sad.mp4``) is its own speaker.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,9 @@ def _cache_file(path: Path, max_frames: int | None, cache_dir: Path) -> Path:
     return cache_dir / f"{path.stem[:80]}.{key}.npy"
 
 
-def track_clip(path: str | Path, max_frames: int | None = None, min_face_fraction: float = 0.5,
-               cache_dir: str | Path | None = None) -> TrackedClip:
+def track_clip(
+    path: str | Path, max_frames: int | None = None, min_face_fraction: float = 0.5, cache_dir: str | Path | None = None
+) -> TrackedClip:
     """Track a video's face with :class:`avatar.face.landmarks.FaceMeshTracker` at 25 fps.
 
     Args:
@@ -77,8 +79,9 @@ def track_clip(path: str | Path, max_frames: int | None = None, min_face_fractio
     n = len(valid)
     found = int(np.sum(valid))
     if n == 0 or found < max(2, min_face_fraction * n):
-        raise NoFaceDetected(f"{path}: a face was found in only {found} of {n} frames; "
-                             "use a video showing one frontal face throughout")
+        raise NoFaceDetected(
+            f"{path}: a face was found in only {found} of {n} frames; use a video showing one frontal face throughout"
+        )
     points = np.stack(pts).astype(np.float32)
     fill_gaps(points, np.asarray(valid), max_gap=n)
     if cached is not None:
@@ -142,7 +145,9 @@ def list_clips(clips_dirs, aliases: dict[str, str] | None = None) -> dict[str, l
     skipped = []
     for d in map(Path, dirs):
         if not d.is_dir():
-            raise InvalidInput(f"{d} is not a directory; pass a folder of labelled clips such as M030_front_happy_level3_001.mp4")
+            raise InvalidInput(
+                f"{d} is not a directory; pass a folder of labelled clips such as M030_front_happy_level3_001.mp4"
+            )
         for p in sorted(d.iterdir()):
             if p.suffix.lower() not in VIDEO_SUFFIXES:
                 continue
@@ -155,7 +160,9 @@ def list_clips(clips_dirs, aliases: dict[str, str] | None = None) -> dict[str, l
     if skipped:
         log.info("skipping %d clips without an emotion label in their name (e.g. %s)", len(skipped), skipped[0])
     if not out:
-        raise InvalidInput(f"{', '.join(map(str, dirs))}: no labelled clips; name them like M030_front_happy_level3_001.mp4 or eamm_sad.mp4")
+        raise InvalidInput(
+            f"{', '.join(map(str, dirs))}: no labelled clips; name them like M030_front_happy_level3_001.mp4 or eamm_sad.mp4"
+        )
     return out
 
 
@@ -169,8 +176,13 @@ class SpeakerTracks:
     neutral_mean: np.ndarray | None = None
 
 
-def track_speakers(clips_dirs, speakers: list[str] | None = None, progress: bool = True,
-                   cache_dir: str | Path | None = None, aliases: dict[str, str] | None = None) -> list[SpeakerTracks]:
+def track_speakers(
+    clips_dirs,
+    speakers: list[str] | None = None,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+    aliases: dict[str, str] | None = None,
+) -> list[SpeakerTracks]:
     """Track and canonicalise every labelled clip in one or several folders (unreadable or
     faceless clips are skipped with a warning). ``speakers`` restricts to those ids; ``cache_dir``
     caches tracked points (:func:`track_clip`); ``aliases`` as in :func:`list_clips`."""

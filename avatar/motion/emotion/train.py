@@ -6,6 +6,7 @@ After the fit, a per-label gain calibrates strength 1 to the real displacement s
 speakers with a recorded neutral (the MSE fit to several people shrinks towards their average, whose
 norm is smaller than the typical person's).
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,7 +59,7 @@ def _fit(x, labels, y, w, stats, cfg: EmotionConfig, dev: str, progress: bool) -
     net = EmotionNet(cfg)
     net.in_mean.copy_(torch.from_numpy(x.mean(0)))
     net.in_std.copy_(torch.from_numpy(x.std(0) + 1e-4))
-    scale = float(np.sqrt((y ** 2).sum(-1).mean()) + 1e-6)
+    scale = float(np.sqrt((y**2).sum(-1).mean()) + 1e-6)
     net.out_scale.fill_(scale)
     net.set_neutral_stats(stats)
     net.to(dev)
@@ -71,7 +72,7 @@ def _fit(x, labels, y, w, stats, cfg: EmotionConfig, dev: str, progress: bool) -
     for _ in tqdm(range(cfg.steps), desc="train-emotion", unit="step", disable=not progress):
         idx = torch.multinomial(p, cfg.batch, replacement=True, generator=gen)
         pred = net(X[idx], L[idx])
-        loss = ((pred - Y[idx]) ** 2).sum(-1).mean() / scale ** 2 * (68 / len(MOVABLE))
+        loss = ((pred - Y[idx]) ** 2).sum(-1).mean() / scale**2 * (68 / len(MOVABLE))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -109,9 +110,15 @@ def calibrate_gain(net: EmotionNet, tracks: list[SpeakerTracks]) -> dict[str, fl
     return gains
 
 
-def train_emotion(clips_dir, out: str | Path, cfg: EmotionConfig | None = None,
-                  overwrite: bool = False, progress: bool = True, tracks: list[SpeakerTracks] | None = None,
-                  cache_dir: str | Path | None = None) -> dict:
+def train_emotion(
+    clips_dir,
+    out: str | Path,
+    cfg: EmotionConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    tracks: list[SpeakerTracks] | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict:
     """Train the category emotion model on labelled clips and save it to ``out``.
 
     Args:
@@ -137,15 +144,20 @@ def train_emotion(clips_dir, out: str | Path, cfg: EmotionConfig | None = None,
     t_track = time.perf_counter() - t0
     held = [st for st in tracks if st.speaker == cfg.holdout]
     if cfg.holdout is not None and not held:
-        raise InvalidInput(f"holdout speaker {cfg.holdout!r} not found; speakers: {sorted(st.speaker for st in tracks)}")
+        raise InvalidInput(
+            f"holdout speaker {cfg.holdout!r} not found; speakers: {sorted(st.speaker for st in tracks)}"
+        )
     net, metrics = train_on(tracks, cfg, progress=progress)
     metrics["track_s"] = t_track
     if held:
         rows = evaluate_speaker(net, held[0], cfg.window, allow_estimated=True)
         train = [st for st in tracks if st.speaker != cfg.holdout]
-        metrics["holdout"] = {"speaker": cfg.holdout, "labels": rows,
-                              "mean_cosine": float(np.mean([r["cosine"] for r in rows.values()])),
-                              "baselines": baselines(train, held[0], net.neutral_stats())}
+        metrics["holdout"] = {
+            "speaker": cfg.holdout,
+            "labels": rows,
+            "mean_cosine": float(np.mean([r["cosine"] for r in rows.values()])),
+            "baselines": baselines(train, held[0], net.neutral_stats()),
+        }
     save_emotion_model(net, cfg, metrics, out, overwrite=overwrite)
     log.info("emotion model written to %s (train %.1f s)", out, metrics["train_s"])
     return metrics
@@ -160,6 +172,10 @@ def train_on(tracks: list[SpeakerTracks], cfg: EmotionConfig, progress: bool = F
     net, fit = fit_emotion_net(x, lab, y, w, stats, cfg, progress=progress)
     gains = calibrate_gain(net, train) if cfg.calibrate else {}
     t_train = time.perf_counter() - t1
-    return net, {"train_speakers": [st.speaker for st in train],
-                 "recorded_neutral": [st.speaker for st in train if st.neutral_mean is not None],
-                 "train_s": t_train, "gains": gains, **fit}
+    return net, {
+        "train_speakers": [st.speaker for st in train],
+        "recorded_neutral": [st.speaker for st in train if st.neutral_mean is not None],
+        "train_s": t_train,
+        "gains": gains,
+        **fit,
+    }
