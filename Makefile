@@ -31,7 +31,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VPY) -m pytest -q -m "not slow and not cuda" tests
 
-# ruff (pyflakes, pycodestyle, complexity <= 15), ruff's formatter as a check (line length 120), mypy on avatar/ (lenient: pyproject [tool.mypy]) and the
+# ruff (pyflakes, pycodestyle, complexity <= 15), ruff's formatter as a check (line length 120),
+# mypy on avatar/ (lenient: pyproject [tool.mypy]) and the
 # one-way import graph (tests/test_architecture.py); docs/ARCHITECTURE.md "Habits". .ci/run runs it first.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -32,33 +32,6 @@ import numpy as np
 from bench.common import append_results, commit, machine
 
 
-def detect_mouth(frames: list[np.ndarray]) -> np.ndarray:
-    """float32 [N, 20, 2] re-detected mouth landmarks (NaN where no face is found)."""
-    from avatar.face.landmarks import FaceMeshTracker
-
-    out = np.full((len(frames), 20, 2), np.nan, dtype=np.float32)
-    with FaceMeshTracker() as tracker:
-        for i, f in enumerate(frames):
-            r = tracker(np.ascontiguousarray(f))
-            if r is not None:
-                out[i] = r.lm68[48:68, :2]
-    return out
-
-
-def opening(mouth: np.ndarray) -> np.ndarray:
-    """Inner-lip opening [N] (pixels) of re-detected mouth points [N, 20, 2] (iBUG 61-63 vs 67-65)."""
-    return np.linalg.norm(mouth[:, [13, 14, 15]] - mouth[:, [19, 18, 17]], axis=-1).mean(-1)
-
-
-def amplitude(rendered: np.ndarray, real: np.ndarray) -> tuple[float, float]:
-    """(opening std rendered / real, Pearson r) over frames where both faces were found."""
-    from avatar.motion.metrics import pearson
-
-    ok = ~(np.isnan(rendered).any((1, 2)) | np.isnan(real).any((1, 2)))
-    a, b = opening(rendered[ok]), opening(real[ok])
-    return float(a.std() / max(b.std(), 1e-9)), pearson(a, b)
-
-
 def mouth_lmd(a: np.ndarray, b: np.ndarray) -> float:
     ok = ~(np.isnan(a).any((1, 2)) | np.isnan(b).any((1, 2)))
     return float(np.linalg.norm(a[ok] - b[ok], axis=-1).mean()) if ok.any() else float("nan")
@@ -84,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     import avatar.api as api
     from avatar.data import Dataset
     from avatar.data.dataset import SAMPLES_PER_FRAME
-    from avatar.nerf.evaluate import psnr
+    from avatar.nerf.evaluate import inner_lip_opening, mouth_amplitude, psnr, redetect_mouth
     from avatar.pipeline.render import FrameEngine, RenderOptions, landmarks_for_audio
 
     av = api.load(args.avatar, store=args.store)
@@ -110,21 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     rendered = {k: [engine.frame(i, lm, n, pose=poses[i]) for i in range(n)] for k, lm in drivings.items()}
     dt = time.perf_counter() - t0
     mean_train = np.mean([np.asarray(ds.frames[i], np.float64) for i in range(0, ds.val_range.start, 10)], axis=0)
-    mouth_real = detect_mouth(real)
+    mouth_real = redetect_mouth(real)
     nan = float("nan")
     rows = {}
     for k, frames in rendered.items():
-        mouth = detect_mouth(frames)
+        mouth = redetect_mouth(frames)
         rows[k] = (
             np.mean([psnr(a, b) for a, b in zip(frames, real)]),
             mouth_lmd(mouth, mouth_real),
-            *amplitude(mouth, mouth_real),
+            *mouth_amplitude(mouth, mouth_real),
         )
     if args.sheet is not None:
         import cv2
 
         ok = ~np.isnan(mouth_real).any((1, 2))
-        pick = np.sort(np.flatnonzero(ok)[np.argsort(-opening(mouth_real[ok]))[:6]])
+        pick = np.sort(np.flatnonzero(ok)[np.argsort(-inner_lip_opening(mouth_real[ok]))[:6]])
         grid = np.concatenate(
             [np.concatenate([np.asarray(f[i]) for i in pick], axis=1) for f in [real, *rendered.values()]], axis=0
         )

@@ -243,6 +243,26 @@ def test_torso_inference_and_eval(dataset, trained, tmp_path):
     assert table == fidelity_table(m) + "\n" and all(n in table for n in ("render", "frozen_frame", "mean_frame"))
     assert (tmp_path / "eval" / "side_by_side.mp4").stat().st_size > 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_frames"] == 2
+    assert set(m["mouth_amplitude"]) == {"std_ratio", "r"}  # 2 frames: NaN (needs >= 3 with faces)
+
+
+def test_mouth_amplitude():
+    """The std ratio / r of the inner-lip opening: half the movement reads 0.5, the same 1, a face that is
+    missing in either image drops that frame."""
+    from avatar.nerf.evaluate import mouth_amplitude
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(50, 0.1, (40, 20, 2)).astype(np.float32)
+    real[:, 17:20, 1] += rng.uniform(0, 8, (40, 1))  # lower inner lip (iBUG 65-67) moves down: the opening
+    half = real.copy()
+    half[:, 17:20, 1] = real[:, 17:20, 1].mean(0) + 0.5 * (real[:, 17:20, 1] - real[:, 17:20, 1].mean(0))
+    ratio, r = mouth_amplitude(real, real)
+    assert ratio == pytest.approx(1.0) and r == pytest.approx(1.0)
+    ratio, r = mouth_amplitude(half, real)
+    assert 0.4 < ratio < 0.6 and r > 0.9
+    gone = half.copy()
+    gone[:38] = np.nan
+    assert all(np.isnan(mouth_amplitude(gone, real)))
 
 
 def test_bad_inputs(dataset, tmp_path):

@@ -64,7 +64,7 @@ def register(subparsers) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="cpu-small",
-        help="cpu-smoke (seconds, tests), cpu-small (~40 min on 2 cores at 128 px), gpu-full; default: cpu-small",
+        help="cpu-smoke (seconds, tests), cpu-small (~9 min on 2 idle cores at 128 px), gpu-full; default: cpu-small",
     )
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per part (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); runs are deterministic per seed")

@@ -55,6 +55,42 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(vals))
 
 
+def redetect_mouth(frames: list[np.ndarray]) -> np.ndarray:
+    """Mouth landmarks re-detected on images: float32 [N, 20, 2] pixels (iBUG 48-67, MediaPipe FaceMesh
+    -> iBUG-68 as in preprocessing), NaN rows where no face is found. ``frames``: uint8 RGB [H, W, 3]."""
+    from avatar.face.landmarks import FaceMeshTracker
+
+    out = np.full((len(frames), 20, 2), np.nan, dtype=np.float32)
+    with FaceMeshTracker() as tracker:
+        for i, f in enumerate(frames):
+            r = tracker(np.ascontiguousarray(f))
+            if r is not None:
+                out[i] = r.lm68[48:68, :2]
+    return out
+
+
+def inner_lip_opening(mouth: np.ndarray) -> np.ndarray:
+    """Inner-lip opening float [N] (pixels) of mouth points [N, 20, 2] (iBUG 48-67, as :func:`redetect_mouth`
+    gives): mean distance of the facing inner-lip points, :func:`avatar.face.contracts.mouth_opening`'s rule."""
+    from avatar.face.contracts import INNER_LOWER, INNER_UPPER
+
+    up, lo = [i - 48 for i in INNER_UPPER], [i - 48 for i in INNER_LOWER]  # rows among the 20 mouth points
+    return np.linalg.norm(mouth[:, up] - mouth[:, lo], axis=-1).mean(-1)
+
+
+def mouth_amplitude(rendered: np.ndarray, real: np.ndarray) -> tuple[float, float]:
+    """How much the rendered mouth moves compared with the real one (issue 18): ``(std ratio, r)`` of the
+    inner-lip opening (:func:`inner_lip_opening`, pixels) of the re-detected mouths [N, 20, 2] of
+    :func:`redetect_mouth` over the frames where both faces were found; std ratio 1 is
+    the real amplitude, r the Pearson correlation of the two openings. NaNs when fewer than 3 frames."""
+    ok = ~(np.isnan(rendered).any((1, 2)) | np.isnan(real).any((1, 2)))
+    if ok.sum() < 3:
+        return float("nan"), float("nan")
+    a, b = inner_lip_opening(rendered[ok]), inner_lip_opening(real[ok])
+    r = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+    return float(a.std() / max(float(b.std()), 1e-9)), r
+
+
 def _crop(img: np.ndarray, box) -> np.ndarray:
     x0, y0, x1, y1 = box
     return img[y0:y1, x0:x1]
@@ -81,6 +117,11 @@ def fidelity_table(metrics: dict) -> str:
             else f"{r['psnr_full'] - m['psnr_full']:+.2f} / {r['psnr_mouth'] - m['psnr_mouth']:+.2f}"
         )
         lines.append(f"{name:<13}" + "".join(f"{m[c]:>12.4f}" for c in cols) + f"{gain:>30}")
+    amp = metrics.get("mouth_amplitude")
+    if amp:
+        lines.append(
+            f"mouth opening (re-detected): std render / real {amp['std_ratio']:.2f} (target 0.8-1.2), r {amp['r']:.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -98,7 +139,8 @@ def evaluate_nerf(
     ``table.txt``, ``side_by_side.mp4`` and ``frame_*.png``): for each of ``render``,
     ``frozen_frame`` (the last training frame shown for every evaluated frame), ``mean_frame`` and
     ``background``: ``psnr``/``ssim`` on ``full``, ``face``, ``mouth`` (means over frames, dB / [0, 1];
-    the boxes come from each evaluated frame's tracked landmarks), plus ``frames`` (the evaluated
+    the boxes come from each evaluated frame's tracked landmarks), ``mouth_amplitude`` (the render's
+    :func:`mouth_amplitude` against the real frames: ``std_ratio``, ``r``), plus ``frames`` (the evaluated
     frame indices) and ``frozen_frame_index``. The table (:func:`fidelity_table`) is also logged.
 
     Raises:
@@ -125,6 +167,7 @@ def evaluate_nerf(
     pose = torch.from_numpy(np.asarray(ds.pose, dtype=np.float32).copy())
     blink = torch.from_numpy(np.asarray(ds.blink, dtype=np.float32).copy())
     acc: dict[str, dict[str, list[float]]] = {k: {} for k in SYSTEMS}
+    renders, gts = [], []  # for the mouth amplitude (re-detected after the loop)
     writer = None
     outp = Path(out) if out else None
     if outp:
@@ -138,6 +181,8 @@ def evaluate_nerf(
             win = landmark_window(ds.n_frames, np.array([f]), nerf.window)
             img = nerf.render(lm3d[win], pose[f][None], blink=blink[f][None])[0].cpu().numpy()
             gt = np.asarray(ds.frames[f])
+            renders.append(img)
+            gts.append(gt)
             boxes = {"full": (0, 0, S, S), "face": face_box(ds.lm2d[f], S), "mouth": mouth_box(ds.lm2d[f], S)}
             preds = {"render": img, "frozen_frame": frozen, "mean_frame": mean_frame, "background": bg}
             for name, pred in preds.items():
@@ -159,6 +204,8 @@ def evaluate_nerf(
         if writer is not None:
             writer.__exit__(None, None, None)
     metrics = {name: {k: round(float(np.mean(v)), 4) for k, v in d.items()} for name, d in acc.items()}
+    std_ratio, r = mouth_amplitude(redetect_mouth(renders), redetect_mouth(gts))
+    metrics["mouth_amplitude"] = {"std_ratio": round(std_ratio, 4), "r": round(r, 4)}
     metrics["n_frames"] = len(val)
     metrics["size"] = S
     metrics["model"] = str(model)

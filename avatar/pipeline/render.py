@@ -347,7 +347,8 @@ class FrameEngine:
         half = self.window // 2
         idx = np.clip(np.arange(t - half, t - half + self.window), 0, min(n_final - 1, t + self.right))
         win = torch.from_numpy(np.ascontiguousarray(lm3d[idx]))[None]
-        pose = torch.from_numpy(self.poses(np.array([t])) if pose is None else np.asarray(pose, np.float32)[None])
+        # np.array copies: a read-only pose (a memory-mapped dataset) would make torch.from_numpy warn
+        pose = torch.from_numpy(self.poses(np.array([t])) if pose is None else np.array(pose, np.float32)[None])
         blink = torch.from_numpy(eye_aspect_ratio(lm3d[t : t + 1]))
         img = self.m.nerf.render(win, pose, blink=blink, size=self.size)
         return img[0].cpu().numpy()
