@@ -138,8 +138,8 @@ class _MelBackend:
             "fmax": MEL_FMAX,
             "window": "hann",
             "log": "log10(max(mel_magnitude, 1e-5))",
-            "librosa": self._librosa.__version__,
-        }  # type: ignore[attr-defined]
+            "librosa": self._librosa.__version__,  # type: ignore[attr-defined]
+        }
 
 
 _MODEL_CACHE: dict[tuple[str, str], object] = {}
