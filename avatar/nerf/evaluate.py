@@ -140,7 +140,8 @@ def evaluate_nerf(
     ``frozen_frame`` (the last training frame shown for every evaluated frame), ``mean_frame`` and
     ``background``: ``psnr``/``ssim`` on ``full``, ``face``, ``mouth`` (means over frames, dB / [0, 1];
     the boxes come from each evaluated frame's tracked landmarks), ``mouth_amplitude`` (the render's
-    :func:`mouth_amplitude` against the real frames: ``std_ratio``, ``r``), plus ``frames`` (the evaluated
+    :func:`mouth_amplitude` against the real frames: ``std_ratio``, ``r``; ``None`` with a warning where
+    mediapipe is not installed, as on a render-only GPU host), plus ``frames`` (the evaluated
     frame indices) and ``frozen_frame_index``. The table (:func:`fidelity_table`) is also logged.
 
     Raises:
@@ -204,8 +205,12 @@ def evaluate_nerf(
         if writer is not None:
             writer.__exit__(None, None, None)
     metrics = {name: {k: round(float(np.mean(v)), 4) for k, v in d.items()} for name, d in acc.items()}
-    std_ratio, r = mouth_amplitude(redetect_mouth(renders), redetect_mouth(gts))
-    metrics["mouth_amplitude"] = {"std_ratio": round(std_ratio, 4), "r": round(r, 4)}
+    try:
+        std_ratio, r = mouth_amplitude(redetect_mouth(renders), redetect_mouth(gts))
+        metrics["mouth_amplitude"] = {"std_ratio": round(std_ratio, 4), "r": round(r, 4)}
+    except ImportError as e:  # a render/training host without the preprocessing stack (`make gpu-bundle` hosts)
+        log.warning("mouth amplitude not measured: re-detecting mouths needs mediapipe (%s); `make venv` has it", e)
+        metrics["mouth_amplitude"] = None
     metrics["n_frames"] = len(val)
     metrics["size"] = S
     metrics["model"] = str(model)
