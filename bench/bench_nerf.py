@@ -111,7 +111,7 @@ def bench_train(dev, runs: int, preset: str, dataset: str | None) -> list[tuple[
     from avatar.nerf.presets import get_preset
     from avatar.nerf.datamanager import Scene
     from avatar.nerf.model import build_head
-    from avatar.nerf.trainer import _head_step, _make_optimizer, _update_occupancy
+    from avatar.nerf.trainer import _head_step, _make_optimizer, _update_grid
 
     cfg = get_preset(preset)
     scene = Scene(Dataset(dataset), cfg, dev)
@@ -119,7 +119,9 @@ def bench_train(dev, runs: int, preset: str, dataset: str | None) -> list[tuple[
     scene.init_head_stats(head)
     opt = _make_optimizer(head, cfg)
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    _update_occupancy(head, scene, rng, gen)
+    t = cfg.train
+    head.train()
+    _update_grid(head, scene, rng, -(-t.occ_warmup // t.occ_every) * t.occ_every)  # the first scheduled update
 
     def steps():
         for _ in range(5):

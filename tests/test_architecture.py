@@ -253,6 +253,7 @@ NERF_ROLES: list[tuple[str, ...]] = [
     ("inference",),
     ("model",),
     ("render", "cuda_sampler", "rays"),
+    ("occupancy",),
     ("fields", "encoding", "triton_hashgrid", "grid", "presets"),
 ]
 

@@ -76,7 +76,7 @@ def _reference(nerf: AvatarNerf, lm, pose, blink) -> torch.Tensor:
             o, d = camera_rays(all_pix[idx].float(), K, torch.linalg.inv(pose[b]), nerf.head_scale)
             r = render_head_rays(
                 field,
-                nerf.head.occ,
+                nerf.head.estimator,
                 o,
                 d,
                 cond[b].expand(len(idx), -1),
@@ -129,8 +129,8 @@ def test_batched_render_equals_frame_by_frame_reference(scene):
 
 def test_torso_only_inside_person_box(scene):
     ds, cfg, head, torso, (lm, pose, blink) = scene
-    density = head.occ.density.clone()
-    head.occ.density.zero_()  # an empty head (no sample is occupied): the torso shows everywhere
+    binaries = head.estimator.binaries.clone()
+    head.estimator.binaries.zero_()  # an empty head (no sample is occupied): the torso shows everywhere
     try:
         full = _nerf(ds, cfg, head, torso).render(lm, pose, blink)
         no_torso = _nerf(ds, cfg, head, None).render(lm, pose, blink)
@@ -138,7 +138,7 @@ def test_torso_only_inside_person_box(scene):
         boxed = _nerf(ds, cfg, head, torso).render(lm, pose, blink)
     finally:
         torso.person_box.copy_(torch.tensor([0.0, 0.0, 1.0, 1.0]))
-        head.occ.density.copy_(density)
+        head.estimator.binaries.copy_(binaries)
     S = ds.size
     inside = torch.zeros(S, S, dtype=torch.bool)
     inside[S // 2 :, S // 4 : 3 * S // 4] = True

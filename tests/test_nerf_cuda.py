@@ -1,9 +1,10 @@
-"""nerfacc occupancy-grid estimator path (``avatar.nerf.cuda_sampler``).
+"""The head's one occupancy grid (nerfacc's estimator) on disk, and the nerfacc path (``avatar.nerf.cuda_sampler``).
 
-CPU tests: the estimator is stored with the head model, legacy models get it from the PyTorch grid,
-and CPU rendering ignores it (bit-identical). ``@pytest.mark.cuda`` tests (skipped without a GPU):
-a tiny head trained on CUDA with the estimator renders like the PyTorch sampler on the same field,
-and its estimator survives save/load.
+CPU tests: the grid is stored with the head model; files saved before the one grid (with the old
+PyTorch density grid ``occ.density``) load with the same occupied cells; the CPU sampler ignores
+``amp`` (bit-identical). ``@pytest.mark.cuda`` tests (skipped without a GPU): a tiny head trained on
+CUDA renders through nerfacc's marcher like the dense PyTorch quadrature on the same field, and its
+grid survives save/load.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 from test_nerf_train import dataset  # noqa: F401  (module fixture: a real 3 s, 64 px dataset)
 
 from avatar.config import to_dict
-from avatar.nerf.cuda_sampler import OCC_THRE, estimator_from_grid, estimator_is_empty, render_step_size, use_nerfacc
+from avatar.nerf.cuda_sampler import use_nerfacc
 from avatar.nerf.model import atomic_save, build_head, load_head
+from avatar.nerf.occupancy import DENSITY_THRE, grid_from_legacy_density, make_grid
 from avatar.nerf.presets import get_preset
 from avatar.nerf.render import render_head_rays
 
@@ -46,50 +48,79 @@ def test_use_nerfacc_is_false_on_cpu():
     assert use_nerfacc(torch.device("cpu")) is False
 
 
-def test_estimator_saved_with_head_and_legacy_models_use_the_grid(tmp_path):
+def _legacy_state(head, density: torch.Tensor, estimator: bool = True) -> dict[str, torch.Tensor]:
+    """A head state dict as saved before the one grid: ``occ.density`` beside an estimator that a CPU
+    run never updated (occs 0, binaries all False), or (``estimator=False``) no estimator at all."""
+    state = {k: v for k, v in head.state_dict().items() if not k.startswith("estimator.")}
+    state["occ.density"] = density
+    if estimator:
+        state["estimator.occs"] = torch.zeros_like(head.estimator.occs)
+        state["estimator.binaries"] = torch.zeros_like(head.estimator.binaries)
+        state["estimator.aabbs"] = head.estimator.aabbs.clone()
+        state["estimator.resolution"] = head.estimator.resolution.clone()
+    return state
+
+
+def test_grid_saved_with_head_and_legacy_density_grids_load(tmp_path):
     cfg, head = _tiny_head()
     G = cfg.train.occ_resolution
-    head.occ.density = torch.rand(G, G, G, generator=torch.Generator().manual_seed(1)) * 0.3
     state = head.state_dict()
     assert {"estimator.occs", "estimator.binaries", "estimator.aabbs", "estimator.resolution"} <= set(state)
-    assert estimator_is_empty(head.estimator)
+    assert not any(k.startswith("occ.") for k in state)  # one grid
+    assert bool(head.estimator.binaries.all())  # a new grid has every cell occupied
 
-    # legacy file (no estimator keys): the estimator is derived from the PyTorch grid
-    _write_part(tmp_path / "legacy", cfg, {k: v for k, v in state.items() if not k.startswith("estimator.")})
-    legacy, _ = load_head(tmp_path / "legacy")
-    step = render_step_size(head.field.aabb, cfg.train.n_samples)
-    occs = head.occ.density.reshape(-1) * step
-    expect = occs > min(float(occs.mean()), OCC_THRE)
-    assert torch.equal(legacy.estimator.binaries.reshape(-1), expect)
+    # files saved before the one grid: the occupied cells are the old sampler's (density > min(mean, 0.5))
+    density = torch.rand(G, G, G, generator=torch.Generator().manual_seed(1)) * 0.8
+    expect = density > min(float(density.mean()), DENSITY_THRE)
     assert 0 < int(expect.sum()) < expect.numel()
-    assert torch.allclose(legacy.estimator.aabbs[0], head.field.aabb)
+    for name, legacy_state in (
+        ("legacy", _legacy_state(head, density)),
+        ("oldest", _legacy_state(head, density, False)),
+    ):
+        _write_part(tmp_path / name, cfg, legacy_state)
+        legacy, _ = load_head(tmp_path / name)
+        assert torch.equal(legacy.estimator.binaries[0], expect), name
+        torch.testing.assert_close(legacy.estimator.occs, density.reshape(-1) * legacy.step_size)
+        assert torch.allclose(legacy.estimator.aabbs[0], head.field.aabb)
 
-    # round trip: a trained estimator state comes back exactly
-    head.estimator.occs.copy_(torch.rand(G**3, generator=torch.Generator().manual_seed(2)) * 0.02)
-    head.estimator.binaries.copy_((head.estimator.occs > 0.01).view_as(head.estimator.binaries))
+    # a legacy CUDA-trained file (its estimator was updated): the estimator is kept, the density dropped
+    trained = _legacy_state(head, density)
+    trained["estimator.occs"] = torch.rand(G**3, generator=torch.Generator().manual_seed(2)) * 0.02
+    trained["estimator.binaries"] = (trained["estimator.occs"] > 0.01).view_as(head.estimator.binaries)
+    _write_part(tmp_path / "cuda_legacy", cfg, trained)
+    back, _ = load_head(tmp_path / "cuda_legacy")
+    assert torch.equal(back.estimator.occs, trained["estimator.occs"])
+    assert torch.equal(back.estimator.binaries, trained["estimator.binaries"])
+
+    # round trip: a trained grid comes back exactly
+    head.estimator.occs.copy_(trained["estimator.occs"])
+    head.estimator.binaries.copy_(trained["estimator.binaries"])
     _write_part(tmp_path / "new", cfg, head.state_dict())
     back, _ = load_head(tmp_path / "new")
     assert torch.equal(back.estimator.occs, head.estimator.occs)
     assert torch.equal(back.estimator.binaries, head.estimator.binaries)
 
 
-def test_never_updated_grid_marks_every_cell_occupied():
+def test_never_updated_legacy_grid_marks_every_cell_occupied():
     _, head = _tiny_head()
-    estimator_from_grid(head.estimator, head.occ.density, 0.1)  # density is +inf before any update
-    assert bool(head.estimator.binaries.all())
+    G = int(head.estimator.resolution[0])
+    grid = make_grid(head.field.aabb, G)
+    grid.binaries.zero_()
+    grid_from_legacy_density(grid, torch.full((G, G, G), float("inf")), 0.1)  # +inf: never updated
+    assert bool(grid.binaries.all())
     with pytest.raises(ValueError):
-        estimator_from_grid(head.estimator, torch.zeros(3, 3, 3), 0.1)
+        grid_from_legacy_density(grid, torch.zeros(3, 3, 3), 0.1)
 
 
-def test_cpu_render_ignores_estimator_bit_identical():
+def test_cpu_render_ignores_amp_bit_identical():
     cfg, head = _tiny_head()
     gen = torch.Generator().manual_seed(3)
     o, d = _rays(32, gen)
     cond = torch.randn(32, cfg.head.cond_dim, generator=gen)
     code = torch.randn(32, cfg.head.ind_dim, generator=gen)
     with torch.no_grad():
-        a = render_head_rays(head.field, head.occ, o, d, cond, code, 12)
-        b = render_head_rays(head.field, head.occ, o, d, cond, code, 12, estimator=head.estimator, amp=True)
+        a = render_head_rays(head.field, head.estimator, o, d, cond, code, 12)
+        b = render_head_rays(head.field, head.estimator, o, d, cond, code, 12, amp=True)
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -132,7 +163,7 @@ def test_nerfacc_matches_pytorch_sampler(dataset, trained_cuda):  # noqa: F811
     with torch.no_grad():
         o, d, cond, code = _val_rays(dataset, head)
         ref = render_head_rays(head.field, None, o, d, cond, code, 256)  # dense PyTorch quadrature
-        acc = render_head_rays(head.field, head.occ, o, d, cond, code, 256, estimator=head.estimator)
+        acc = render_head_rays(head.field, head.estimator, o, d, cond, code, 256)
     assert "ray_indices" in acc and acc["weights"].dim() == 1  # the nerfacc path ran
     assert acc["weights"].numel() < o.shape[0] * 256  # and skipped space
     assert float(ref["acc"].max()) > 0.5  # the head is there
@@ -153,7 +184,6 @@ def test_estimator_round_trip_cuda(trained_cuda):
     head, _ = load_head(trained_cuda / "head", "cuda")
     assert torch.equal(head.estimator.occs.cpu(), state["estimator.occs"])
     assert torch.equal(head.estimator.binaries.cpu(), state["estimator.binaries"])
-    assert torch.isfinite(head.occ.density).all()  # PyTorch grid synced
 
 
 @pytest.mark.cuda

@@ -1,5 +1,5 @@
 """Rays against a hand-computed camera, ray-box intersection, volume rendering in closed form,
-spherical harmonics, occupancy skipping."""
+spherical harmonics, occupancy skipping through the one occupancy grid (its schedule and threshold)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from torch import nn
 from avatar.data.dataset import Intrinsics
 from avatar.nerf.fields import sh_encoding
 from avatar.nerf.rays import box_pixel_bounds, camera_rays, project_points, ray_aabb
-from avatar.nerf.render import OccupancyGrid, composite, render_head_rays
+from avatar.nerf.occupancy import DENSITY_THRE, make_grid, occupied, render_step_size, update_grid
+from avatar.nerf.render import composite, render_head_rays
 
 
 def test_camera_rays_hand_computed():
@@ -83,23 +84,44 @@ def test_volume_rendering_constant_slab_closed_form():
 
 
 def test_occupancy_grid_skips_empty_cells():
-    occ = OccupancyGrid(8, density_thresh=0.5)
-    u = torch.tensor([[0.1, 0.5, 0.5], [0.9, 0.5, 0.5]])
-    assert occ.occupied(u).all()  # before any update everything is occupied
-    occ.update(lambda p: (p[:, 0] > 0.5).float() * 10.0, generator=torch.Generator().manual_seed(0))
-    assert occ.occupied(u).tolist() == [False, True]
+    """One grid (nerfacc's estimator) for the CPU sampler: every cell occupied until the first update
+    at ``warmup``; then cells whose density is below ``min(mean, DENSITY_THRE)`` are skipped."""
     calls = []
 
     class Probe(_ConstantSlab):
+        def density(self, x, cond):  # sigma 10 in the right half of the box, 0 in the left
+            return ((x[:, 0] > 0.5).float() * 10.0,)
+
         def forward(self, x, d, cond, code):
             calls.append(x.shape[0])
             return super().forward(x, d, cond, code)
 
     f = Probe(1.0)
     f.aabb = torch.tensor([0.0, 0, 0, 1, 1, 1])
+    grid = make_grid(f.aabb, 8)
+    u = torch.tensor([[0.1, 0.5, 0.5], [0.9, 0.5, 0.5]])
+    assert occupied(grid, u).all()  # before any update everything is occupied
+    cond_calls = []
+
+    def cond_fn():
+        cond_calls.append(1)
+        return torch.zeros(1, 1)
+
+    torch.manual_seed(0)
+    for step in range(0, 4):  # before warmup (4): no update, and no condition is computed
+        update_grid(grid, f, cond_fn, step, n_samples=16, every=2, warmup=4)
+    assert occupied(grid, u).all() and not cond_calls
+    update_grid(grid, f, cond_fn, 5, n_samples=16, every=2, warmup=4)  # not a multiple of `every`
+    assert occupied(grid, u).all() and not cond_calls
+    update_grid(grid, f, cond_fn, 4, n_samples=16, every=2, warmup=4)
+    assert occupied(grid, u).tolist() == [False, True] and cond_calls == [1]
+    step = render_step_size(f.aabb, 16)
+    occs = grid.occs.view(8, 8, 8)
+    torch.testing.assert_close(occs[4:], torch.full((4, 8, 8), 10.0 * step))  # sigma * step, right half
+    assert float(occs[:4].abs().max()) == 0 and 10.0 > DENSITY_THRE
     o = torch.tensor([[0.25, 0.5, -1], [0.75, 0.5, -1]])
     d = torch.tensor([[0.0, 0, 1], [0.0, 0, 1]])
-    r = render_head_rays(f, occ, o, d, torch.zeros(2, 1), torch.zeros(2, 1), n_samples=16)
+    r = render_head_rays(f, grid, o, d, torch.zeros(2, 1), torch.zeros(2, 1), n_samples=16)
     assert calls == [16] and r["acc"][0] == 0 and r["acc"][1] > 0.5
 
 

@@ -188,9 +188,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="generator bundle directory")
     p.add_argument(
         "--preset",
-        default="cpu",
-        choices=["smoke", "cpu", "gpu"],
-        help="cpu: small model, ~10-15 min on 2 cores for the sample corpus; gpu: GeneFace sizes and schedule",
+        default="cpu-small",
+        choices=["cpu-smoke", "cpu-small", "gpu-full"],
+        help="cpu-small: small model, ~10-15 min on 2 cores for the sample corpus; gpu-full: GeneFace sizes "
+        "and schedule (the CLI maps these names to the generator's own presets, avatar.pipeline.stages)",
     )
     p.add_argument("--features", default="mel", choices=["mel", "hubert"], help="audio features (default mel)")
     p.add_argument("--hubert", default=None, help="local HuBERT model directory (needed for --features hubert)")
@@ -223,7 +224,12 @@ def register(subparsers) -> None:
         default=None,
         help="directory of corpus datasets (default: GENERATOR/cache when present)",
     )
-    p.add_argument("--preset", default="cpu", choices=["smoke", "cpu", "gpu"], help="training preset (default cpu)")
+    p.add_argument(
+        "--preset",
+        default="cpu-small",
+        choices=["cpu-smoke", "cpu-small", "gpu-full"],
+        help="training preset (default cpu-small)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); runs are deterministic per seed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --out")
     p.set_defaults(func=_train_postnet)

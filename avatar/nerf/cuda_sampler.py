@@ -9,11 +9,10 @@ evaluated on those samples only and composited with ``render_weight_from_density
 ``accumulate_along_rays`` in packed mode (NeRF quadrature, Max 1995; Mildenhall et al. 2020,
 Eq. 3). Everywhere else :func:`avatar.nerf.render.render_head_rays` keeps the PyTorch sampler.
 
-Conventions: the estimator's box (``roi_aabb``) is the head field's ``aabb`` in canonical head
-units (the coordinates rays are expressed in), so ray parameters ``t`` are the same as in the
-PyTorch sampler. Its state (``estimator.occs`` float32 [G^3] EMA of ``sigma * step``,
-``estimator.binaries`` bool [1, G, G, G], ``estimator.aabbs`` [1, 6], ``estimator.resolution``
-int32 [3]) lives in the head model's state dict, i.e. in ``model.safetensors`` and checkpoints.
+Conventions: the estimator is the head model's one occupancy grid (:mod:`avatar.nerf.occupancy`:
+its state, update schedule and threshold), the same state the CPU sampler reads; its box
+(``roi_aabb``) is the head field's ``aabb`` in canonical head units (the coordinates rays are
+expressed in), so ray parameters ``t`` are the same as in the PyTorch sampler.
 """
 
 from __future__ import annotations
@@ -22,16 +21,14 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
-
 import nerfacc
 import torch
 from nerfacc import OccGridEstimator
 
+from avatar.nerf.occupancy import render_step_size
+
 log = logging.getLogger(__name__)
 
-OCC_THRE = 1e-2
-"""Occupancy threshold on ``sigma * step`` (per-sample opacity scale), nerfacc's default."""
 INFER_ALPHA_THRE = 1e-3
 """Samples with opacity below this are skipped when no gradient is needed (inference)."""
 
@@ -76,96 +73,6 @@ def use_nerfacc(device: torch.device | str) -> bool:
     return False
 
 
-def make_estimator(aabb: torch.Tensor, resolution: int) -> OccGridEstimator:
-    """Empty single-level ``OccGridEstimator`` over the head box.
-
-    Args:
-        aabb: float32 [6] head box (min xyz, max xyz) in canonical head units.
-        resolution: cells per axis G (the preset's ``train.occ_resolution``).
-    """
-    return OccGridEstimator(roi_aabb=aabb.detach().float().cpu().clone(), resolution=int(resolution), levels=1)
-
-
-def render_step_size(aabb: torch.Tensor, n_samples: int) -> float:
-    """Marching step (canonical units): mean box side / ``n_samples``.
-
-    A ray crossing the box parallel to an axis gets about ``n_samples`` samples in free space,
-    the sample density of the PyTorch sampler with the same ``n_samples``.
-    """
-    ext = (aabb[3:] - aabb[:3]).float()
-    return float(ext.mean()) / int(n_samples)
-
-
-def estimator_is_empty(estimator: OccGridEstimator) -> bool:
-    """True while the estimator has never been updated (all ``occs`` zero, nothing would be sampled)."""
-    return not bool((estimator.occs != 0).any())
-
-
-@torch.no_grad()
-def estimator_from_grid(estimator: OccGridEstimator, grid_density: torch.Tensor, step: float) -> None:
-    """Initialise ``estimator`` from the PyTorch sampler's occupancy grid (models trained without it).
-
-    Args:
-        grid_density: float32 [G, G, G] ``OccupancyGrid.density`` (1/unit; +inf = never updated,
-            which marks every cell occupied). Same cell layout as the estimator (``ij`` indexing over
-            the same box).
-        step: marching step (canonical units) that turns density into ``occs = sigma * step``.
-
-    Raises:
-        ValueError: the grid and estimator resolutions differ.
-    """
-    G = tuple(int(r) for r in estimator.resolution.tolist())
-    if tuple(grid_density.shape) != G:
-        raise ValueError(f"occupancy grid {tuple(grid_density.shape)} does not match the estimator {G}")
-    dev = estimator.occs.device
-    d = grid_density.to(dev).float()
-    if torch.isinf(d).any():
-        estimator.occs.fill_(1.0)
-        estimator.binaries.fill_(True)
-        return
-    occs = (d * step).reshape(-1)
-    estimator.occs.copy_(occs)
-    thre = torch.clamp(occs.mean(), max=OCC_THRE)  # the rule of nerfacc's own update
-    estimator.binaries.copy_((occs > thre).view(estimator.binaries.shape))
-
-
-@torch.no_grad()
-def grid_from_estimator(estimator: OccGridEstimator, step: float) -> torch.Tensor:
-    """``occs / step`` as a density grid float32 [G, G, G] for the PyTorch sampler's ``OccupancyGrid``."""
-    G = [int(r) for r in estimator.resolution.tolist()]
-    return (estimator.occs.float() / step).reshape(G).clone()
-
-
-def update_estimator(
-    estimator: OccGridEstimator,
-    field,
-    cond_fn: Callable[[], torch.Tensor],
-    step: int,
-    n_samples: int,
-    every: int,
-    warmup: int,
-) -> None:
-    """One training-step call of ``OccGridEstimator.update_every_n_steps`` for the head field.
-
-    Every ``every`` steps the occupancy ``sigma(x) * step_size`` is evaluated at jittered cell
-    centres (all cells during the first ``warmup`` steps, then a quarter uniform + a quarter
-    occupied) under the condition ``cond_fn()`` ([1, cond_dim], called only on update steps), and
-    EMA-maxed into ``estimator.occs`` (decay 0.95); ``binaries = occs > min(mean, OCC_THRE)``.
-    Density is evaluated in float32 (no autocast). ``estimator`` must be in training mode.
-    """
-    step_size = render_step_size(field.aabb, n_samples)
-    cache: dict[str, torch.Tensor] = {}
-
-    def occ_eval_fn(x: torch.Tensor) -> torch.Tensor:
-        if "cond" not in cache:
-            cache["cond"] = cond_fn()
-        with torch.autocast("cuda", enabled=False):
-            sigma = field.density(x, cache["cond"].float().expand(len(x), -1))[0].float()
-        return (sigma * step_size)[:, None]
-
-    estimator.update_every_n_steps(step, occ_eval_fn, occ_thre=OCC_THRE, warmup_steps=warmup, n=every)
-
-
 def render_head_rays_nerfacc(
     field,
     estimator: OccGridEstimator,
@@ -181,7 +88,7 @@ def render_head_rays_nerfacc(
 
     Args:
         field: :class:`avatar.nerf.fields.HeadField`.
-        estimator: its ``OccGridEstimator`` (same device; see :func:`make_estimator`).
+        estimator: the head's occupancy grid (same device; :func:`avatar.nerf.occupancy.make_grid`).
         origins, dirs: float32 [N, 3] canonical head frame (dirs unit length).
         cond: float32 [N, cond_dim] per-ray condition; code: [N, ind_dim] individual code.
         n_samples: sets the marching step (:func:`render_step_size`).
@@ -248,15 +155,4 @@ def render_head_rays_nerfacc(
     }
 
 
-__all__ = [
-    "INFER_ALPHA_THRE",
-    "OCC_THRE",
-    "estimator_from_grid",
-    "estimator_is_empty",
-    "grid_from_estimator",
-    "make_estimator",
-    "render_head_rays_nerfacc",
-    "render_step_size",
-    "update_estimator",
-    "use_nerfacc",
-]
+__all__ = ["INFER_ALPHA_THRE", "render_head_rays_nerfacc", "use_nerfacc"]

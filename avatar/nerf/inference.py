@@ -210,13 +210,12 @@ class AvatarNerf:
             n = sel.numel()
             r = render_head_rays(
                 field,
-                self.head.occ,
+                self.head.estimator,
                 o,
                 d,
                 cond[bi],
                 field.individual_code(None, n),
                 self.n_samples,
-                estimator=self.head.estimator,
                 amp=True,
             )  # CUDA: nerfacc + bf16
             head_rgb[sel] = r["rgb"].float()

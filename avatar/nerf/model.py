@@ -22,10 +22,9 @@ from torch import nn
 from avatar.atomic import atomic_file
 from avatar.config import from_dict, to_dict
 from avatar.errors import BundleCorrupt
-from avatar.nerf.cuda_sampler import estimator_from_grid, estimator_is_empty, make_estimator, render_step_size
 from avatar.nerf.fields import HeadConfig, HeadField, TorsoConfig, TorsoField
+from avatar.nerf.occupancy import grid_from_legacy_density, make_grid, render_step_size
 from avatar.nerf.presets import NerfConfig
-from avatar.nerf.render import OccupancyGrid
 
 
 def head_aabb(lm3d_mean: np.ndarray, margin: float, top: float = 0.0) -> torch.Tensor:
@@ -39,17 +38,38 @@ def head_aabb(lm3d_mean: np.ndarray, margin: float, top: float = 0.0) -> torch.T
 
 
 class HeadNerf(nn.Module):
-    """Head field + occupancy grids. ``n_frames``: training frames (individual codes).
+    """Head field + its occupancy grid. ``n_frames``: training frames (individual codes).
 
-    ``occ`` is the PyTorch sampler's grid (any device); ``estimator`` is nerfacc's
-    ``OccGridEstimator`` over the same box and resolution, used on CUDA (:mod:`avatar.nerf.cuda_sampler`).
+    ``estimator`` is the one occupancy grid (nerfacc's ``OccGridEstimator`` over the head box,
+    :mod:`avatar.nerf.occupancy`), read by both samplers. ``step_size`` (canonical units) is the
+    marching step that scales density into the grid's ``sigma * step``.
+
+    Loading a state dict saved before the one grid (with the old ``occ.density`` [G, G, G]) takes
+    the occupied cells from that density grid (:func:`grid_from_legacy_density`) unless the
+    file's estimator was itself updated (a CUDA-trained model).
     """
 
-    def __init__(self, cfg: HeadConfig, n_frames: int, aabb: torch.Tensor, occ_resolution: int):
+    def __init__(self, cfg: HeadConfig, n_frames: int, aabb: torch.Tensor, occ_resolution: int, n_samples: int):
         super().__init__()
         self.field = HeadField(cfg, n_frames, aabb)
-        self.occ = OccupancyGrid(occ_resolution)
-        self.estimator = make_estimator(aabb, occ_resolution)
+        self.estimator = make_grid(aabb, occ_resolution)
+        self.step_size = render_step_size(aabb, n_samples)
+        self.register_load_state_dict_pre_hook(_legacy_grid)
+
+
+def _legacy_grid(head: HeadNerf, state: dict, prefix: str, *_args) -> None:
+    """Load-state-dict pre-hook of :class:`HeadNerf`: a saved ``occ.density`` (files written before
+    the one grid) becomes the estimator state (in place of ``state``'s untrained estimator keys)."""
+    density = state.pop(prefix + "occ.density", None)
+    if density is None:
+        return
+    occs = state.get(prefix + "estimator.occs")
+    if occs is not None and bool((occs != 0).any()):  # the estimator was trained (CUDA): keep it
+        return
+    aabb = state.get(prefix + "field.aabb", head.field.aabb)
+    grid = make_grid(aabb, int(head.estimator.resolution[0]))
+    grid_from_legacy_density(grid, density, head.step_size)
+    state.update(grid.state_dict(prefix=prefix + "estimator."))
 
 
 class TorsoNerf(nn.Module):
@@ -122,7 +142,7 @@ def read_part(part_dir: Path) -> tuple[dict, NerfConfig, dict[str, torch.Tensor]
 
 
 def build_head(cfg: NerfConfig, n_frames: int, aabb: torch.Tensor) -> HeadNerf:
-    return HeadNerf(cfg.head, n_frames, aabb, cfg.train.occ_resolution)
+    return HeadNerf(cfg.head, n_frames, aabb, cfg.train.occ_resolution, cfg.train.n_samples)
 
 
 def build_torso(cfg: NerfConfig, n_frames: int, size: int) -> TorsoNerf:
@@ -132,11 +152,7 @@ def build_torso(cfg: NerfConfig, n_frames: int, size: int) -> TorsoNerf:
 def load_head(part_dir: Path, device: torch.device | str = "cpu") -> tuple[HeadNerf, dict]:
     info, cfg, state = read_part(part_dir)
     model = build_head(cfg, info["n_train_frames"], state["field.aabb"])
-    if not any(k.startswith("estimator.") for k in state):  # saved before the nerfacc estimator existed
-        state = {**model.estimator.state_dict(prefix="estimator."), **state}
-    model.load_state_dict(state)
-    if estimator_is_empty(model.estimator):  # trained on CPU: the estimator follows the PyTorch grid
-        estimator_from_grid(model.estimator, model.occ.density, render_step_size(model.field.aabb, cfg.train.n_samples))
+    model.load_state_dict(state)  # older files: HeadNerf's legacy-grid hook
     return model.to(device).eval(), info
 
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from avatar.data.dataset import MASK_HEAD, Dataset
 from avatar.errors import InvalidInput
 from avatar.nerf.checkpoint import Checkpoint
-from avatar.nerf.cuda_sampler import grid_from_estimator, render_step_size, update_estimator, use_nerfacc
+from avatar.nerf.occupancy import update_grid
 from avatar.nerf.datamanager import HeadBatch, Scene, TorsoBatch, landmark_window, train_pos
 from avatar.nerf.losses import ambient_ramp, head_loss, torso_loss, train_psnr
 from avatar.nerf.model import (
@@ -75,7 +75,7 @@ def _head_forward(head: HeadNerf, scene: Scene, batch: HeadBatch, train: bool, g
     code = head.field.individual_code(train_pos(scene, batch.frame_of_ray).to(scene.device), len(batch.frame_of_ray))
     return render_head_rays(
         head.field,
-        head.occ,
+        head.estimator,
         batch.origins,
         batch.dirs,
         cond,
@@ -83,8 +83,7 @@ def _head_forward(head: HeadNerf, scene: Scene, batch: HeadBatch, train: bool, g
         scene.cfg.train.n_samples,
         jitter=train,
         generator=gen,
-        estimator=head.estimator,
-    )  # CUDA: nerfacc estimator
+    )  # CUDA: nerfacc's marcher
 
 
 def _autocast(device: torch.device, cfg: NerfConfig):
@@ -92,23 +91,9 @@ def _autocast(device: torch.device, cfg: NerfConfig):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _update_occupancy(head: HeadNerf, scene: Scene, rng: np.random.Generator, gen: torch.Generator) -> None:
-    """Occupancy from the density under the condition of a random training frame."""
-    f = rng.choice(scene.train, size=1)
-    lm, bl = scene.cond_inputs(f, scene.train[0], scene.train[-1] + 1)
-    with torch.no_grad():
-        cond = head.field.cond_net(lm, bl if head.field.cfg.use_blink else None)
-        aabb = head.field.aabb
-
-        def density(u):
-            x = aabb[:3] + u * (aabb[3:] - aabb[:3])
-            return head.field.density(x, cond.expand(len(u), -1))[0].float()
-
-        head.occ.update(density, generator=gen)
-
-
-def _update_estimator(head: HeadNerf, scene: Scene, rng: np.random.Generator, step: int) -> None:
-    """CUDA path: nerfacc ``update_every_n_steps`` under the condition of a random training frame."""
+def _update_grid(head: HeadNerf, scene: Scene, rng: np.random.Generator, step: int) -> None:
+    """The occupancy grid's update (:func:`avatar.nerf.occupancy.update_grid`, every device) under the
+    condition of a random training frame."""
     t = scene.cfg.train
 
     def cond_fn() -> torch.Tensor:
@@ -117,7 +102,7 @@ def _update_estimator(head: HeadNerf, scene: Scene, rng: np.random.Generator, st
         with torch.no_grad():
             return head.field.cond_net(lm, bl if head.field.cfg.use_blink else None)
 
-    update_estimator(head.estimator, head.field, cond_fn, step, t.n_samples, t.occ_every, t.occ_warmup)
+    update_grid(head.estimator, head.field, cond_fn, step, t.n_samples, t.occ_every, t.occ_warmup)
 
 
 def _set_lr(opt: torch.optim.Optimizer, cfg: NerfConfig, step: int, total: int) -> None:
@@ -154,7 +139,6 @@ def _train_part(  # noqa: C901
         model = build_torso(cfg, n_train, scene.size)
         scene.init_torso_stats(model)
     model.to(dev)
-    nerfacc_on = part == "head" and use_nerfacc(dev)  # CUDA + nerfacc extension: estimator sampling
     if cfg.train.compile:
         # opt-in: the field's forward is compiled (state-dict keys unchanged); compile time is
         # reported by `python -m bench.bench_nerf --compile` and dominates short CPU runs
@@ -187,10 +171,8 @@ def _train_part(  # noqa: C901
 
             raise Cancelled(f"NeRF {part} training cancelled at step {step}; rerun to resume")
         _set_lr(opt, cfg, step, steps)
-        if nerfacc_on:
-            _update_estimator(model, scene, rng, step)
-        elif part == "head" and step >= cfg.train.occ_warmup and step % cfg.train.occ_every == 0:
-            _update_occupancy(model, scene, rng, gen)
+        if part == "head":
+            _update_grid(model, scene, rng, step)
         with _autocast(dev, cfg):
             if part == "head":
                 loss, stats = _head_step(model, scene, rng, gen, step, steps)
@@ -223,10 +205,6 @@ def _train_part(  # noqa: C901
             ckpt.save(step, model, opt, rng, gen, {"losses": losses})
     bar.close()
     model.eval()
-    if nerfacc_on:  # the PyTorch grid (CPU rendering of this model) follows the estimator
-        model.occ.density = grid_from_estimator(
-            model.estimator, render_step_size(model.field.aabb, cfg.train.n_samples)
-        )
     metrics = {
         "part": part,
         "steps": step,
@@ -289,13 +267,12 @@ def _torso_rays(
             code = head.field.individual_code(None, len(sel))
             hr = render_head_rays(
                 head.field,
-                head.occ,
+                head.estimator,
                 o.to(dev),
                 d.to(dev),
                 conds[j].expand(len(sel), -1),
                 code,
                 scene.cfg.train.n_samples,
-                estimator=head.estimator,
             )  # CUDA: nerfacc
             head_rgb[sel.to(dev)] = hr["rgb"].float()
             head_acc[sel.to(dev)] = hr["acc"].float()
