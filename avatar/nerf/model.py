@@ -66,10 +66,8 @@ def _legacy_grid(head: HeadNerf, state: dict, prefix: str, *_args) -> None:
     occs = state.get(prefix + "estimator.occs")
     if occs is not None and bool((occs != 0).any()):  # the estimator was trained (CUDA): keep it
         return
-    aabb = state.get(prefix + "field.aabb", head.field.aabb)
-    grid = make_grid(aabb, int(head.estimator.resolution[0]))
-    grid_from_legacy_density(grid, density, head.step_size)
-    state.update(grid.state_dict(prefix=prefix + "estimator."))
+    grid_from_legacy_density(head.estimator, density, head.step_size)  # the head's own grid (same box)
+    state.update(head.estimator.state_dict(prefix=prefix + "estimator."))
 
 
 class TorsoNerf(nn.Module):

@@ -96,7 +96,7 @@ def update_grid(
         step: the optimiser step about to run (0-based).
         n_samples, every, warmup: the preset's ``n_samples``, ``occ_every``, ``occ_warmup``.
     """
-    if step < warmup:
+    if step < warmup or step % every:  # not an update step: nothing to compute on the hot path
         return
     step_size = render_step_size(field.aabb, n_samples)
     cache: dict[str, torch.Tensor] = {}
