@@ -55,16 +55,16 @@ test-browser: browser-deps
 # A <= 60 MiB folder that checks the GPU path on a bare offline GPU host: `bash gpu_bundle/gpu_check.sh`
 # there (code, a 12 s 512 px compact dataset of acosta, wheels a CUDA torch host lacks; bench/gpu_bundle.py).
 gpu-bundle: $(STAMP)
-	$(VPY) -m bench.gpu_bundle --out gpu_bundle --video $(DATA)/speakers/acosta_cnn_71s.mp4
+	$(VPY) -m avatar_bench.gpu_bundle --out gpu_bundle --video $(DATA)/speakers/acosta_cnn_71s.mp4
 
 # Regenerate the committed gRPC stubs (service/avatar_pb2*.py) from proto/avatar/v1/avatar.proto.
 # The generated grpc module imports `avatar.v1.avatar_pb2`, which would clash with our `avatar`
-# package: rewrite it to `service.avatar_pb2`.
+# package: rewrite it to `avatar_service.avatar_pb2`.
 proto: $(STAMP)
 	rm -rf .proto_gen && mkdir -p .proto_gen
 	$(VPY) -m grpc_tools.protoc -Iproto --python_out=.proto_gen --pyi_out=.proto_gen --grpc_python_out=.proto_gen proto/avatar/v1/avatar.proto
 	mv .proto_gen/avatar/v1/avatar_pb2.py .proto_gen/avatar/v1/avatar_pb2.pyi .proto_gen/avatar/v1/avatar_pb2_grpc.py service/
-	sed -i 's/^from avatar\.v1 import avatar_pb2/from service import avatar_pb2/' service/avatar_pb2_grpc.py
+	sed -i 's/^from avatar\.v1 import avatar_pb2/from avatar_service import avatar_pb2/' service/avatar_pb2_grpc.py
 	rm -rf .proto_gen
 
 clean:

@@ -7,6 +7,7 @@ non-zero exit code; ``--debug`` shows the traceback instead:
 - :class:`avatar.errors.AvatarError`: its message, ``err.exit_code``;
 - OS errors (disk full, permission denied, read-only file system...): exit 74 (EX_IOERR);
 - a closed stdout (``avatar show NAME | head``): quiet exit 141 (as a shell's SIGPIPE);
+- a missing optional dependency (:data:`OPTIONAL_MODULES`): the extra to install, exit 69 (EX_UNAVAILABLE);
 - Ctrl-C: 130; anything else: exit 70 (EX_SOFTWARE) with a hint to rerun with ``--debug``.
 
 Flags every subcommand shares (added here when its module does not define them, so the command
@@ -46,9 +47,24 @@ from avatar.runtime import check_device, default_device
 
 EX_UNAVAILABLE, EX_SOFTWARE, EX_IOERR, EX_PIPE = 69, 70, 74, 141
 
-#: the layers above the library that live in the repository beside ``avatar/`` and are not installed
-#: as packages (docs/ARCHITECTURE.md "Packaging"): the command loads them from its checkout
-APP_PACKAGES = ("service", "recipes", "bench")
+#: optional dependencies -> the pyproject extra that installs them: a command that needs one that is
+#: missing ends with "pip install 'avatar[EXTRA]'" and exit 69 (EX_UNAVAILABLE) instead of a traceback
+OPTIONAL_MODULES = {
+    "av": "preprocess",
+    "librosa": "preprocess",
+    "soundfile": "preprocess",
+    "soxr": "preprocess",
+    "transformers": "preprocess",
+    "matplotlib": "preprocess",
+    "grpc": "serve",
+    "grpc_health": "serve",
+    "grpc_reflection": "serve",
+    "prometheus_client": "serve",
+    "aiohttp": "web",
+    "aiortc": "web",
+    "ray": "ray",
+    "triton": "cuda",
+}
 
 #: modules that provide ``register(subparsers)``; each adds one or more subcommands
 COMMAND_MODULES = [
@@ -56,8 +72,8 @@ COMMAND_MODULES = [
     "avatar.motion.commands",
     "avatar.nerf.commands",
     "avatar.pipeline.commands",
-    "service.commands",
-    "recipes.train_emotion",
+    "avatar_service.commands",
+    "avatar_recipes.train_emotion",
 ]
 
 
@@ -199,25 +215,9 @@ def _log_level(args: argparse.Namespace) -> int:
     return logging.WARNING if getattr(args, "quiet", False) else logging.INFO
 
 
-def use_checkout() -> Path | None:
-    """Put the source checkout this ``avatar`` package lives in first on ``sys.path`` when it holds
-    the app layers (:data:`APP_PACKAGES`), so ``avatar serve``, ``demo``, ``train-generator`` ...
-    find ``service/`` and ``recipes/`` although only ``avatar`` is installed (editable install, or
-    ``python -m avatar.cli`` in the repository). Only the CLI process does this: other programs of
-    the environment never see those generic names. Returns the checkout root, or None (a wheel
-    install: the commands that need the app layers are absent or say so)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "service" / "__init__.py").is_file():
-        return None
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return root
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``avatar`` parser: every module of :data:`COMMAND_MODULES` that is installed, plus the
     shared flags (module docstring)."""
-    use_checkout()
     parser = argparse.ArgumentParser(
         prog="avatar",
         description="Per-identity NeRF talking-head avatars (GeneFace): preprocess, train, onboard, render, serve.",
@@ -309,12 +309,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError):
             print(f"error: {_os_error_message(e)}", file=sys.stderr)
             return EX_IOERR
-        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in APP_PACKAGES:
-            print(
-                f"error: this command needs {e.name.split('.')[0]}/ of the source repository, which is not "
-                "installed as a package; run it from a checkout (pip install -e . there)",
-                file=sys.stderr,
+        missing = (e.name or "").split(".")[0] if isinstance(e, ModuleNotFoundError) else ""
+        if missing in OPTIONAL_MODULES or missing == "mediapipe":
+            how = (
+                "pip install --no-deps mediapipe==0.10.21 (Python <= 3.12; see the Makefile)"
+                if missing == "mediapipe"
+                else f"pip install 'avatar[{OPTIONAL_MODULES[missing]}]'"
             )
+            print(f"error: this command needs `{missing}`, which is not installed: {how}", file=sys.stderr)
             return EX_UNAVAILABLE
         logging.getLogger("avatar").debug("unexpected error", exc_info=True)
         first = str(e).splitlines()[0][:300] if str(e) else ""

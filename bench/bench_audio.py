@@ -16,7 +16,7 @@ measures the pipeline overhead, not HuBERT-large's cost.
 
 Usage::
 
-    python -m bench.bench_audio [--seconds 60] [--runs 3] [--hubert DIR]
+    python -m avatar_bench.bench_audio [--seconds 60] [--runs 3] [--hubert DIR]
 
 Prints a table and appends it to ``bench/RESULTS.md`` (machine, git commit, date).
 """
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import append_results, markdown_table
-from bench.common import commit as _commit
-from bench.common import machine as _machine
+from avatar_bench.common import append_results, markdown_table
+from avatar_bench.common import commit as _commit
+from avatar_bench.common import machine as _machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AVATAR_TEST_DATA", ROOT.parent / "shared" / "data"))

@@ -14,7 +14,7 @@ compares with the real frames:
 
 Usage::
 
-    python -m bench.bench_avatar_quality --store demo_out/store --avatar acosta --dataset DS [--max-frames 100]
+    python -m avatar_bench.bench_avatar_quality --store demo_out/store --avatar acosta --dataset DS [--max-frames 100]
 
 ``DS`` is a dataset of the same video at the avatar's size (``avatar preprocess VIDEO --out DS
 --size 128``); prints a table and appends it to ``bench/RESULTS.md``.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import append_results, commit, machine
+from avatar_bench.common import append_results, commit, machine
 
 
 def mouth_lmd(a: np.ndarray, b: np.ndarray) -> float:

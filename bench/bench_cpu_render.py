@@ -15,7 +15,7 @@ one run, so ratios are comparable even on a shared machine. Rendering: ``--frame
 
 Usage::
 
-    python -m bench.bench_cpu_render --model DIR [--size 128] [--frames 12] [--batch 4]
+    python -m avatar_bench.bench_cpu_render --model DIR [--size 128] [--frames 12] [--batch 4]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import append_results, commit, machine, markdown_table
+from avatar_bench.common import RESULTS, append_results, commit, machine, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     rows = []
     res: dict[tuple[str, str], dict] = {}

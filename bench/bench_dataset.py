@@ -8,8 +8,8 @@ extrapolation, the one-time decode speed, and validation PSNR of the same short 
 
 Usage::
 
-    python -m bench.bench_dataset                         # 12 s of acosta at 512 px, cpu-smoke, 300 steps
-    python -m bench.bench_dataset --keep DIR              # keep DIR/png and DIR/jpeg (e.g. for make gpu-bundle)
+    python -m avatar_bench.bench_dataset                         # 12 s of acosta at 512 px, cpu-smoke, 300 steps
+    python -m avatar_bench.bench_dataset --keep DIR              # keep DIR/png and DIR/jpeg (e.g. for make gpu-bundle)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 
-from bench.common import append_results, commit, machine, markdown_table
+from avatar_bench.common import RESULTS, append_results, commit, machine, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AVATAR_TEST_DATA", ROOT.parent / "shared" / "data"))
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-frames", type=int, default=4)
     ap.add_argument("--keep", type=Path, default=None, help="keep the datasets in KEEP/png and KEEP/jpeg")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if not args.video.is_file():
         print(f"error: {args.video} not found; pass --video or set AVATAR_TEST_DATA", file=sys.stderr)

@@ -29,7 +29,7 @@ did, evaluated on M030 / W009 with the same truth, and its reference path.
 
 Usage::
 
-    python -m bench.bench_emotion [--runs 1] [--steps 1500] [--cache /tmp/emotion_tracks] [--no-before]
+    python -m avatar_bench.bench_emotion [--runs 1] [--steps 1500] [--cache /tmp/emotion_tracks] [--no-before]
 
 Prints the tables and appends them to ``bench/RESULTS.md`` (machine, git commit, date).
 """
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, append_results, commit, machine
+from avatar_bench.common import ROOT, append_results, commit, machine
 
 DATA = Path(os.environ.get("AVATAR_TEST_DATA", ROOT.parent / "shared" / "data"))
 #: names that show the same person (checked by eye on the first frames of the clips)

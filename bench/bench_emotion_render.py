@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m bench.bench_emotion_render --store demo_out/store --avatar acosta [--seconds 2]
+    python -m avatar_bench.bench_emotion_render --store demo_out/store --avatar acosta [--seconds 2]
 
 Renders the same speech (``eng.wav``, first ``--seconds``) neutral and with each of the 8 MEAD
 labels at strength 1 and 1.5 (fixed seed, still head, no blinks), and reports the PSNR of the
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, append_results, commit, machine
+from avatar_bench.common import ROOT, append_results, commit, machine
 
 DATA = Path(os.environ.get("AVATAR_TEST_DATA", ROOT.parent / "shared" / "data"))
 

@@ -1,6 +1,6 @@
 """GPU benchmark on a preprocessed dataset: one call measures what serving and onboarding need.
 
-``python -m bench.bench_gpu --dataset DIR --minutes M`` (no video, no preprocessing: a dataset made by
+``python -m avatar_bench.bench_gpu --dataset DIR --minutes M`` (no video, no preprocessing: a dataset made by
 ``avatar preprocess`` anywhere, e.g. on a CPU host, copied over) reports in one table (printed, and
 appended to ``bench/RESULTS.md`` with machine, git commit and date):
 
@@ -20,8 +20,8 @@ appended to ``bench/RESULTS.md`` with machine, git commit and date):
 
 Usage::
 
-    python -m bench.bench_gpu --dataset DIR --minutes 4     # on the GPU host (see docs/GPU.md, gpu_check.sh)
-    python -m bench.bench_gpu --dataset DIR --quick         # tiny preset/sizes on any device (tests, CPU)
+    python -m avatar_bench.bench_gpu --dataset DIR --minutes 4     # on the GPU host (see docs/GPU.md, gpu_check.sh)
+    python -m avatar_bench.bench_gpu --dataset DIR --quick         # tiny preset/sizes on any device (tests, CPU)
 
 Timings are medians of ``--runs`` after a warm-up run (which pays JIT/autotuning).
 """
@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from avatar.runtime import resolve_device
-from bench.common import commit as _commit
-from bench.common import machine as _machine
+from avatar_bench.common import commit as _commit
+from avatar_bench.common import RESULTS
+from avatar_bench.common import machine as _machine
 
-ROOT = Path(__file__).resolve().parents[1]
 STREAM_FPS = 25
 ONBOARD_MINUTES = 5.0
 
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--batch", type=int, default=None, help="frames per batched render (default 8, 2 with --quick)")
     ap.add_argument("--out", type=Path, default=None, help="keep the trained NeRFs here (default: a temp dir)")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md", help="markdown file to append to")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="markdown file to append to")
     ap.add_argument("--no-results", action="store_true", help="print only; do not append to --results")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     ap.add_argument("--compile", action="store_true", help="also time the render with torch.compile'd fields")

@@ -1,7 +1,7 @@
 """Lip-sync on speakers the shared audio2motion never saw, next to the trivial baselines.
 
-    .venv/bin/python -m bench.bench_lipsync --data ../shared/data [--model tcn] [--seeds 3] [--folds 4]
-    .venv/bin/python -m bench.bench_lipsync --avatar NAME --store DIR --dataset WORK/NAME/dataset   # render path
+    .venv/bin/python -m avatar_bench.bench_lipsync --data ../shared/data [--model tcn] [--seeds 3] [--folds 4]
+    .venv/bin/python -m avatar_bench.bench_lipsync --avatar NAME --store DIR --dataset WORK/NAME/dataset   # render path
 
 What it measures (whole clips, :func:`avatar.motion.metrics.evaluate_clip`):
 
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import append_results, markdown_table
-from bench.common import commit as _commit
-from bench.common import machine as _machine
+from avatar_bench.common import append_results, markdown_table
+from avatar_bench.common import commit as _commit
+from avatar_bench.common import machine as _machine
 
 log = logging.getLogger("bench_lipsync")
 
@@ -177,7 +177,7 @@ def _prepare(args) -> tuple[list[Path], list[Path], dict[Path, Path]]:
     """Preprocess (cached) the corpora and the speakers clips; returns (corpus datasets, speakers
     datasets, {dataset: the dataset whose landmarks score it}) — itself, or with ``--eval-cache`` the
     same clip tracked there (clips missing from it are dropped)."""
-    from recipes.train_generator import prepare_corpus
+    from avatar_recipes.train_generator import prepare_corpus
 
     size = {"size": args.size} if args.size else {}
     corpus = []
@@ -355,7 +355,7 @@ def main(argv=None) -> int:
         [
             f"\n## Lip-sync on unseen speakers ({args.model}{', ' + args.label if args.label else ''}) — "
             f"{datetime.date.today()}, commit {_commit()}",
-            f"Machine: {_machine()}. `python -m bench.bench_lipsync --model {args.model} --seeds {args.seeds} "
+            f"Machine: {_machine()}. `python -m avatar_bench.bench_lipsync --model {args.model} --seeds {args.seeds} "
             f"--folds {args.folds}{' --steps ' + str(args.steps) if args.steps else ''}`; medians of {args.seeds} seed(s); "
             f"{time.time() - t_start:.0f} s in all.",
             "",

@@ -1,8 +1,8 @@
 """Benchmark audio-to-motion: generator inference speed (seconds of audio per second of compute),
 postnet and LLE speed, and the CPU preset training time.
 
-    .venv/bin/python -m bench.bench_motion [--generator DIR] [--runs 5] [--threads 1]
-    .venv/bin/python -m bench.bench_motion --train-corpus ../shared/data/corpus   # also time training
+    .venv/bin/python -m avatar_bench.bench_motion [--generator DIR] [--runs 5] [--threads 1]
+    .venv/bin/python -m avatar_bench.bench_motion --train-corpus ../shared/data/corpus   # also time training
 
 Without ``--generator`` a randomly initialised model of the CPU preset's size is timed (speed does
 not depend on the weights). With ``--train-corpus`` the CPU preset is trained (minutes) into a temp
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import append_results, markdown_table
-from bench.common import commit as _commit
-from bench.common import machine as _machine
+from avatar_bench.common import append_results, markdown_table
+from avatar_bench.common import commit as _commit
+from avatar_bench.common import machine as _machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if args.train_corpus:
-        from recipes.train_generator import train_generator
+        from avatar_recipes.train_generator import train_generator
 
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()

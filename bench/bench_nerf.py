@@ -13,7 +13,7 @@ Rows (median of ``--runs`` after one warm-up run):
 
 Usage::
 
-    python -m bench.bench_nerf [--runs 3] [--dataset DS] [--model DIR] [--preset cpu-small] [--device cuda]
+    python -m avatar_bench.bench_nerf [--runs 3] [--dataset DS] [--model DIR] [--preset cpu-small] [--device cuda]
 
 Prints a table and appends it to ``bench/RESULTS.md`` (machine, git commit, date).
 """
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from avatar.runtime import resolve_device
-from bench.common import append_results
+from avatar_bench.common import append_results
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import append_results
-from bench.common import commit as _commit
-from bench.common import machine as _machine
+from avatar_bench.common import append_results
+from avatar_bench.common import commit as _commit
+from avatar_bench.common import machine as _machine
 
 REPO = Path(__file__).resolve().parents[1]
 

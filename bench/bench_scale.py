@@ -6,7 +6,7 @@ per minute of video, disk per avatar).
 Checks: every Ray onboarding finishes, no stage but the killed one runs twice, and each bundle's
 manifest metrics equal the sequential bundle's (max |difference| per key is printed).
 
-    .venv/bin/python -m bench.bench_scale --generator STORE/shared/generator [--n 4] [--cpus 2]
+    .venv/bin/python -m avatar_bench.bench_scale --generator STORE/shared/generator [--n 4] [--cpus 2]
         [--data ../shared/data] [--preprocess-seconds 20] [--no-append]
 
 The generator can be any shared generator (``tests/conftest.build_tiny_store`` makes a smoke one in
@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import append_results, commit, machine
+from avatar_bench.common import append_results, commit, machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def _du(path: Path) -> int:
 
 def _clips(data: Path, n: int, out: Path) -> list[Path]:
     """n short clips: the first 4 s, 6 s, 8 s ... of the two speakers in turn."""
-    from bench.bench_dataset import make_slice
+    from avatar_bench.bench_dataset import make_slice
 
     sources = [data / "speakers" / "acosta_cnn_71s.mp4", data / "speakers" / "lieu_60s_256.mp4"]
     clips = []
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
 
         # 4. sizing: preprocessing CPU time per minute of video, disk per avatar
         if args.preprocess_seconds > 0:
-            from bench.bench_dataset import make_slice
+            from avatar_bench.bench_dataset import make_slice
 
             long_clip = make_slice(
                 args.data / "speakers" / "acosta_cnn_71s.mp4", args.preprocess_seconds, tmp / "long.mp4"

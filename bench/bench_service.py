@@ -15,7 +15,7 @@ streams, all runs of a level pooled):
 
 Usage::
 
-    python -m bench.bench_service --store /tmp/store --avatar tiny --seconds 10 --levels 1,2,4
+    python -m avatar_bench.bench_service --store /tmp/store --avatar tiny --seconds 10 --levels 1,2,4
 
 Prints a table and appends it to ``bench/RESULTS.md`` (machine, git commit, date).
 """
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import append_results
-from bench.common import commit as _commit
-from bench.common import machine as _machine
+from avatar_bench.common import append_results
+from avatar_bench.common import commit as _commit
+from avatar_bench.common import machine as _machine
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token-" + os.urandom(8).hex()
@@ -55,7 +55,7 @@ def one_stream(target: str, avatar: str, audio: np.ndarray, size: int | None, ou
     """Run one real-time StreamRender session; fills ``out`` with timings or an error."""
     import grpc
 
-    from service.client import AvatarClient
+    from avatar_service.client import AvatarClient
 
     step = int(CHUNK_S * 16000)
     sent = {}
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from avatar.media import load_audio
-    from service.client import AvatarClient
+    from avatar_service.client import AvatarClient
 
     audio = load_audio(args.audio)[: int(args.seconds * 16000)]
     load0 = os.getloadavg()[0]

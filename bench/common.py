@@ -7,8 +7,13 @@ import platform
 import subprocess
 from pathlib import Path
 
+#: the repository checkout (an editable install); in a wheel install this is site-packages
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "RESULTS.md"
+#: the checkout's ``bench/RESULTS.md``; a wheel does not ship it (pyproject ``exclude-package-data``),
+#: so an installed ``python -m avatar_bench.…`` appends to ``RESULTS.md`` in the working directory
+RESULTS = Path(__file__).resolve().with_name("RESULTS.md")
+if not RESULTS.is_file():
+    RESULTS = Path("RESULTS.md")
 
 
 def machine(device=None) -> str:

@@ -3,8 +3,9 @@
 Contents of ``OUT/`` (default ``gpu_bundle/``, git-ignored)::
 
     gpu_check.sh      bash gpu_check.sh: installs from wheels/ (no network), runs the CUDA tests and
-                      python -m bench.bench_gpu on data/acosta12_512, prints one table (<= 8 min)
-    code/             the repository's tracked avatar/, bench/, tests/, pyproject.toml, docs/GPU.md
+                      python -m avatar_bench.bench_gpu on data/acosta12_512, prints one table (<= 8 min)
+    code/             the repository's tracked avatar/, bench/ (as avatar_bench/, its package name),
+                      tests/, pyproject.toml, docs/GPU.md; PYTHONPATH=code, nothing is pip-installed
     data/acosta12_512 the first 12 s of speakers/acosta_cnn_71s.mp4 preprocessed at 512 px (compact
                       dataset: JPEG q95 frames, PNG masks)
     data/acosta3_64   the first 3 s at 64 px (the CUDA tests' dataset, $AVATAR_TEST_DATASET)
@@ -26,10 +27,11 @@ import shutil
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
-from bench.bench_dataset import DATA, make_compact_dataset
-from bench.common import commit
+from avatar_bench.bench_dataset import DATA, make_compact_dataset
+from avatar_bench.common import commit
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT_BYTES = 60 * 2**20
@@ -56,6 +58,8 @@ WHEELS = (
     "pytest-timeout",
 )
 CODE = ("avatar", "bench", "tests", "pyproject.toml", "docs/GPU.md", "README.md")
+#: installed package name -> repository folder (pyproject [tool.setuptools.package-dir])
+PACKAGE_DIR = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
 
 GPU_CHECK = r"""#!/usr/bin/env bash
 # Offline GPU check of the avatar NeRF path (made by `make gpu-bundle`; see code/docs/GPU.md).
@@ -121,7 +125,7 @@ tail -15 ../results/pytest_cuda.log
 say "bench_gpu (${MINUTES} min of training)"
 limit=$("$PYX" -c "print(int(60 * float('$MINUTES')) + 300)")
 # shellcheck disable=SC2086
-timeout "$limit" "$PYX" -m bench.bench_gpu --dataset "../$DATASET" --minutes "$MINUTES" ${BENCH_ARGS:-} \
+timeout "$limit" "$PYX" -m avatar_bench.bench_gpu --dataset "../$DATASET" --minutes "$MINUTES" ${BENCH_ARGS:-} \
     --results ../results/RESULTS.md --json ../results/bench_gpu.json > ../results/bench_gpu.log 2>&1
 bench_rc=$?
 tail -5 ../results/bench_gpu.log
@@ -145,13 +149,17 @@ def _du(path: Path) -> int:
 
 
 def _copy_code(out: Path) -> None:
+    """The tracked files of :data:`CODE` into ``out``, each folder under its package name (pyproject's
+    ``package-dir``: ``bench/`` -> ``avatar_bench/``), so ``PYTHONPATH=out`` imports them uninstalled."""
+    renames = {folder: name for name, folder in PACKAGE_DIR.items()}
     files = subprocess.run(
         ["git", "ls-files", *CODE], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
     for f in files:
         src = ROOT / f
         if src.is_file():
-            dst = out / f
+            top, _, rest = f.partition("/")
+            dst = out / (f"{renames[top]}/{rest}" if rest and top in renames else f)
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
 

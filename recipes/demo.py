@@ -47,7 +47,7 @@ def run_demo(data: Path, out: Path, preset: str = "cpu-small", progress: bool = 
     from avatar.api import RenderOptions, load
     from avatar.pipeline.onboard import onboard
     from avatar.store import AvatarStore
-    from recipes.train_generator import train_generator
+    from avatar_recipes.train_generator import train_generator
 
     if not (data / SPEAKER).is_file():
         raise InvalidInput(f"demo media not found under {data}; pass --data (the shared/data directory)")

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service import avatar_pb2 as avatar_dot_v1_dot_avatar__pb2
+from avatar_service import avatar_pb2 as avatar_dot_v1_dot_avatar__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

@@ -2,7 +2,7 @@
 
 Example::
 
-    from service.client import AvatarClient
+    from avatar_service.client import AvatarClient
     with AvatarClient("localhost:50051", token="...") as c:
         call = c.render("acosta", "speech.wav", {"emotion": "happy"}, image_format="png")
         for frame in call:            # Frame(index, timestamp_s, image uint8 [S,S,3] RGB)
@@ -22,9 +22,9 @@ from typing import Iterable, Iterator
 import grpc
 import numpy as np
 
-from service import avatar_pb2 as pb
-from service import avatar_pb2_grpc as pb_grpc
-from service.codec import SAMPLE_RATE, decode_frame
+from avatar_service import avatar_pb2 as pb
+from avatar_service import avatar_pb2_grpc as pb_grpc
+from avatar_service.codec import SAMPLE_RATE, decode_frame
 
 FORMATS = {"jpeg": pb.IMAGE_FORMAT_JPEG, "png": pb.IMAGE_FORMAT_PNG}
 _OPTIONAL = ("emotion_strength", "blink", "blink_rate", "temperature", "head_speed", "head_amplitude")

@@ -13,7 +13,7 @@ import soxr
 
 from avatar.errors import InvalidInput
 from avatar.timebase import AUDIO_RATE
-from service import avatar_pb2 as pb
+from avatar_service import avatar_pb2 as pb
 
 #: the library's audio rate (Hz); every frame covers 640 samples at this rate (25 fps)
 SAMPLE_RATE = AUDIO_RATE

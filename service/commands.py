@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 def _serve(args) -> int:
     from avatar.config import from_dict, load_json, to_dict
     from avatar.store import default_store_root
-    from service.auth import load_tokens
-    from service.observability import use_json_logs
-    from service.server import AvatarServer, ServerConfig
+    from avatar_service.auth import load_tokens
+    from avatar_service.observability import use_json_logs
+    from avatar_service.server import AvatarServer, ServerConfig
 
     cfg = from_dict(ServerConfig, load_json(args.config)) if args.config else ServerConfig()
     for key in ("host", "port", "metrics_port", "device", "tls_cert", "tls_key", "jobs", "ray_address"):
@@ -38,8 +38,8 @@ def _serve(args) -> int:
     server = AvatarServer(cfg, tokens).start()
     web = None
     if args.web is not None:  # the browser console (service/web.py), same store, tokens and host
-        from service.server import http_host
-        from service.web import WebServer
+        from avatar_service.server import http_host
+        from avatar_service.web import WebServer
 
         web = WebServer(
             server.servicer, tokens, host=http_host(cfg.host), port=args.web, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key
@@ -69,7 +69,7 @@ def _serve(args) -> int:
 
 # ---- client -----------------------------------------------------------------------------------
 def _client(args):
-    from service.client import AvatarClient
+    from avatar_service.client import AvatarClient
 
     token = args.token or os.environ.get("AVATAR_TOKEN")
     if not token:

@@ -6,12 +6,12 @@ Serving design (anchors: NVIDIA Audio2Face-3D's bidirectional audio->animation s
   then stream ``Avatar.render`` frames as JPEG/PNG. Lazy: a cancelled or expired call stops the
   render at the next frame and drops its buffers.
 - **StreamRender**: a reader thread queues client messages; the call's thread decodes PCM
-  (streaming resampler) into events for the stream pacer (:mod:`service.stream`: frame timing,
+  (streaming resampler) into events for the stream pacer (:mod:`avatar_service.stream`: frame timing,
   render-ahead queue, idle frames, barge-in), which drives :class:`avatar.api.StreamSession` one
   frame at a time. Latency = ``StreamSession.lookahead_s`` of audio after a frame (sent in the
   header; computed from the avatar's models and the session's ``StreamConfig.block`` / ``nerf_right``,
   :func:`stream_latency_args`) plus render time. Each frame carries its own 40 ms of audio.
-- **Onboard**: the upload is spooled to disk, then :class:`service.jobs.JobManager` runs it in a
+- **Onboard**: the upload is spooled to disk, then :class:`avatar_service.jobs.JobManager` runs it in a
   spawned worker process.
 - Errors: :class:`avatar.errors.AvatarError` subclasses map to their ``grpc_code``; anything else is
   INTERNAL with a request id to find the traceback in the log. A bad request never stops the server.
@@ -31,7 +31,7 @@ Hostile-client hardening (each limit is enforced before the work it bounds):
 - Binding: 127.0.0.1 unless a host is given; plaintext on another address logs a loud warning;
   ``/metrics`` binds the same address as gRPC.
 - Uploads are spooled under ``STORE/spool/<pid>-*`` and the spool of a dead server is removed at
-  start-up; onboarding workers die with the server (:mod:`service.jobs`).
+  start-up; onboarding workers die with the server (:mod:`avatar_service.jobs`).
 """
 
 from __future__ import annotations
@@ -60,12 +60,12 @@ from grpc_reflection.v1alpha import reflection
 
 from avatar.errors import AvatarError, AvatarNotFound, InvalidInput, InvalidMedia, NoAudio, OutputExists, ResourceLimit
 from avatar.timebase import SAMPLES_PER_FRAME
-from service import avatar_pb2 as pb
-from service import avatar_pb2_grpc as pb_grpc
-from service import jobs as jobs_mod
-from service.auth import AuthInterceptor, bearer_token, token_id
-from service.codec import SAMPLE_RATE, PcmDecoder, encode_frame, encode_pcm
-from service.observability import ServiceMetrics, log_access
+from avatar_service import avatar_pb2 as pb
+from avatar_service import avatar_pb2_grpc as pb_grpc
+from avatar_service import jobs as jobs_mod
+from avatar_service.auth import AuthInterceptor, bearer_token, token_id
+from avatar_service.codec import SAMPLE_RATE, PcmDecoder, encode_frame, encode_pcm
+from avatar_service.observability import ServiceMetrics, log_access
 
 log = logging.getLogger(__name__)
 
@@ -764,9 +764,9 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
         return first.config
 
     def _stream_events(self, inbox, decoder: PcmDecoder, call):
-        """``receive(timeout)`` for :class:`service.stream.Pacer`: client messages -> pacer events
+        """``receive(timeout)`` for :class:`avatar_service.stream.Pacer`: client messages -> pacer events
         (PCM decoded to 16 kHz, the audio duration limit checked)."""
-        from service import stream
+        from avatar_service import stream
 
         n_samples, ended = 0, False
 
@@ -806,8 +806,8 @@ class AvatarServicer(pb_grpc.AvatarServiceServicer):
         return receive
 
     def _stream_session(self, inbox, context, call):
-        """One StreamRender session: config, then the pacer (:mod:`service.stream`) between messages and frames."""
-        from service import stream
+        """One StreamRender session: config, then the pacer (:mod:`avatar_service.stream`) between messages and frames."""
+        from avatar_service import stream
 
         cfg = self._stream_config(inbox, context)
         if cfg is None:
@@ -1024,7 +1024,7 @@ class AvatarServer:
     """A running gRPC server: AvatarService + health + reflection + auth + metrics.
 
     Args:
-        cfg: :class:`ServerConfig`. tokens: {token: scopes} (see :mod:`service.auth`).
+        cfg: :class:`ServerConfig`. tokens: {token: scopes} (see :mod:`avatar_service.auth`).
 
     Attributes (after :meth:`start`): ``port`` (bound gRPC port), ``metrics_port`` (or None).
 

@@ -1,6 +1,6 @@
 """The stream pacer: frame timing, render-ahead queue, idle frames and barge-in of a real-time session.
 
-Transport-free: the gRPC ``StreamRender`` (:mod:`service.server`) turns its messages into the events
+Transport-free: the gRPC ``StreamRender`` (:mod:`avatar_service.server`) turns its messages into the events
 below and the pacer's outputs into messages; nothing here knows about gRPC.
 
 Events in (``receive(timeout)`` returns one, or None when nothing arrived in ``timeout`` seconds):

@@ -2,7 +2,7 @@
 
 It serves one plain HTML/JS page (``service/web_static``, no build step) and a small JSON API over
 the same store, job manager, avatar cache, render slots and bearer tokens as the gRPC service
-(:class:`service.server.AvatarServicer`):
+(:class:`avatar_service.server.AvatarServicer`):
 
 ========================================  ======== ==================================================
 ``GET  /``                                 -        the page
@@ -28,7 +28,7 @@ The page and its static files need no token.
 
 Live WebRTC session (:class:`LiveSession`): the browser sends one audio track (microphone or a
 file); aiortc decodes it (Opus, 48 kHz); it is mixed to mono and resampled to 16 kHz (libsoxr,
-streaming) and handed to the StreamRender pacer (:mod:`service.stream`) on a render thread, which
+streaming) and handed to the StreamRender pacer (:mod:`avatar_service.stream`) on a render thread, which
 drives a :class:`avatar.api.StreamSession` one frame at a time: idle frames once the speech pauses,
 interrupt (barge-in) through ``POST /api/webrtc/{sid}/interrupt``, the server's ``max_idle_s``.
 Each frame leaves together with its own 40 ms of the timeline's audio: the video
@@ -120,7 +120,7 @@ def require(request: web.Request, scope: str) -> str:
         web.HTTPUnauthorized: no ``Authorization: Bearer`` header. web.HTTPForbidden: unknown token
         or the scope is missing.
     """
-    from service.auth import bearer_token
+    from avatar_service.auth import bearer_token
 
     token = bearer_token([("authorization", request.headers.get("Authorization", ""))])
     if token is None:
@@ -165,7 +165,7 @@ def parse_options(raw: str | dict | None, native: int):
         InvalidInput: not JSON, unknown names or bad values.
     """
     from avatar.api import RenderOptions
-    from service.server import cap_size
+    from avatar_service.server import cap_size
 
     if isinstance(raw, str):
         try:
@@ -211,7 +211,7 @@ async def _form(request: web.Request, file_field: str, spool: Path, limit: int, 
     Raises:
         InvalidInput: not multipart. ResourceLimit / InvalidMedia: as :func:`_spool_part`.
     """
-    from service.server import upload_suffix
+    from avatar_service.server import upload_suffix
 
     if not request.content_type.startswith("multipart/"):
         raise InvalidInput("send multipart/form-data")
@@ -329,7 +329,7 @@ class LiveSession:
             engine's lookahead) above which new input audio is dropped. max_audio_s: audio after
             which the session ends itself. on_end: called once when the render thread stops.
         block / nerf_right: the StreamSession's frames per motion block and frames of NeRF look-ahead
-            (None = the library defaults; :func:`service.server.stream_latency_args` validates a client's).
+            (None = the library defaults; :func:`avatar_service.server.stream_latency_args` validates a client's).
 
     Raises:
         InvalidInput: ``block`` / ``nerf_right`` out of range.
@@ -351,8 +351,8 @@ class LiveSession:
         block: int | None = None,
         nerf_right: int | None = None,
     ):
-        from service.server import open_stream
-        from service.stream import Pacer, PacerConfig
+        from avatar_service.server import open_stream
+        from avatar_service.stream import Pacer, PacerConfig
 
         self.sid = sid
         self.avatar = avatar
@@ -434,7 +434,7 @@ class LiveSession:
     # -- render thread --
     def _receive(self, timeout: float):
         """The pacer's events: input audio, the end of the browser's track, interrupts."""
-        from service import stream
+        from avatar_service import stream
 
         try:
             item = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
@@ -451,7 +451,7 @@ class LiveSession:
         return stream.Audio(item)
 
     def _render_loop(self) -> None:
-        from service.stream import IdleLimitReached, Interrupted
+        from avatar_service.stream import IdleLimitReached, Interrupted
 
         self._fed = 0
         try:
@@ -638,7 +638,7 @@ class WebApp:
     """The aiohttp application over a running gRPC servicer's store, jobs, cache and slots.
 
     Args:
-        servicer: :class:`service.server.AvatarServicer` (store, cache, jobs, spool, limits, scrub).
+        servicer: :class:`avatar_service.server.AvatarServicer` (store, cache, jobs, spool, limits, scrub).
         tokens: {token: scopes} (the gRPC server's).
         max_backlog_s: live sessions drop input audio beyond this much unrendered audio (seconds).
     """
@@ -840,7 +840,7 @@ class WebApp:
         Raises (as JSON errors): 400 bad JSON/SDP/options/block/nerf_right, 404 unknown avatar, 429 no
         free render slot.
         """
-        from service.server import stream_latency_args
+        from avatar_service.server import stream_latency_args
 
         require(request, "render")
         try:
@@ -976,7 +976,7 @@ class WebServer:
     """Runs :class:`WebApp` on its own thread and event loop, beside the gRPC server.
 
     Args:
-        servicer: the gRPC server's :class:`service.server.AvatarServicer`.
+        servicer: the gRPC server's :class:`avatar_service.server.AvatarServicer`.
         tokens: {token: scopes}. host: bind address (the gRPC host). port: TCP port (0 = OS-chosen).
         tls_cert / tls_key: PEM files (HTTPS; browsers allow the microphone only on HTTPS or localhost).
 
@@ -1014,7 +1014,7 @@ class WebServer:
 
     def start(self) -> "WebServer":
         """Bind and serve in a background thread; returns self once listening."""
-        from service.server import is_loopback
+        from avatar_service.server import is_loopback
 
         ready = threading.Event()
         failure: list[BaseException] = []

@@ -42,7 +42,7 @@ SLICE_S = 3.0
 
 def make_clip(data_dir: Path, clip: Path, seconds: float = SLICE_S) -> Path:
     """Write the first ``seconds`` of speakers/acosta_cnn_71s.mp4 (video + audio) to ``clip``."""
-    from bench.bench_dataset import make_slice
+    from avatar_bench.bench_dataset import make_slice
 
     return make_slice(data_dir / "speakers" / "acosta_cnn_71s.mp4", seconds, clip)
 

@@ -1,8 +1,9 @@
 """The import graph runs one way (docs/ARCHITECTURE.md): no cycles, no upward imports.
 
 Parses every module of ``avatar/``, ``service/``, ``recipes/`` and ``bench/`` with :mod:`ast` (nothing
-is imported) and collects every import, at module level *and* inside functions (a lazy import is a
-dependency too; it only hides a cycle until the function runs). ``avatar/cli.py``'s
+is imported; the folders' package names, ``avatar_service`` & co., come from pyproject's
+``package-dir``) and collects every import, at module level *and* inside functions (a lazy import is
+a dependency too; it only hides a cycle until the function runs). ``avatar/cli.py``'s
 ``COMMAND_MODULES`` (loaded through importlib) count as imports of the CLI.
 
 Layers, lowest first; a module may import its own unit or any unit of a lower layer, never a unit of
@@ -16,19 +17,26 @@ unit each (their modules may import each other; cycles are still refused):
     stages    avatar.motion, avatar.nerf
     pipeline  avatar.pipeline
     api       avatar.api
-    apps      recipes, service
+    apps      avatar_recipes, avatar_service
     cli       avatar.cli and every ``commands`` module (``avatar/*/commands.py``, ``service/commands.py``)
-    bench     bench
+    bench     avatar_bench
 """
 
 from __future__ import annotations
 
 import ast
+import tomllib
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("avatar", "service", "recipes", "bench")
+#: folder -> installed package name (pyproject [tool.setuptools.package-dir]; docs/ARCHITECTURE.md "Packaging")
+PACKAGES = {"avatar": "avatar"} | {
+    folder: name
+    for name, folder in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ].items()
+}
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
@@ -49,9 +57,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stages", ("avatar.motion", "avatar.nerf")),
     ("pipeline", ("avatar.pipeline",)),
     ("api", ("avatar.api",)),
-    ("apps", ("recipes", "service")),
+    ("apps", ("avatar_recipes", "avatar_service")),
     ("cli", ("avatar.cli",)),
-    ("bench", ("bench",)),
+    ("bench", ("avatar_bench",)),
 ]
 
 #: layers whose modules form one unit
@@ -64,11 +72,11 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {}  # none left; add one only with the
 
 def _modules() -> dict[str, Path]:
     mods = {}
-    for pkg in PACKAGES:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
             if "__pycache__" in path.parts:
                 continue
-            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            name = ".".join((package, *path.relative_to(ROOT / folder).with_suffix("").parts))
             mods[name.removesuffix(".__init__")] = path
     return mods
 
@@ -185,6 +193,25 @@ def _cycles(graph: dict[str, dict[str, int]]) -> list[frozenset[str]]:
                 if len(comp) > 1:
                     found.append(frozenset(comp))
     return found
+
+
+def test_nothing_imports_a_folder_name():
+    """``service`` / ``recipes`` / ``bench`` are folder names, not packages: an import by that name only
+    works with the repository root on ``sys.path`` and breaks in an installed wheel (the tests too)."""
+    folders = {f for f, p in PACKAGES.items() if f != p}
+    assert folders == {"service", "recipes", "bench"}
+    bad = []
+    for path in sorted([*MODULES.values(), *(ROOT / "tests").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            bad += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if n.split(".")[0] in folders]
+    assert not bad, "import the installed names (avatar_service, avatar_recipes, avatar_bench):\n" + "\n".join(bad)
 
 
 def test_every_module_has_a_layer():

@@ -114,13 +114,13 @@ def test_demo_quiet_reaches_every_stage(monkeypatch, tmp_path, capsys):
     import avatar.api
     import avatar.motion.emotion
     import avatar.store
-    import recipes.demo
-    import recipes.train_generator
+    import avatar_recipes.demo
+    import avatar_recipes.train_generator
     from avatar.pipeline import onboard as onboard_module
 
     seen: dict = {}
-    real_run_demo = recipes.demo.run_demo
-    monkeypatch.setattr(recipes.demo, "run_demo", lambda *a, **kw: seen.update(kw) or 0)
+    real_run_demo = avatar_recipes.demo.run_demo
+    monkeypatch.setattr(avatar_recipes.demo, "run_demo", lambda *a, **kw: seen.update(kw) or 0)
     assert main(["demo", "-q", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
     assert seen["progress"] is False
     assert main(["demo", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 0
@@ -145,18 +145,18 @@ def test_demo_quiet_reaches_every_stage(monkeypatch, tmp_path, capsys):
             calls.append(("render", progress))
             return {"path": str(dst)}
 
-    (tmp_path / recipes.demo.SPEAKER).parent.mkdir(parents=True)
-    (tmp_path / recipes.demo.SPEAKER).touch()
+    (tmp_path / avatar_recipes.demo.SPEAKER).parent.mkdir(parents=True)
+    (tmp_path / avatar_recipes.demo.SPEAKER).touch()
     monkeypatch.setattr(avatar.store, "AvatarStore", Store)
     monkeypatch.setattr(
-        recipes.train_generator, "train_generator", lambda *a, **kw: calls.append(("generator", kw["progress"]))
+        avatar_recipes.train_generator, "train_generator", lambda *a, **kw: calls.append(("generator", kw["progress"]))
     )
     monkeypatch.setattr(
         avatar.motion.emotion, "train_emotion", lambda *a, **kw: calls.append(("emotion", kw["progress"]))
     )
     monkeypatch.setattr(onboard_module, "onboard", lambda *a, **kw: calls.append(("onboard", kw["bars"])))
     monkeypatch.setattr(avatar.api, "load", lambda *a, **kw: Avatar())
-    monkeypatch.setattr(recipes.demo, "_compare_png", lambda *a: None)
+    monkeypatch.setattr(avatar_recipes.demo, "_compare_png", lambda *a: None)
     for progress in (False, True):
         calls: list = []
         assert real_run_demo(tmp_path, tmp_path / "out", preset="cpu-smoke", progress=progress) == 0
@@ -307,25 +307,52 @@ def test_unknown_preset_is_a_usage_error(capsys):
         main(["demo", "--preset", "gpu-full"])  # the demo runs on the CPU presets only
 
 
-# ---- packaging: only `avatar` installs (docs/ARCHITECTURE.md "Packaging") -----------------------
-def test_only_the_library_installs_and_the_cli_finds_the_app_layers(tmp_path):
-    """pyproject installs ``avatar*`` only (no generic ``service`` / ``recipes`` / ``bench`` in
-    site-packages); the ``avatar`` command still has serve, client, demo, train-emotion from any
-    working directory, because it loads them from its checkout."""
+# ---- packaging: the app layers install under the project's name (docs/ARCHITECTURE.md "Packaging") ----
+def test_app_layers_install_under_the_projects_name(tmp_path):
+    """``service/``, ``recipes/``, ``bench/`` install as ``avatar_service``, ``avatar_recipes``,
+    ``avatar_bench``: importable from any working directory, nothing named ``service`` / ``recipes`` /
+    ``bench`` installed, and the ``avatar`` command has serve, client, demo, train-emotion."""
     import subprocess
     import sys
 
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert meta["tool"]["setuptools"]["packages"]["find"]["include"] == ["avatar*"]
-    assert "graft service" in (REPO / "MANIFEST.in").read_text()  # the sdist keeps them
+    assert meta["tool"]["setuptools"]["package-dir"] == {
+        "avatar_service": "service",
+        "avatar_recipes": "recipes",
+        "avatar_bench": "bench",
+    }
+    assert "graft service" in (REPO / "MANIFEST.in").read_text()  # the sdist keeps the folders
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    probe = (
+        "import importlib.util, avatar_service.server, avatar_recipes.demo, avatar_bench.common\n"
+        "print([n for n in ('service', 'recipes', 'bench') if importlib.util.find_spec(n)])"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"
     r = subprocess.run(
         [sys.executable, "-m", "avatar.cli", "--help"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
-        env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"},
+        env=env,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     for command in ("serve", "client", "demo", "train-emotion", "train-generator"):
         assert re.search(rf"^    {command}\b", r.stdout, re.M), command
+
+
+def test_a_missing_optional_dependency_names_its_extra(monkeypatch, capsys):
+    """A command whose optional stack is not installed ends with the extra to install and exit 69."""
+    from avatar.motion import commands as motion_commands
+
+    def needs_ray(args):
+        raise ModuleNotFoundError("No module named 'ray'", name="ray")
+
+    monkeypatch.setattr(motion_commands, "_train_postnet", needs_ray)
+    assert main(["train-postnet", "ds", "--generator", "g", "--out", "o"]) == 69
+    err = capsys.readouterr().err
+    assert "needs `ray`" in err and "pip install 'avatar[ray]'" in err and "Traceback" not in err

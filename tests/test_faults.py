@@ -32,9 +32,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from avatar.errors import BundleCorrupt, InvalidInput, ResourceLimit
-from service import avatar_pb2 as pb
-from service.client import AvatarClient
-from service.server import AvatarServer, ServerConfig
+from avatar_service import avatar_pb2 as pb
+from avatar_service.client import AvatarClient
+from avatar_service.server import AvatarServer, ServerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = "faults-admin-token-0123456789"
@@ -215,7 +215,7 @@ def test_client_that_stops_reading_frees_its_slot(server, method):
     _install_fake(server, fake)
     # no BDP probing: the client's HTTP/2 window stays small, as a slow reader's would
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.http2.bdp_probe", 0)])
-    stub = __import__("service.avatar_pb2_grpc", fromlist=["x"]).AvatarServiceStub(channel)
+    stub = __import__("avatar_service.avatar_pb2_grpc", fromlist=["x"]).AvatarServiceStub(channel)
     md = (("authorization", f"Bearer {ADMIN}"),)
     audio = np.zeros(16000 * 19, np.float32)
     png = pb.FrameEncoding(format=pb.IMAGE_FORMAT_PNG)
@@ -327,7 +327,7 @@ def test_names_and_filenames_over_rpc(server, tmp_path):
         ]
         job = c.stub.Onboard(iter(reqs), metadata=c.metadata)
         assert job.job_id
-    from service.server import upload_suffix
+    from avatar_service.server import upload_suffix
 
     assert upload_suffix("clip.MOV") == ".mov" and upload_suffix("a\0b") == ".mp4"
     assert upload_suffix("x.m\0p4") == ".mp4" and upload_suffix("../../x") == ".mp4"
@@ -605,7 +605,7 @@ def test_safe_defaults_and_denied_calls_logged(tmp_path, caplog):
         assert not any(bad in r.getMessage() or bad in json.dumps(getattr(r, "fields", {})) for r in caplog.records)
     finally:
         srv.stop(0)
-    with caplog.at_level(logging.WARNING, logger="service.server"):
+    with caplog.at_level(logging.WARNING, logger="avatar_service.server"):
         srv = _start(tmp_path / "s2", host="0.0.0.0")
         srv.stop(0)
     assert any("PLAINTEXT" in r.getMessage() for r in caplog.records)
@@ -678,7 +678,7 @@ def test_failed_onboarding_removes_its_work_dir(tiny_avatar, tmp_path):
 
 
 def test_jobs_are_reconciled_at_start(tmp_path):
-    from service.jobs import FAILED, JobManager
+    from avatar_service.jobs import FAILED, JobManager
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -38,8 +38,8 @@ import sys
 from avatar.cli import build_parser
 args = build_parser().parse_args(["onboard", "v.mp4", "--name", "n"])
 assert args.ray is None
-import avatar.pipeline.onboard, service.jobs
-from service.server import AvatarServer, ServerConfig
+import avatar.pipeline.onboard, avatar_service.jobs
+from avatar_service.server import AvatarServer, ServerConfig
 srv = AvatarServer(ServerConfig(store={str(tmp_path)!r}, port=0, metrics_port=None), {{}}).start()
 srv.stop(0)
 assert "ray" not in sys.modules, "ray was imported"
@@ -63,7 +63,7 @@ def test_job_table_survives_a_restart(tmp_path):
     """Jobs live in STORE/jobs/jobs.sqlite3: after a 'restart' a dead server's queued/running job whose
     video is kept is queued again (resumed), one whose video is gone is FAILED with the reason, and
     finished jobs stay visible (get and list, newest first)."""
-    from service.jobs import FAILED, QUEUED, SUCCEEDED, JobManager
+    from avatar_service.jobs import FAILED, QUEUED, SUCCEEDED, JobManager
 
     store = tmp_path / "store"
     videos = []
@@ -118,8 +118,8 @@ def test_job_table_survives_a_restart(tmp_path):
 def test_jobs_after_a_server_restart_over_grpc(tmp_path):
     """GetJob / ListJobs after a restart: a finished job keeps its final state; a job the server was
     running or queueing when it stopped is resumed by the next server (and finishes there)."""
-    from service.client import AvatarClient
-    from service.server import AvatarServer, ServerConfig
+    from avatar_service.client import AvatarClient
+    from avatar_service.server import AvatarServer, ServerConfig
 
     token = "t" * 32
     tokens = {token: frozenset({"onboard", "render"})}
@@ -187,7 +187,7 @@ def test_second_writer_is_refused(tiny_avatar, tmp_path):
     from avatar.errors import ResourceLimit
     from avatar.pipeline.onboard import onboard
     from avatar.store import AvatarStore
-    from service.jobs import JobManager
+    from avatar_service.jobs import JobManager
 
     store = AvatarStore(tmp_path / "store")
     shutil.copytree(AvatarStore(tiny_avatar[0]).generator_dir, store.generator_dir)
@@ -279,8 +279,8 @@ def test_onboard_through_ray_with_a_worker_killed_mid_stage(ray_local, tiny_avat
 def test_serve_jobs_ray_onboards_and_cancels(ray_local, tiny_avatar, tmp_path):
     """`avatar serve --jobs ray`: a job's stages run as Ray tasks (WatchJob shows which worker runs a
     stage), the job succeeds; CancelJob of a second job stops it and keeps its work dir to resume."""
-    from service.client import AvatarClient
-    from service.server import AvatarServer, ServerConfig
+    from avatar_service.client import AvatarClient
+    from avatar_service.server import AvatarServer, ServerConfig
 
     from avatar.store import AvatarStore
 

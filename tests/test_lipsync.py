@@ -29,7 +29,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def corpus(data_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
     """(corpus A dir, corpus B dir, dataset of an unseen speaker) from real clips."""
-    from recipes.train_generator import prepare_corpus
+    from avatar_recipes.train_generator import prepare_corpus
 
     root = tmp_path_factory.mktemp("lipsync")
     a, b, c = root / "a", root / "b", root / "unseen"
@@ -44,7 +44,7 @@ def corpus(data_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def tcn(corpus, tmp_path_factory) -> Path:
     """A tcn generator trained on two corpus directories (real recipe, small steps)."""
-    from recipes.train_generator import train_generator
+    from avatar_recipes.train_generator import train_generator
 
     out = tmp_path_factory.mktemp("tcn") / "gen"
     train_generator([corpus[0], corpus[1]], out, preset="smoke", progress=False, size=64, steps=150)
@@ -150,7 +150,7 @@ def test_silence_gives_the_resting_mouth(corpus, tmp_path):
     that opens less than on the same person's speech."""
     from avatar.data.dataset import Dataset
     from avatar.motion.train import train_generator
-    from recipes.train_generator import prepare_corpus
+    from avatar_recipes.train_generator import prepare_corpus
 
     datasets = []
     for d in (corpus[0], corpus[1]):
@@ -178,7 +178,7 @@ def test_person_finetune_never_worse_on_its_tail(tcn, corpus, tmp_path):
 
 
 def test_vae_flow_generator_is_copied_unchanged(data_dir, corpus, tmp_path):
-    from recipes.train_generator import train_generator
+    from avatar_recipes.train_generator import train_generator
 
     gen = train_generator(corpus[0], tmp_path / "vae", preset="smoke", progress=False, size=64, model="vae-flow")
     out = finetune_generator(gen, corpus[2], tmp_path / "person", preset="smoke", progress=False)

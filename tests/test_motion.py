@@ -37,7 +37,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory, caplog_module=None):
     """(generator bundle dir, [dataset dirs]) from the real recipe on a 2-clip corpus + a broken clip."""
-    from recipes.train_generator import train_generator
+    from avatar_recipes.train_generator import train_generator
 
     root = tmp_path_factory.mktemp("motion")
     corpus = root / "corpus"
@@ -75,20 +75,20 @@ def test_recipe_bundle_and_skipped_clip(trained):
 
 
 def test_recipe_resumes_from_cache(trained, data_dir, tmp_path, caplog):
-    from recipes.train_generator import prepare_corpus
+    from avatar_recipes.train_generator import prepare_corpus
 
     out, datasets = trained
     corpus = tmp_path / "c"
     corpus.mkdir()
     (corpus / CLIPS[0]).symlink_to(data_dir / "corpus" / CLIPS[0])
-    with caplog.at_level(logging.INFO, logger="recipes.train_generator"):
+    with caplog.at_level(logging.INFO, logger="avatar_recipes.train_generator"):
         done, skipped = prepare_corpus(corpus, out / "cache", size=64, progress=False)
     assert [d.name for d in done] == [d.name for d in datasets if d.name.startswith("real3dportrait")]
     assert "cached" in caplog.text and not skipped
 
 
 def test_recipe_refuses_existing_bundle(trained, data_dir):
-    from recipes.train_generator import train_generator
+    from avatar_recipes.train_generator import train_generator
 
     with pytest.raises(OutputExists):
         train_generator(data_dir / "corpus", trained[0], preset="smoke")
@@ -423,7 +423,7 @@ def test_feature_kind_mismatch_between_dataset_and_generator(trained, may, tmp_p
 
 
 def test_recipe_rejects_bad_arguments(tmp_path, data_dir):
-    from recipes.train_generator import find_clips, train_generator
+    from avatar_recipes.train_generator import find_clips, train_generator
 
     with pytest.raises(InvalidInput, match="--hubert"):
         train_generator(data_dir / "corpus", tmp_path / "g", features="hubert")

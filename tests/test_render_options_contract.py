@@ -24,7 +24,7 @@ def _fields() -> set[str]:
 
 
 def test_proto_matches_the_dataclass():
-    pb = pytest.importorskip("service.avatar_pb2", reason="the [serve] extra is not installed")
+    pb = pytest.importorskip("avatar_service.avatar_pb2", reason="the [serve] extra is not installed")
     proto = set(pb.RenderOptions.DESCRIPTOR.fields_by_name)
     assert proto == _fields() - LOCAL_ONLY, (
         f"proto RenderOptions vs the dataclass: only in the proto {sorted(proto - _fields())}, missing from "
@@ -34,9 +34,9 @@ def test_proto_matches_the_dataclass():
 
 
 def test_server_maps_every_proto_field(monkeypatch):
-    pb = pytest.importorskip("service.avatar_pb2", reason="the [serve] extra is not installed")
+    pb = pytest.importorskip("avatar_service.avatar_pb2", reason="the [serve] extra is not installed")
     pytest.importorskip("grpc")
-    from service.server import render_options
+    from avatar_service.server import render_options
 
     msg = pb.RenderOptions(
         emotion="happy",

@@ -27,11 +27,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from avatar.errors import InvalidInput
-from service import avatar_pb2 as pb
-from service.auth import load_tokens, parse_tokens
-from service.client import AvatarClient
-from service.codec import PcmDecoder, decode_frame, encode_frame
-from service.server import AvatarServer, ServerConfig
+from avatar_service import avatar_pb2 as pb
+from avatar_service.auth import load_tokens, parse_tokens
+from avatar_service.client import AvatarClient
+from avatar_service.codec import PcmDecoder, decode_frame, encode_frame
+from avatar_service.server import AvatarServer, ServerConfig
 
 ADMIN = "admin-token-0123456789abcdef"
 RENDER = "render-token-0123456789abcdef"
@@ -303,7 +303,7 @@ def test_metrics_and_access_log(admin, server, caplog):
     rec = [r for r in caplog.records if r.name == "avatar.service.access"][-1]
     assert rec.fields["method"] == "GetAvatar" and rec.fields["code"] == "NOT_FOUND"
     assert rec.fields["avatar"] == "ghost" and len(rec.fields["token"]) == 8 and ADMIN not in json.dumps(rec.fields)
-    from service.observability import JsonFormatter
+    from avatar_service.observability import JsonFormatter
 
     assert json.loads(JsonFormatter().format(rec))["code"] == "NOT_FOUND"
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()

@@ -19,8 +19,8 @@ import pytest
 import soundfile as sf
 
 from conftest import make_clip
-from service.client import AvatarClient
-from service.server import AvatarServer, ServerConfig
+from avatar_service.client import AvatarClient
+from avatar_service.server import AvatarServer, ServerConfig
 
 TOKEN = "render-admin-token-0123456789"
 SLICE_S = 3.0

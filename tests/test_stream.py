@@ -1,6 +1,6 @@
 """StreamRender's real-time features through the gRPC service with the tiny real avatar: each frame's
 own audio, idle frames while no audio arrives, interrupt (barge-in), the idle limit, and the call
-deadline stopping the server's work. The pacer itself is :mod:`service.stream`.
+deadline stopping the server's work. The pacer itself is :mod:`avatar_service.stream`.
 
 Timing bounds are loose (the 2-core test machine is shared with training jobs); the measured values
 are printed (``pytest -s``) and recorded in docs/SERVING.md.
@@ -16,9 +16,9 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import INTERRUPT, AvatarClient
-from service.server import AvatarServer, ServerConfig
-from service.stream import FrameAudio
+from avatar_service.client import INTERRUPT, AvatarClient
+from avatar_service.server import AvatarServer, ServerConfig
+from avatar_service.stream import FrameAudio
 
 TOKEN = "stream-admin-token-0123456789"
 SIZE = 32
@@ -354,7 +354,7 @@ class _FakeSession:
 
 def _run_pacer(script, **cfg):
     """Run a Pacer on a fake clock; ``script`` = [(time_s, event)]. Returns [(clock, output)] and the pacer."""
-    from service.stream import Pacer, PacerConfig
+    from avatar_service.stream import Pacer, PacerConfig
 
     clock = {"t": 0.0}
     script = list(script)
@@ -372,7 +372,7 @@ def _run_pacer(script, **cfg):
 
 
 def test_pacer_idle_then_speech_on_a_fake_clock():
-    from service.stream import Audio, End
+    from avatar_service.stream import Audio, End
 
     out, pacer = _run_pacer([(1.0, Audio(np.ones(6400, np.float32))), (1.2, End())])
     frames = [o for _, o in out]
@@ -389,7 +389,7 @@ def test_pacer_idle_then_speech_on_a_fake_clock():
 
 
 def test_pacer_interrupt_and_idle_limit_on_a_fake_clock():
-    from service.stream import Audio, End, IdleLimitReached, Interrupt, Interrupted
+    from avatar_service.stream import Audio, End, IdleLimitReached, Interrupt, Interrupted
 
     out, pacer = _run_pacer([(0.0, Audio(np.ones(640 * 50, np.float32))), (0.5, Interrupt()), (1.0, End())])
     acks = [o for _, o in out if isinstance(o, Interrupted)]

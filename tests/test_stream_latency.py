@@ -155,7 +155,7 @@ def test_train_generator_future_flag(tmp_path):
     import argparse
 
     from avatar.motion.commands import register
-    from recipes.train_generator import train_generator
+    from avatar_recipes.train_generator import train_generator
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

@@ -26,8 +26,8 @@ pytest.importorskip("aiortc", reason="the web console needs the [web] extra: pip
 from aiohttp import FormData  # noqa: E402
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
-from service.server import AvatarServer, ServerConfig  # noqa: E402
-from service.web import WebApp, WebServer  # noqa: E402
+from avatar_service.server import AvatarServer, ServerConfig  # noqa: E402
+from avatar_service.web import WebApp, WebServer  # noqa: E402
 
 ADMIN = "web-admin-token-0123456789"
 RENDER = "web-render-token-0123456789"
@@ -319,7 +319,7 @@ def test_mono_resampler_mixes_down_and_does_not_depend_on_packets():
     20 ms packets as for one packet, and the channel mean."""
     import av
 
-    from service.web import MonoResampler
+    from avatar_service.web import MonoResampler
 
     t = np.arange(48000) / 48000
     left, right = 0.5 * np.sin(2 * np.pi * 440 * t), 0.1 * np.sin(2 * np.pi * 300 * t)
@@ -348,7 +348,7 @@ def test_live_session_frames_carry_their_audio_and_interrupt_returns_to_idle(ser
     """The live session runs on the StreamRender pacer: frame i carries input samples [640 i, 640 (i + 1));
     an interrupt drops the queued speech and the frames after it are idle (silence)."""
     from avatar.api import RenderOptions
-    from service.web import LiveSession
+    from avatar_service.web import LiveSession
 
     x = np.random.default_rng(0).uniform(-0.5, 0.5, 640 * 100).astype(np.float32)  # 4 s
 

@@ -10,7 +10,7 @@ import numpy as np
 
 
 def _train_generator(args: argparse.Namespace) -> int:
-    from recipes.train_generator import train_generator
+    from avatar_recipes.train_generator import train_generator
 
     out = train_generator(
         args.corpus,
@@ -106,7 +106,7 @@ def _eval_motion(args: argparse.Namespace) -> int:
 def _clip_datasets(paths: list[Path], cache: Path, gen) -> list[Path]:
     """Dataset dirs for ``paths`` (dataset dirs as they are; videos and directories of videos are
     preprocessed into ``cache``, 128 px, once)."""
-    from recipes.train_generator import prepare_corpus
+    from avatar_recipes.train_generator import prepare_corpus
 
     out = []
     for p in paths:

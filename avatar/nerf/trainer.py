@@ -141,7 +141,7 @@ def _train_part(  # noqa: C901
     model.to(dev)
     if cfg.train.compile:
         # opt-in: the field's forward is compiled (state-dict keys unchanged); compile time is
-        # reported by `python -m bench.bench_nerf --compile` and dominates short CPU runs
+        # reported by `python -m avatar_bench.bench_nerf --compile` and dominates short CPU runs
         model.field.forward = torch.compile(model.field.forward, dynamic=True)
     opt = _make_optimizer(model, cfg)
     ckpt = Checkpoint(pdir / "checkpoint.safetensors")

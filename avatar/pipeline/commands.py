@@ -194,7 +194,7 @@ def cmd_delete(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from recipes.demo import run_demo
+    from avatar_recipes.demo import run_demo
 
     return run_demo(Path(args.data), Path(args.out), preset=args.preset, progress=not getattr(args, "quiet", False))
 
